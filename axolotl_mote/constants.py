@@ -1,0 +1,26 @@
+"""Names and sentinel values shared by every module of axolotl-mote.
+
+Kept dependency-free so that any layer (data, tuner, trainer, CLI) can import it.
+"""
+
+from __future__ import annotations
+
+#: Batch / dataset column carrying one stage index per token.
+STEP_IDS_KEY = "step_ids"
+
+#: ``step_ids`` value of padding tokens. Padding gets no adapter contribution.
+PAD_STEP = -1
+
+#: ``step_ids`` value of conversation (question) tokens and of ``mode: context``
+#: stages. How they are routed is decided by ``mote.prompt_routing``.
+PROMPT_STEP = -2
+
+#: Values ``>= 0`` index the trained stages in template order (expert ids).
+#: The shared expert is not a step id: it is active for every routed token.
+SHARED_EXPERT = "shared"
+
+#: File written next to every saved adapter / checkpoint that makes it self-describing.
+MOTE_CONFIG_NAME = "mote_config.json"
+
+#: Labels value ignored by the loss (matches transformers / axolotl).
+IGNORE_INDEX = -100
