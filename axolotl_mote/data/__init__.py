@@ -1,0 +1,1 @@
+"""Chain data: record schema, formatting to ids, the Axolotl strategy and collators."""

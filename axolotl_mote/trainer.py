@@ -1,0 +1,144 @@
+"""``MoteTrainer``: Axolotl's trainer with step routing around every forward *and* backward.
+
+Per micro-batch, :meth:`MoteTrainer._routed`:
+
+1. pops ``step_ids`` from the batch (the model's forward never sees it);
+2. applies step skipping (``mote.step_skip_prob``): replaces ``attention_mask`` with the
+   4D step mask and, with ``skip_positions: shift``, the position ids;
+3. sets the model's routing state, then runs the whole training step (forward, loss,
+   backward) inside it, so gradient-checkpoint recomputation reads the same routing;
+4. clears the state.
+
+Random draws (prompt routing, skipped stages) are seeded from (seed, global step,
+micro-step, rank): a resumed run draws what an uninterrupted run would have drawn.
+Per-stage loss and token counts go through Axolotl's ``store_metrics`` into the logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from axolotl_mote.constants import IGNORE_INDEX, STEP_IDS_KEY
+from axolotl_mote.runtime import MoteRuntime
+
+
+class MoteTrainer(AxolotlTrainer):
+    """AxolotlTrainer + routing state + step skipping + per-stage metrics."""
+
+    _mote_runtime: MoteRuntime | None = None
+    _mote_micro: tuple[int, int] = (-1, 0)
+    _mote_batch_steps: torch.Tensor | None = None
+
+    # --- plumbing -----------------------------------------------------------------
+    @property
+    def mote(self) -> MoteRuntime:
+        if self._mote_runtime is None:
+            self._mote_runtime = MoteRuntime.from_axolotl(
+                self.axolotl_cfg, self.processing_class
+            )
+        return self._mote_runtime
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and (
+            STEP_IDS_KEY not in self._signature_columns
+        ):
+            self._signature_columns.append(STEP_IDS_KEY)
+
+    def _draw_key(self, training: bool) -> int:
+        """(global step, micro-step) -> an integer seed component, unique per batch."""
+        step = int(self.state.global_step)
+        last_step, micro = self._mote_micro
+        micro = micro + 1 if last_step == step else 0
+        self._mote_micro = (step, micro)
+        rank = int(self.args.process_index)
+        return ((step * 4096 + micro) * 64 + rank) * 2 + int(not training)
+
+    @contextlib.contextmanager
+    def _routed(self, model: Any, inputs: dict[str, Any], training: bool) -> Iterator:
+        if STEP_IDS_KEY not in inputs:
+            raise KeyError(
+                f"MoTE: the batch has no '{STEP_IDS_KEY}' (keys: {sorted(inputs)}); "
+                "use `type: axolotl_mote.aligncot` datasets, and clear "
+                "dataset_prepared_path if the data was prepared without the plugin"
+            )
+        step_ids = inputs.pop(STEP_IDS_KEY)
+        if step_ids.shape != inputs["input_ids"].shape:
+            raise ValueError(
+                f"MoTE: step_ids {tuple(step_ids.shape)} do not match input_ids "
+                f"{tuple(inputs['input_ids'].shape)}"
+            )
+        key = self._draw_key(training)
+        self.mote.skip_steps(inputs, step_ids, key, training=training)
+        self._mote_batch_steps = step_ids
+        with self.mote.route(model, step_ids, key):
+            try:
+                yield
+            finally:
+                self._mote_batch_steps = None
+
+    # --- hooks into the Trainer loop --------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self._routed(model, inputs, training=True):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with self._routed(model, inputs, training=False):
+            return super().prediction_step(
+                model, inputs, prediction_loss_only, ignore_keys=ignore_keys
+            )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if STEP_IDS_KEY in inputs:
+            raise RuntimeError(
+                "MoTE: compute_loss got step_ids; it must run inside training_step / "
+                "prediction_step, which route the batch"
+            )
+        track = self.mote.log_stage_metrics and self._mote_batch_steps is not None
+        result = super().compute_loss(
+            model,
+            inputs,
+            return_outputs=return_outputs or track,
+            num_items_in_batch=num_items_in_batch,
+        )
+        if not track:
+            return result
+        loss, outputs = result
+        self._store_stage_metrics(outputs, inputs.get("labels"), model.training)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _store_stage_metrics(self, outputs: Any, labels: Any, training: bool) -> None:
+        logits = getattr(outputs, "logits", None)
+        steps = self._mote_batch_steps
+        if logits is None or labels is None or steps is None:
+            return
+        # position t predicts labels[t+1]; the target token's stage owns the loss
+        logits = logits[:, :-1].float()  # [B, T-1, V]
+        targets = labels[:, 1:].to(logits.device)  # [B, T-1]
+        stage_of_target = steps[:, 1:].to(logits.device)  # [B, T-1]
+        token_loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view_as(targets)
+        valid = targets != IGNORE_INDEX
+        metrics: dict[str, Any] = {}
+        prefix = "" if training else "eval_"
+        for idx, name in enumerate(self.mote.stage_names):
+            sel = valid & (stage_of_target == idx)
+            count = int(sel.sum())
+            metrics[f"{prefix}tokens_{name}"] = (count, "sum")
+            if count:
+                metrics[f"{prefix}loss_{name}"] = (
+                    float(token_loss[sel].mean()),
+                    "mean",
+                )
+        self.store_metrics(metrics, train_eval="train" if training else "eval")

@@ -1,0 +1,67 @@
+"""Offline fixtures shared by the whole suite.
+
+Environment variables are set at import, before anything imports axolotl, so that a plain
+``pytest`` can never hang on telemetry or try a hub.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama + ChatML BPE tokenizer (no markers: the plugin adds them)."""
+    from axolotl_mote.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def aligncot():
+    from axolotl_mote.templates import load_template
+
+    return load_template("aligncot")
+
+
+@pytest.fixture()
+def tiny_tokenizer(tiny_model_dir, aligncot):
+    """The tiny tokenizer with the aligncot markers added."""
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.tokens import add_marker_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    add_marker_tokens(tok, aligncot)
+    return tok
+
+
+@pytest.fixture()
+def reset_plugins():
+    """Axolotl's PluginManager is a process-wide singleton; empty it around a test.
+
+    The instance is kept (modules such as axolotl.loaders.adapter hold a reference to
+    it), only its registered plugins are cleared.
+    """
+    from axolotl.integrations.base import PluginManager
+
+    manager = PluginManager.get_instance()
+    manager.plugins.clear()
+    yield manager
+    manager.plugins.clear()
