@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import logging
+from axolotl_mote.log import get_logger
+
 import os
 from typing import Any
 
@@ -10,7 +11,7 @@ from transformers import TrainerCallback
 
 from axolotl_mote.constants import STEP_IDS_KEY
 
-LOG = logging.getLogger("axolotl_mote")
+LOG = get_logger("axolotl_mote")
 
 
 class MoteSaveCallback(TrainerCallback):

@@ -6,7 +6,8 @@ without a PluginManager.
 
 from __future__ import annotations
 
-import logging
+from axolotl_mote.log import get_logger
+
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from axolotl_mote.constants import MOTE_CONFIG_NAME
 from axolotl_mote.templates import load_template
 
-LOG = logging.getLogger("axolotl_mote")
+LOG = get_logger("axolotl_mote")
 
 _KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 

@@ -19,12 +19,13 @@ post_train                  mote_config.json next to the final adapter
 
 from __future__ import annotations
 
-import logging
+from axolotl_mote.log import get_logger
+
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-LOG = logging.getLogger("axolotl_mote.plugin")
+LOG = get_logger("axolotl_mote.plugin")
 
 _KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 

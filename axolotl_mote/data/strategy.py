@@ -13,7 +13,8 @@ own truncation would cut only ids/labels); otherwise Axolotl drops (or rejects) 
 
 from __future__ import annotations
 
-import logging
+from axolotl_mote.log import get_logger
+
 from typing import Any
 
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
@@ -24,7 +25,7 @@ from axolotl_mote.data.schema import parse_chain
 from axolotl_mote.data.stats import format_stats, stage_stats
 from axolotl_mote.templates import PromptTemplate, load_template
 
-LOG = logging.getLogger("axolotl_mote.data")
+LOG = get_logger("axolotl_mote.data")
 
 
 class ChainDatasetStrategy(DatasetWrappingStrategy):

@@ -1,0 +1,265 @@
+"""Test-only launcher: axolotl's own ``train`` CLI under torchrun on a machine with no GPU.
+
+Usage (one process per rank)::
+
+    # DDP over gloo
+    ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 \\
+        torchrun --nproc_per_node 2 tests/distributed/launcher.py cfg.yml
+    # DeepSpeed ZeRO-2/3 (cfg.yml has `deepspeed: <json>`); no ACCELERATE_USE_CPU here
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 \\
+        torchrun --nproc_per_node 2 tests/distributed/launcher.py cfg.yml
+
+``torchrun -m axolotl.cli.train`` alone fails on CPU. This module changes three things,
+each only when ``torch.cuda.is_available()`` is False, then hands over to
+``axolotl.cli.train.do_cli`` (the same entry point as ``python -m axolotl.cli.train``):
+
+1. ``normalize_config`` ends with ``device_map = {"": LOCAL_RANK}`` whenever
+   WORLD_SIZE > 1, i.e. a CUDA device index. We wrap it so the map becomes
+   ``{"": "cpu"}``. It is wrapped where ``load_cfg`` looks it up
+   (``axolotl.cli.config``) and where the Ray worker path does (``axolotl.utils.config``).
+2. DeepSpeed may be asked for ``nccl`` (axolotl's single-process DeepSpeed path passes
+   ``dist_backend="nccl"`` literally). ``deepspeed.comm.init_distributed`` is wrapped
+   to use ``gloo`` instead. The patch is installed from ``setup_deepspeed_env``, so a
+   DDP run never imports DeepSpeed.
+3. ``prepare_optim_env`` calls ``check_cuda_p2p_ib_support``, which ends in
+   ``torch.cuda.can_device_access_peer``. CPU torch raises an AssertionError that axolotl
+   catches; CUDA torch without a driver (the 0.21 / Python 3.12 environment) raises a
+   RuntimeError that it does not. We make the check answer True (nothing to disable).
+
+It also refuses the two silent misconfigurations seen on CPU: DeepSpeed together with
+``ACCELERATE_USE_CPU`` (ZeRO-2 silently trains without DeepSpeed, ZeRO-3 crashes), and a
+multi-process non-DeepSpeed run without ``ACCELERATE_USE_CPU`` (every rank trains alone).
+
+With ``MOTE_LAUNCHER_REPORT_DIR=<dir>`` each rank writes ``rank{N}.json`` after
+``Trainer.train`` returns: process-group backend and size, accelerate's distributed type,
+the wrapped model class, the ZeRO stage, and parameter counts (what the tests assert).
+
+Works with axolotl 0.19 and 0.21; each patch target is looked up with ``getattr`` and a
+missing one is reported, not ignored silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+LOG = logging.getLogger("mote.launcher")
+
+_TRUE = {"1", "true", "yes", "on"}
+
+# If set to a directory, every rank writes rank{N}.json there after training (tests).
+REPORT_ENV = "MOTE_LAUNCHER_REPORT_DIR"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _warn_missing(module: str, attr: str) -> None:
+    import axolotl
+
+    LOG.warning(
+        "launcher: %s.%s not found in axolotl %s; that patch is skipped",
+        module, attr, getattr(axolotl, "__version__", "?"),
+    )
+
+
+def _check_launch_env(cfg) -> None:
+    """Refuse the CPU multi-process combinations that fail silently."""
+    if cfg.world_size <= 1:
+        return
+    use_cpu = _env_true("ACCELERATE_USE_CPU")
+    if cfg.deepspeed and use_cpu:
+        raise RuntimeError(
+            "launcher: `deepspeed:` is set and ACCELERATE_USE_CPU=true; on CPU this drops "
+            "DeepSpeed (ZeRO-1/2) or crashes (ZeRO-3). Unset ACCELERATE_USE_CPU and set "
+            "DS_ACCELERATOR=cpu for DeepSpeed runs."
+        )
+    if not cfg.deepspeed and not use_cpu:
+        raise RuntimeError(
+            "launcher: WORLD_SIZE > 1 without a GPU and without DeepSpeed: set "
+            "ACCELERATE_USE_CPU=true, otherwise accelerate sees no distributed setup and "
+            "every rank trains on its own."
+        )
+
+
+def _wrap_normalize_config() -> None:
+    import axolotl.cli.config as cli_config
+    import axolotl.utils.config as utils_config
+
+    original = getattr(utils_config, "normalize_config", None)
+    if original is None:
+        raise RuntimeError("launcher: axolotl.utils.config.normalize_config not found")
+    if getattr(original, "_mote_cpu_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def normalize_config(cfg):
+        result = original(cfg)
+        if cfg.world_size > 1:
+            _check_launch_env(cfg)
+            cfg.device_map = {"": "cpu"}
+        return result
+
+    normalize_config._mote_cpu_wrapped = True
+    utils_config.normalize_config = normalize_config
+    if hasattr(cli_config, "normalize_config"):
+        cli_config.normalize_config = normalize_config
+    else:
+        _warn_missing("axolotl.cli.config", "normalize_config")
+
+
+def _gloo_instead_of_nccl() -> None:
+    """Wrap deepspeed.comm.init_distributed so that 'nccl' becomes 'gloo'."""
+    import deepspeed.comm as ds_comm
+
+    original = ds_comm.init_distributed
+    if getattr(original, "_mote_cpu_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def init_distributed(dist_backend=None, *args, **kwargs):
+        if dist_backend == "nccl":
+            dist_backend = "gloo"
+        return original(dist_backend, *args, **kwargs)
+
+    init_distributed._mote_cpu_wrapped = True
+    ds_comm.init_distributed = init_distributed
+    # ``deepspeed.init_distributed`` is the same function re-exported
+    import deepspeed
+
+    if getattr(deepspeed, "init_distributed", None) is original:
+        deepspeed.init_distributed = init_distributed
+
+
+def _wrap_setup_deepspeed_env() -> None:
+    import axolotl.utils.trainer as trainer_utils
+
+    original = getattr(trainer_utils, "setup_deepspeed_env", None)
+    if original is None:
+        _warn_missing("axolotl.utils.trainer", "setup_deepspeed_env")
+        _gloo_instead_of_nccl()  # cannot defer: patch now
+        return
+
+    @functools.wraps(original)
+    def setup_deepspeed_env(*args, **kwargs):
+        _gloo_instead_of_nccl()
+        return original(*args, **kwargs)
+
+    trainer_utils.setup_deepspeed_env = setup_deepspeed_env
+
+
+def _neutralise_p2p_check() -> None:
+    import axolotl.utils.trainer as trainer_utils
+
+    if not hasattr(trainer_utils, "check_cuda_p2p_ib_support"):
+        _warn_missing("axolotl.utils.trainer", "check_cuda_p2p_ib_support")
+        return
+    trainer_utils.check_cuda_p2p_ib_support = lambda: True
+
+
+def _rank_report(trainer) -> dict:
+    """What this rank actually ran: the evidence the tests assert on."""
+    import torch
+    import torch.distributed as dist
+
+    model = trainer.model_wrapped
+    params = list(trainer.model.named_parameters())
+    trainable = [(n, p) for n, p in params if p.requires_grad]
+    engine = getattr(trainer, "deepspeed", None)
+    report = {
+        "rank": int(os.environ.get("RANK", "0")),
+        "env_world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "dist_initialized": dist.is_initialized(),
+        "dist_backend": dist.get_backend() if dist.is_initialized() else None,
+        "dist_world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "trainer_world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "wrapped_model_class": type(model).__name__,
+        "is_deepspeed_enabled": bool(getattr(trainer, "is_deepspeed_enabled", False)),
+        "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
+        "n_trainable_params": len(trainable),
+        "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for _, p in trainable),
+        # ZeRO-3 marks every partitioned parameter with ds_id; local storage is a shard
+        "trainable_local_numel": sum(p.numel() for _, p in trainable),
+        # ZeRO-3 marks every parameter it manages with ds_id; a partitioned one keeps only
+        # its shard locally (persistent small ones, below the persistence threshold, stay
+        # whole on every rank)
+        "n_zero3_params": sum(1 for _, p in params if hasattr(p, "ds_id")),
+        "zero3_numel": sum(int(p.ds_numel) for _, p in params if hasattr(p, "ds_id")),
+        "zero3_local_numel": sum(
+            int(p.ds_tensor.numel()) for _, p in params if hasattr(p, "ds_tensor")
+        ),
+        "global_step": trainer.state.global_step,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    return report
+
+
+def _wrap_trainer_train(report_dir: str) -> None:
+    """After ``Trainer.train`` returns, write ``rank{N}.json`` into ``report_dir``."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    original = transformers.Trainer.train
+    if getattr(original, "_mote_report_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def train(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        out = Path(report_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report = _rank_report(self)
+        (out / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=1))
+        return result
+
+    train._mote_report_wrapped = True
+    transformers.Trainer.train = train
+
+
+def install_cpu_patches() -> bool:
+    """Apply the CPU patches (no-op with a GPU). Returns whether they were applied."""
+    if not _no_gpu():
+        return False
+    _wrap_normalize_config()
+    _wrap_setup_deepspeed_env()
+    _neutralise_p2p_check()
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        raise SystemExit("usage: torchrun --nproc_per_node N launcher.py CONFIG.yml [axolotl args]")
+    applied = install_cpu_patches()
+    if os.environ.get(REPORT_ENV):
+        _wrap_trainer_train(os.environ[REPORT_ENV])
+    if int(os.environ.get("RANK", "0")) == 0:
+        import axolotl
+
+        print(
+            f"[mote-launcher] axolotl {axolotl.__version__}, "
+            f"world_size={os.environ.get('WORLD_SIZE', '1')}, cpu patches={applied}",
+            flush=True,
+        )
+    import fire
+    from axolotl.cli.train import do_cli
+
+    # do_cli also re-reads sys.argv for TrainerCliArgs: present it as `axolotl.cli.train`.
+    sys.argv = ["axolotl.cli.train", *argv]
+    fire.Fire(do_cli, command=argv)
+
+
+if __name__ == "__main__":
+    main()
