@@ -1,0 +1,120 @@
+"""``MoteConfig``: what the experts are, saved as mote_config.json beside the adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from axolotl_mote.constants import MOTE_CONFIG_NAME
+
+
+@dataclass
+class MoteConfig:
+    """Experts of a MoTE model. One PEFT LoRA of rank ``n_blocks * expert_rank`` per layer."""
+
+    stage_names: list[str] = field(metadata={"help": "Trained stages, expert order."})
+    expert_rank: int = field(default=8, metadata={"help": "Rank r of each expert."})
+    alpha: float = field(default=0.5, metadata={"help": "Step-expert weight."})
+    shared_expert: bool = field(default=True, metadata={"help": "Add a shared expert."})
+    prompt_routing: str = field(
+        default="random", metadata={"help": "random | shared | a stage name."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of random prompt routing."})
+    template: str = field(default="aligncot", metadata={"help": "Template name."})
+    template_data: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The full template, for self-description."}
+    )
+    format_version: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.stage_names:
+            raise ValueError("MoteConfig needs at least one trained stage")
+        if self.expert_rank < 1:
+            raise ValueError(f"expert rank must be >= 1, got {self.expert_rank}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if len(self.stage_names) < 2 and not self.shared_expert:
+            raise ValueError(
+                "a single stage without a shared expert is a plain LoRA; enable the "
+                "shared expert or add stages"
+            )
+        if self.prompt_routing == "shared" and not self.shared_expert:
+            raise ValueError("prompt_routing 'shared' needs the shared expert")
+        self.prompt_routing_index()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.stage_names)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.num_experts + int(self.shared_expert)
+
+    @property
+    def peft_rank(self) -> int:
+        return self.n_blocks * self.expert_rank
+
+    def prompt_routing_index(self) -> int | str:
+        """'random' / 'shared', or the expert index of a stage name (or record key)."""
+        if self.prompt_routing in ("random", "shared"):
+            return self.prompt_routing
+        if self.prompt_routing in self.stage_names:
+            return self.stage_names.index(self.prompt_routing)
+        if self.template_data:
+            for stage in self.template_data.get("stages", []):
+                if stage.get("key") == self.prompt_routing and stage["name"] in self.stage_names:
+                    return self.stage_names.index(stage["name"])
+        raise ValueError(
+            f"prompt_routing {self.prompt_routing!r} is not 'random', 'shared' or a "
+            f"trained stage ({self.stage_names})"
+        )
+
+    def peft_kwargs(
+        self,
+        lora_alpha: float,
+        use_rslora: bool = False,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """PEFT LoraConfig kwargs giving every layer n_blocks rank blocks.
+
+        PEFT scales a layer by ``lora_alpha / R`` (or ``/ sqrt(R)`` with rsLoRA); with
+        ``R = n_blocks * r`` the alpha is multiplied by ``n_blocks`` (``sqrt``) so each
+        expert keeps the scaling of a rank-r LoRA. A user's own patterns are composed the
+        same way; the final ``".*"`` key is PEFT's catch-all (first match wins).
+        """
+        factor = math.sqrt(self.n_blocks) if use_rslora else float(self.n_blocks)
+        ranks = {k: int(v) * self.n_blocks for k, v in (rank_pattern or {}).items()}
+        alphas = {k: float(v) * factor for k, v in (alpha_pattern or {}).items()}
+        ranks[".*"] = self.peft_rank
+        alphas[".*"] = float(lora_alpha) * factor
+        return {"rank_pattern": ranks, "alpha_pattern": alphas}
+
+    def prompt_template(self):
+        """The PromptTemplate this adapter was trained with."""
+        from axolotl_mote.templates import PromptTemplate, load_template
+
+        if self.template_data:
+            return PromptTemplate.model_validate(self.template_data)
+        return load_template(self.template)
+
+    # --- persistence ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / MOTE_CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MoteConfig:
+        path = Path(directory) / MOTE_CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a MoTE adapter")
+        data = json.loads(path.read_text())
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,128 @@
+"""Attaching MoTE routing to a PEFT model, and finding it again behind wrappers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from axolotl_mote.routing import RoutingState
+from axolotl_mote.tuner.config import MoteConfig
+from axolotl_mote.tuner.layer import RankMaskHook, check_supported
+
+STATE_ATTR = "mote_routing_state"
+_HANDLES_ATTR = "_mote_hook_handles"
+
+
+def _inner_model(model: Any) -> torch.nn.Module:
+    """The transformers model under a PeftModel (whose forward gets input_ids)."""
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -> RoutingState:
+    """Hook every PEFT LoRA layer of ``model``; return the model's routing state.
+
+    Idempotent: attaching again replaces the previous hooks and state.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    detach_mote(model)
+    state = RoutingState(
+        num_experts=config.num_experts,
+        alpha=config.alpha,
+        shared_expert=config.shared_expert,
+        prompt_routing=config.prompt_routing_index(),
+        seed=config.seed,
+    )
+    handles = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        rank = check_supported(module, adapter_name, config.n_blocks, name)
+        if rank != config.expert_rank:
+            raise ValueError(
+                f"{name}: expert rank {rank} != mote expert_rank {config.expert_rank}"
+            )
+        hook = RankMaskHook(state, rank, name)
+        handles.append(module.lora_B[adapter_name].register_forward_pre_hook(hook))
+    if not handles:
+        raise ValueError(
+            "MoTE found no PEFT LoRA layers to route; check lora_target_modules / "
+            "lora_target_linear"
+        )
+    inner = _inner_model(model)
+    handles.append(
+        inner.register_forward_pre_hook(_ResolveHook(state), with_kwargs=True)
+    )
+    handles.append(inner.register_forward_hook(_clear_auto(state)))
+    for target in {id(model): model, id(inner): inner}.values():
+        object.__setattr__(target, STATE_ATTR, state)
+    object.__setattr__(model, _HANDLES_ATTR, handles)
+    state.num_layers = len(handles) - 2
+    return state
+
+
+def detach_mote(model: Any) -> None:
+    """Remove MoTE hooks and state (no-op if none)."""
+    for handle in getattr(model, _HANDLES_ATTR, []) or []:
+        handle.remove()
+    for target in (model, _inner_model(model)):
+        if STATE_ATTR in vars(target):
+            delattr(target, STATE_ATTR)
+    if _HANDLES_ATTR in vars(model):
+        delattr(model, _HANDLES_ATTR)
+
+
+def get_routing_state(model: Any) -> RoutingState:
+    """The routing state behind DDP / DeepSpeed / accelerate / PEFT wrappers."""
+    seen = set()
+    current = model
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        state = vars(current).get(STATE_ATTR) if hasattr(current, "__dict__") else None
+        if state is not None:
+            return state
+        for attr in ("module", "_orig_mod", "base_model", "model"):
+            nxt = getattr(current, attr, None)
+            if isinstance(nxt, torch.nn.Module) and id(nxt) not in seen:
+                current = nxt
+                break
+        else:
+            current = None
+    raise ValueError(
+        "this model has no MoTE routing: load it through the plugin "
+        "(plugins: [axolotl_mote.MotePlugin]) or axolotl_mote.load_mote_model"
+    )
+
+
+class _ResolveHook:
+    """Top-level pre-hook: validate explicit ids, or derive them with the resolver."""
+
+    def __init__(self, state: RoutingState) -> None:
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.state.is_set and not self.state._auto:
+            steps = self.state.step_ids
+            ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            if ref is not None and tuple(steps.shape) != tuple(ref.shape[:2]):
+                raise ValueError(
+                    f"step_ids {tuple(steps.shape)} do not match the input "
+                    f"{tuple(ref.shape[:2])}"
+                )
+            return None
+        if self.state.resolver is not None and input_ids is not None:
+            self.state.set(self.state.resolver(input_ids, kwargs), auto=True)
+        return None
+
+
+def _clear_auto(state: RoutingState):
+    def hook(module, args, output):
+        if state._auto:
+            state.clear()
+        return None
+
+    return hook
