@@ -75,6 +75,20 @@ def validate_dataset_files(cfg: dict, template) -> None:
                     LOG.info("MoTE: %s passed the record check: %s", file, counts)
 
 
+def seed_model_init(cfg: Any) -> None:
+    """``pre_model_load``: make the marker-row init and the expert init reproducible.
+
+    The embedding resize and PEFT's LoRA init draw from the global RNG; whatever ran
+    before (data preparation or not) would otherwise change them between two runs with
+    the same seed, e.g. between a run and its resumption.
+    """
+    from transformers import set_seed
+
+    from axolotl_mote.runtime import mote_options, resolve_seed
+
+    set_seed(resolve_seed(cfg, mote_options(cfg)))
+
+
 def marker_trainable_token_indices(cfg: Any, model: Any) -> dict[str, Any]:
     """``pre_lora_load``: PEFT ``trainable_token_indices`` for the marker rows.
 

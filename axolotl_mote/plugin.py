@@ -6,6 +6,7 @@ Each hook is a few lines that delegate to the module named for the job:
 hook                        does
 ==========================  ==================================================
 register                    defaults (LoRA kernels off, marker tokens), file checks
+pre_model_load              seed the embedding resize and expert init
 get_input_args              the ``mote:`` block (args.py)
 pre_lora_load               marker-row training (tokens.py)
 get_lora_config_kwargs      rank blocks per expert (tuner/config.py)
@@ -47,6 +48,11 @@ class MotePlugin(BasePlugin):
         prepare_raw_config(cfg)
 
     # --- model -----------------------------------------------------------------------
+    def pre_model_load(self, cfg) -> None:
+        from axolotl_mote.integration import seed_model_init
+
+        seed_model_init(cfg)
+
     def pre_lora_load(self, cfg, model) -> None:
         from axolotl_mote.integration import marker_trainable_token_indices
 
