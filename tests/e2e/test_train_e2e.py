@@ -101,3 +101,32 @@ def test_train_saves_experts_and_config(tiny_model_dir, tmp_path, reset_plugins)
     for key in b_keys[:3]:
         blocks = weights[key].reshape(weights[key].shape[0], 4, 4)
         assert all(blocks[:, i].abs().sum() > 0 for i in range(4))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_train_with_step_skipping_packed(attn, tiny_model_dir, tmp_path, reset_plugins, monkeypatch):
+    """Packing on, step skipping on: the model receives 4D masks that hide stages."""
+    import axolotl_mote.masks as masks
+
+    calls: list[torch.Tensor] = []
+    original = masks.apply_step_skipping
+
+    def spy(inputs, **kwargs):
+        out = original(inputs, **kwargs)
+        calls.append(out["attention_mask"])
+        return out
+
+    monkeypatch.setattr(masks, "apply_step_skipping", spy)
+    cfg = base_config(
+        tiny_model_dir, tmp_path, sample_packing=True, max_steps=3, attn_implementation=attn,
+        mote={"template": "aligncot", "step_skip_prob": 0.9},
+    )
+    run_train(cfg, tmp_path)
+    assert calls, "step skipping was never applied"
+    mask = calls[0]
+    assert mask.dim() == 4
+    causal = torch.ones(mask.shape[-2:], dtype=torch.bool).tril()
+    visible = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
+    # with p = 0.9 some earlier stage is hidden from a later one: strictly fewer
+    # visible pairs than causal-within-sample
+    assert int(visible.sum()) < int(causal.sum())
