@@ -1,0 +1,190 @@
+"""Stage-aware generation: routing by emitted markers, plans, limits, fallback, output.
+
+All on a tiny random MoTE model (``_mote_tiny.build_mote``): experts and marker rows are
+random, so the model "chooses" stages arbitrarily but deterministically; the plan rules
+and the per-stage limits keep every chain well formed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _mote_tiny import build_mote
+
+PROMPTS = [
+    "How do I bake bread at home?",
+    "What is the capital of France?",
+    [{"role": "user", "content": "Can you explain recursion in Python?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def mote(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.templates import load_template
+    from axolotl_mote.tokens import add_marker_tokens
+
+    template = load_template("aligncot")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    add_marker_tokens(tokenizer, template)
+    model, config = build_mote(tiny_model_dir, tokenizer, template, prompt_routing="random")
+    return model, tokenizer, template
+
+
+def _gen(mote, prompts=PROMPTS, **kwargs):
+    from axolotl_mote.generation import generate_chains
+
+    model, tokenizer, _ = mote
+    kwargs.setdefault("max_new_tokens", 24)
+    kwargs.setdefault("max_stage_tokens", 4)
+    return generate_chains(model, tokenizer, prompts, **kwargs)
+
+
+def test_router_gives_the_training_step_ids(mote):
+    """Markers route exactly as data/format.py labels a training chain, chunk by chunk."""
+    from axolotl_mote.data.format import ChainFormatter
+    from axolotl_mote.generation.router import StageRouter, start_marker_steps
+
+    _, tokenizer, template = mote
+    fmt = ChainFormatter(template, tokenizer)
+    prefix = fmt.prompt_ids([{"role": "user", "content": "hi there"}])
+    pieces = {p.key: p for p in fmt.pieces}
+    stages = [(pieces["analysis"], [11, 12, 13]), (pieces["answer"], [14, 15])]
+    ids, _, steps = fmt.assemble(prefix, stages, [5, 6])
+    router = StageRouter(start_marker_steps(template, fmt.marker_ids), "shared", 3)
+    full = torch.tensor([ids])
+    assert router.step_ids(full).tolist() == [steps]
+
+    class Cache:  # what generate passes: the KV cache, whose length is the position
+        def __init__(self, n):
+            self.n = n
+
+        def get_seq_length(self):
+            return self.n
+
+    router.begin(None)
+    got = router(full[:, :5], {})  # prefill
+    for pos in range(5, len(ids)):  # then one token per forward
+        got = torch.cat([got, router(full[:, pos : pos + 1], {"past_key_values": Cache(pos)})], 1)
+    assert got.tolist() == [steps]
+
+
+def test_cached_generation_equals_full_reforward(mote):
+    """Greedy: same tokens with and without cache; logits == one uncached re-forward."""
+    from axolotl_mote.generation import StageRouter, start_marker_steps
+    from axolotl_mote.data.format import marker_token_ids
+    from axolotl_mote.routing import route
+    from axolotl_mote.tuner.model import get_routing_state
+
+    plans = [None, "full", ["answer"]]
+    cached = _gen(mote, plan=plans, output_logits=True)
+    uncached = _gen(mote, plan=plans, use_cache=False)
+    assert [o.token_ids for o in cached] == [o.token_ids for o in uncached]
+    assert [o.step_ids for o in cached] == [o.step_ids for o in uncached]
+
+    model, tokenizer, template = mote
+    from axolotl_mote.data.format import ChainFormatter
+
+    fmt = ChainFormatter(template, tokenizer)
+    state = get_routing_state(model)
+    router = StageRouter(start_marker_steps(template, marker_token_ids(template, tokenizer)),
+                         state.prompt_routing, state.num_experts, seed=state.seed)
+    for row, out in enumerate(cached):
+        prompt = fmt.prompt_ids(out.messages)
+        seq = torch.tensor([prompt + out.token_ids])
+        router.begin(router.default_prompt_steps([row]))  # the row's prompt expert
+        steps = router.step_ids(seq)
+        assert steps[0, len(prompt):].tolist() == out.step_ids
+        with torch.no_grad(), route(state, steps):
+            logits = model(input_ids=seq).logits[0]  # [L, V]
+        n = out.logits.shape[0]  # generated tokens (a prefilled marker has none)
+        first = seq.shape[1] - n - 1  # logits at position p predict token p + 1
+        torch.testing.assert_close(out.logits, logits[first : first + n], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_rows_follow_their_own_plans(mote):
+    plans = [["answer"], "analysis>answer", "full"]
+    batch = _gen(mote, plan=plans)
+    expected = [
+        ["safe_answer"],
+        ["question_analysis", "safe_answer"],
+        ["question_analysis", "answer_guidance", "safe_answer"],
+    ]
+    assert [o.plan for o in batch] == expected
+    assert [o.forced_plan for o in batch] == expected
+    for i, (prompt, plan) in enumerate(zip(PROMPTS, plans)):
+        alone = _gen(mote, prompts=[prompt], plan=plan)[0]
+        # rows keep their own routing (and prompt expert) whatever the batch
+        assert alone.token_ids == batch[i].token_ids, i
+
+
+def test_forced_plan_routes_every_stage_to_its_expert(mote):
+    from axolotl_mote.data.format import marker_token_ids
+
+    _, tokenizer, template = mote
+    out = _gen(mote, plan="full", max_stage_tokens={"analysis": 2, "guidance": 3, "answer": 4})[0]
+    ids = marker_token_ids(template, tokenizer)
+    assert out.token_ids[0] == ids["<|analysis|>"]  # pre-filled
+    for token, step in zip(out.token_ids, out.step_ids):
+        if token == ids["<|guidance|>"]:
+            assert step == 1  # the marker that opens a stage is routed to it
+    assert out.tokens_per_stage == {"question_analysis": 2, "answer_guidance": 3,
+                                    "safe_answer": 4}
+    assert out.forced_ends == ["question_analysis", "answer_guidance", "safe_answer"]
+
+
+def test_structured_output_and_stop_after_answer(mote):
+    _, tokenizer, _ = mote
+    for out in _gen(mote):  # adaptive
+        assert out.plan[-1] == "safe_answer" and out.finish_reason == "answer_end"
+        assert out.token_ids[-1] == tokenizer.eos_token_id
+        assert out.token_ids[-2] == tokenizer.convert_tokens_to_ids("<|/response|>")
+        assert all(n <= 4 for n in out.tokens_per_stage.values())
+        assert out.answer == out.stages["safe_answer"]
+        assert set(out.to_dict()) >= {"plan", "stages", "tokens_per_stage", "answer"}
+    free = _gen(mote, plan=["answer"], stop_after_answer=False, max_new_tokens=14)
+    assert free[0].finish_reason in ("eos", "length")
+    assert len(free[0].token_ids) > free[0].token_ids.index(
+        tokenizer.convert_tokens_to_ids("<|/response|>")) + 1 or free[0].finish_reason == "eos"
+
+
+def test_fallback_opens_the_answer_when_the_model_wants_to_stop(mote):
+    model, tokenizer, _ = mote
+    head = model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[tokenizer.eos_token_id] = 1e4  # the model always prefers to end right away
+    handle = head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        forced = _gen(mote, prompts=PROMPTS[:1])[0]
+        none = _gen(mote, prompts=PROMPTS[:1], fallback="none")[0]
+    finally:
+        handle.remove()
+    assert forced.fallback_used and forced.plan == ["safe_answer"]
+    assert forced.answer is not None and forced.finish_reason == "answer_end"
+    assert none.answer is None and none.plan == [] and none.finish_reason == "eos"
+    assert not none.fallback_used
+
+
+def test_budget_fallback_keeps_room_for_the_answer(mote):
+    out = _gen(mote, plan="analysis>answer", max_stage_tokens=None, max_new_tokens=12,
+               answer_reserve=4)[0]
+    assert out.plan == ["question_analysis", "safe_answer"]
+    assert "question_analysis" in out.forced_ends
+    assert out.finish_reason == "answer_end"
+    assert len(out.token_ids) - 1 <= 12  # the pre-filled marker is not generated
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        (["analysis"], "lacks the answer stage"),
+        (["answer", "analysis"], "template order"),
+        (["check", "answer"], "only trained stages"),
+        ([None, "full"], "2 plans for 3 prompts"),
+    ],
+)
+def test_bad_plans_are_rejected(mote, plan, message):
+    with pytest.raises(ValueError, match=message):
+        _gen(mote, plan=plan)
