@@ -1,0 +1,106 @@
+"""Per-stage export: each exported plain PEFT LoRA == MoTE on that stage's tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _mote_tiny import build_mote
+
+CASES = [
+    # name, build_mote kwargs
+    ("plain", {}),
+    ("rslora_patterns_markers", {
+        "use_rslora": True,
+        "alpha_pattern": {"down_proj": 3},
+        "train_markers": True,
+    }),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.templates import load_template
+    from axolotl_mote.tokens import add_marker_tokens
+
+    template = load_template("aligncot")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    add_marker_tokens(tokenizer, template)
+    return tokenizer, template
+
+
+def _fresh_base(model_dir, tokenizer, mote_model):
+    """The base model as the exported adapter expects it: resized, same marker rows."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base.resize_token_embeddings(len(tokenizer))
+    inner = mote_model.get_base_model()
+    with torch.no_grad():
+        for name in ("get_input_embeddings", "get_output_embeddings"):
+            src = getattr(inner, name)()
+            weight = getattr(src, "weight", None)
+            if weight is None:  # a PEFT TrainableTokens wrapper
+                weight = src.token_adapter.base_layer.weight
+            getattr(base, name)().weight.copy_(weight)
+    return base
+
+
+@pytest.mark.parametrize("name, kwargs", CASES, ids=[c[0] for c in CASES])
+def test_exported_stage_adapter_equals_mote_on_its_tokens(
+    tiny_model_dir, tokenizer_and_template, tmp_path, name, kwargs
+):
+    from peft import PeftModel
+
+    from axolotl_mote.constants import MOTE_CONFIG_NAME
+    from axolotl_mote.export import export_stage_adapters
+    from axolotl_mote.routing import route
+    from axolotl_mote.tuner.model import get_routing_state
+
+    tokenizer, template = tokenizer_and_template
+    mote, config = build_mote(tiny_model_dir, tokenizer, template, **kwargs)
+    adapter = tmp_path / "adapter"
+    mote.save_pretrained(adapter)
+    config.save(adapter)
+    tokenizer.save_pretrained(adapter)
+    written = export_stage_adapters(adapter, tmp_path / "export")
+    assert list(written) == config.stage_names
+
+    ids = torch.tensor([tokenizer("<|analysis|> How do I bake bread at home?")["input_ids"]])
+    state = get_routing_state(mote)
+    for stage, directory in written.items():
+        assert not (directory / MOTE_CONFIG_NAME).exists()  # plain, not routed
+        saved = json.loads((directory / "adapter_config.json").read_text())
+        assert saved["r"] == saved["lora_alpha"] == 2 * config.expert_rank
+        assert saved["rank_pattern"] == {} and saved["alpha_pattern"] == {}
+        assert (directory / "tokenizer.json").exists()
+        steps = torch.full_like(ids, config.stage_names.index(stage))
+        with torch.no_grad(), route(state, steps):
+            expected = mote(input_ids=ids).logits
+        plain = PeftModel.from_pretrained(_fresh_base(tiny_model_dir, tokenizer, mote), directory)
+        plain.eval()
+        with torch.no_grad():
+            got = plain(input_ids=ids).logits
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=stage)
+            merged = plain.merge_and_unload()  # what `axolotl merge-lora` does
+            torch.testing.assert_close(merged(input_ids=ids).logits, expected,
+                                       atol=1e-4, rtol=1e-4, msg=stage)
+
+
+def test_export_selects_stages_by_name_or_key(tiny_model_dir, tokenizer_and_template, tmp_path):
+    from axolotl_mote.export import export_stage_adapters
+
+    tokenizer, template = tokenizer_and_template
+    mote, config = build_mote(tiny_model_dir, tokenizer, template)
+    mote.save_pretrained(tmp_path / "a")
+    config.save(tmp_path / "a")
+    written = export_stage_adapters(tmp_path / "a", tmp_path / "out", stages=["answer"])
+    assert list(written) == ["safe_answer"]
+    with pytest.raises(KeyError, match="no stage 'nope'"):
+        export_stage_adapters(tmp_path / "a", tmp_path / "out", stages=["nope"])
+    with pytest.raises(FileNotFoundError, match="not a MoTE adapter"):
+        export_stage_adapters(tmp_path / "out" / "safe_answer", tmp_path / "again")
