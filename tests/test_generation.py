@@ -188,3 +188,51 @@ def test_budget_fallback_keeps_room_for_the_answer(mote):
 def test_bad_plans_are_rejected(mote, plan, message):
     with pytest.raises(ValueError, match=message):
         _gen(mote, plan=plan)
+
+
+def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
+    """`axolotl-mote generate` (prompts, JSONL in/out) and `export` on a saved adapter."""
+    import json
+
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_mote.cli.main import main
+    from axolotl_mote.tuner.config import MoteConfig
+
+    model, tokenizer, template = mote
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    MoteConfig(
+        stage_names=[s.name for s in template.trained_stages], expert_rank=4,
+        prompt_routing="random",
+        template_data=template.model_dump(mode="json", exclude={"source"}),
+    ).save(adapter)
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(
+        json.dumps({"id": "a", "prompt": "What is the capital of France?"}) + "\n"
+        + json.dumps({"id": "b", "messages": [{"role": "user", "content": "Hi"}],
+                      "plan": "analysis>answer"}) + "\n"
+    )
+    results = tmp_path / "out.jsonl"
+    runner = CliRunner()
+    res = runner.invoke(main, [
+        "generate", "--adapter", str(adapter), "--base-model", str(tiny_model_dir),
+        "--prompt", "How do I bake bread?", "--input", str(inputs), "--output", str(results),
+        "--max-new-tokens", "20", "--max-stage-tokens", "3", "--plan", "answer",
+    ])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [None, "a", "b"]
+    assert [r["plan"] for r in rows] == [
+        ["safe_answer"], ["safe_answer"], ["question_analysis", "safe_answer"]]
+    assert "[safe_answer] (" in res.output
+
+    res = runner.invoke(main, ["export", "--adapter", str(adapter), "--out",
+                               str(tmp_path / "export"), "--stage", "answer"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    PeftModel.from_pretrained(base, tmp_path / "export" / "safe_answer")  # plain PEFT

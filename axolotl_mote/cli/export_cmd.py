@@ -1,0 +1,30 @@
+"""``axolotl-mote export``: one plain PEFT LoRA adapter per stage, for serving."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Trained MoTE adapter dir (with mote_config.json).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Writes OUT/<stage name>/ per stage.")
+@click.option("--stage", "stages", multiple=True,
+              help="Stage name or record key (repeatable; default: every trained stage).")
+def export(adapter: str, out_dir: str, stages: tuple[str, ...]) -> None:
+    """Fold each stage's expert with the shared expert into a plain rank-2r LoRA."""
+    from axolotl_mote.export import export_stage_adapters
+
+    try:
+        written = export_stage_adapters(adapter, out_dir, list(stages) or None)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    for name, path in written.items():
+        click.echo(f"{name}: {path}")
+    click.echo(
+        "Each is a plain PEFT LoRA (PeftModel.from_pretrained, axolotl merge-lora, vLLM "
+        "--lora-modules). A server that switches adapters per request recomputes the "
+        "earlier stages with the new adapter; MoTE keeps each stage's own expert "
+        "(docs/generation.md)."
+    )
