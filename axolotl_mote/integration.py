@@ -145,6 +145,13 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
                     "mote.shared_expert as in training"
                 )
     state = attach_mote(model, config)
+    state.mote_config = config  # generate_chains reads the template from here
+    if cfg.get("inference"):  # `axolotl inference`: route by the emitted markers
+        from axolotl.loaders import load_tokenizer
+
+        from axolotl_mote.generation import install_router
+
+        install_router(model, load_tokenizer(cfg), config.prompt_template())
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         LOG.info(
             "MoTE: %d experts (%s)%s, rank %d each, alpha %.2f, prompt routing %s",

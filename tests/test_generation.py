@@ -236,3 +236,37 @@ def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     base.resize_token_embeddings(len(tokenizer))
     PeftModel.from_pretrained(base, tmp_path / "export" / "safe_answer")  # plain PEFT
+
+
+def test_axolotl_inference_routes_by_markers(mote, tiny_model_dir):
+    """post_lora_load with cfg.inference installs the marker router: plain generate works."""
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_mote.generation import StageRouter
+    from axolotl_mote.integration import attach_to_axolotl_model
+    from axolotl_mote.routing import RoutingError
+    from axolotl_mote.tuner.model import get_routing_state
+
+    model, tokenizer, template = mote
+    cfg = DictDefault(
+        base_model=str(tiny_model_dir), tokenizer_config=str(tiny_model_dir), adapter="lora",
+        lora_r=4, lora_alpha=8, mote={"template": "aligncot", "prompt_routing": "random"},
+        special_tokens={"additional_special_tokens": template.markers}, inference=True,
+    )
+    try:
+        attach_to_axolotl_model(DictDefault({**cfg, "inference": False}), model)
+        ids = tokenizer("<|response|> hello", return_tensors="pt")
+        with pytest.raises(RoutingError):  # training-style attach: no routing, no forward
+            model.generate(**ids, max_new_tokens=2)
+        attach_to_axolotl_model(cfg, model)
+        state = get_routing_state(model)
+        assert isinstance(state.resolver, StageRouter)
+        seen = []
+        state.resolver, inner = (lambda i, k: seen.append(i.shape) or inner(i, k)), state.resolver
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == ids["input_ids"].shape[1] + 3
+        assert seen[0] == ids["input_ids"].shape and seen[1:] == [(1, 1), (1, 1)]
+        assert inner.step_ids(out)[0, 0].item() == 2  # routed by the <|response|> marker
+    finally:
+        get_routing_state(model).resolver = None

@@ -173,6 +173,27 @@ def generate_chains(
     return outputs
 
 
+def install_router(model: Any, tokenizer: Any, template: Any = None,
+                   seed: int | None = None) -> StageRouter:
+    """Route every later forward of ``model`` by the stage markers in its input.
+
+    For a plain ``model.generate`` loop (``axolotl inference`` uses it through the
+    plugin): no plan rules, the model alone decides its stages. Stays installed until
+    ``get_routing_state(model).resolver = None``.
+    """
+    from axolotl_mote.data.format import marker_token_ids
+    from axolotl_mote.tuner.model import get_routing_state
+
+    state = get_routing_state(model)
+    tmpl = resolve_template(state, template)
+    router = StageRouter(
+        start_marker_steps(tmpl, marker_token_ids(tmpl, tokenizer)), state.prompt_routing,
+        state.num_experts, seed=state.seed if seed is None else seed,
+    )
+    state.resolver = router
+    return router
+
+
 @contextlib.contextmanager
 def installed(state: Any, router: StageRouter) -> Iterator[None]:
     """Install ``router`` as the routing state's resolver inside the block."""
