@@ -103,7 +103,28 @@ def test_train_saves_experts_and_config(tiny_model_dir, tmp_path, reset_plugins)
         assert all(blocks[:, i].abs().sum() > 0 for i in range(4))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def _flex_trainable() -> bool:
+    """FlexAttention has no CPU backward (torch raises NotImplementedError): GPU only."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "attn",
+    [
+        "sdpa",
+        "eager",
+        pytest.param(
+            "flex_attention",
+            marks=pytest.mark.skipif(
+                not _flex_trainable(), reason="flex attention trains on GPU only (no CPU backward)"
+            ),
+        ),
+    ],
+)
 def test_train_with_step_skipping_packed(attn, tiny_model_dir, tmp_path, reset_plugins, monkeypatch):
     """Packing on, step skipping on: the model receives 4D masks that hide stages."""
     import axolotl_mote.masks as masks
@@ -124,6 +145,11 @@ def test_train_with_step_skipping_packed(attn, tiny_model_dir, tmp_path, reset_p
     run_train(cfg, tmp_path)
     assert calls, "step skipping was never applied"
     mask = calls[0]
+    if attn == "flex_attention":
+        from torch.nn.attention.flex_attention import BlockMask
+
+        assert isinstance(mask, BlockMask)
+        return
     assert mask.dim() == 4
     causal = torch.ones(mask.shape[-2:], dtype=torch.bool).tril()
     visible = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
