@@ -72,10 +72,10 @@ class MoteOptions(BaseModel):
         "false hides the whole span, as if the stage had not been written.",
     )
     skip_positions: SkipPositions = Field(
-        default=SkipPositions.KEEP.value,
-        description="Position ids after a hidden stage: 'keep' the original positions "
-        "or 'shift' them down by the hidden span's length, which is what inference "
-        "sees when the stage is truly skipped.",
+        default=SkipPositions.SHIFT.value,
+        description="Position ids after a hidden stage: 'shift' them down by the hidden "
+        "span's length (the default: exactly the positions inference gives when the "
+        "stage is truly skipped), or 'keep' the original positions, leaving a gap.",
     )
     validate_files: bool = Field(
         default=True,

@@ -20,7 +20,7 @@ def test_defaults_parse():
     assert args.mote.alpha == 0.5
     assert args.mote.shared_expert is True
     assert args.mote.prompt_routing == "random"
-    assert args.mote.skip_positions == "keep"
+    assert args.mote.skip_positions == "shift"
 
 
 @pytest.mark.parametrize(
