@@ -146,6 +146,22 @@ def test_packed_equals_separate_sequences(model, shift):
             start += n
 
 
+def test_shift_makes_a_hidden_stage_equal_a_truly_skipped_one(model):
+    """skip_positions: shift. Hiding analysis gives the later tokens exactly the logits of
+    the chain written without it (what inference sees); keep leaves a positional gap."""
+    attn = model.config._attn_implementation
+    steps, ids = chain_tensors()
+    kept = steps[0] != A
+    with torch.no_grad():
+        short = model(input_ids=ids[:, kept]).logits[0]  # the chain with no analysis
+        later = (steps[0] == G) | (steps[0] == ANS)
+        short_later = short[(steps[0][kept] == G) | (steps[0][kept] == ANS)]
+        shifted = model(**skip({"input_ids": ids}, steps, attn, [A], shift=True)).logits[0]
+        gapped = model(**skip({"input_ids": ids}, steps, attn, [A], shift=False)).logits[0]
+    torch.testing.assert_close(shifted[later], short_later, rtol=0, atol=1e-5)
+    assert (gapped[later] - short_later).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_rows_train_with_finite_gradients(model, side):
     """Padding queries attend to themselves: no empty softmax row, no NaN anywhere."""
