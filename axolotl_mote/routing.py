@@ -26,8 +26,8 @@ import torch
 from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
 
 
-class RoutingError(RuntimeError):
-    """A MoTE layer ran without step ids."""
+class RoutingError(RuntimeError, ValueError):
+    """Step ids are missing, malformed or do not fit the input of a MoTE forward."""
 
 
 class RoutingState:
@@ -66,13 +66,13 @@ class RoutingState:
 
     def set(self, step_ids: torch.Tensor, draw_key: int = 0, auto: bool = False) -> None:
         if step_ids.dim() != 2:
-            raise ValueError(
+            raise RoutingError(
                 f"step_ids must be [batch, seq], got shape {tuple(step_ids.shape)}"
             )
         bad = (step_ids < PROMPT_STEP) | (step_ids >= self.num_experts)
         if bool(bad.any()):
             value = int(step_ids[bad][0])
-            raise ValueError(
+            raise RoutingError(
                 f"step id {value} is out of range: valid are {PROMPT_STEP} (prompt), "
                 f"{PAD_STEP} (padding) and 0..{self.num_experts - 1} (experts)"
             )
@@ -95,7 +95,9 @@ class RoutingState:
         starts = is_prompt & ~prev  # first token of every prompt run
         run_id = torch.cumsum(starts.flatten(), 0).view_as(steps) - 1  # [B, T]
         n_runs = int(starts.sum())
-        gen = torch.Generator().manual_seed(hash((self.seed, self._draw_key)) & (2**62))
+        # keep 63 bits of the hash (``& 2**62`` kept one bit: two possible seeds)
+        seed = hash((self.seed, self._draw_key)) & (2**63 - 1)
+        gen = torch.Generator().manual_seed(seed)
         draws = torch.randint(self.num_experts, (max(n_runs, 1),), generator=gen)
         return draws.to(steps.device)[run_id.clamp(min=0)]
 

@@ -31,18 +31,32 @@ class MoteConfig:
 
     def __post_init__(self) -> None:
         if not self.stage_names:
-            raise ValueError("MoteConfig needs at least one trained stage")
-        if self.expert_rank < 1:
-            raise ValueError(f"expert rank must be >= 1, got {self.expert_rank}")
+            raise ValueError(
+                "MoteConfig.stage_names is empty: MoTE needs at least one trained "
+                "stage; use a template with a `mode: train` stage"
+            )
+        if not isinstance(self.expert_rank, int) or self.expert_rank < 1:
+            raise ValueError(
+                f"MoteConfig.expert_rank (lora_r) must be an integer >= 1, got "
+                f"{self.expert_rank!r}; set lora_r to the rank of each expert"
+            )
         if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+            raise ValueError(
+                f"MoteConfig.alpha (mote.alpha) must be in (0, 1], got {self.alpha}; "
+                "the paper uses 0.5"
+            )
         if len(self.stage_names) < 2 and not self.shared_expert:
             raise ValueError(
-                "a single stage without a shared expert is a plain LoRA; enable the "
-                "shared expert or add stages"
+                f"MoteConfig: a single stage ({self.stage_names}) with "
+                "shared_expert=False is a plain LoRA; enable the shared expert "
+                "(mote.shared_expert: true), use a template with more stages, or drop "
+                "the plugin"
             )
         if self.prompt_routing == "shared" and not self.shared_expert:
-            raise ValueError("prompt_routing 'shared' needs the shared expert")
+            raise ValueError(
+                "MoteConfig.prompt_routing 'shared' needs the shared expert "
+                "(mote.shared_expert: true); use 'random' or a stage name"
+            )
         self.prompt_routing_index()
 
     @property

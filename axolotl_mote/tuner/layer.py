@@ -34,7 +34,7 @@ class RankMaskHook:
             raise RoutingError(f"{self.layer_name}: {_NO_STATE}")
         mask = self.state.rank_mask(self.expert_rank, h.dtype, h.device)  # [B, T, R]
         if h.shape != mask.shape:
-            raise ValueError(
+            raise RoutingError(
                 f"{self.layer_name}: LoRA intermediate {tuple(h.shape)} does not match "
                 f"the routing mask {tuple(mask.shape)}; step_ids must be [batch, seq] "
                 "of the same input"

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from axolotl_mote.routing import RoutingState
+from axolotl_mote.routing import RoutingError, RoutingState
 from axolotl_mote.tuner.config import MoteConfig
 from axolotl_mote.tuner.layer import RankMaskHook, check_supported
 
@@ -109,7 +109,7 @@ class _ResolveHook:
             steps = self.state.step_ids
             ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             if ref is not None and tuple(steps.shape) != tuple(ref.shape[:2]):
-                raise ValueError(
+                raise RoutingError(
                     f"step_ids {tuple(steps.shape)} do not match the input "
                     f"{tuple(ref.shape[:2])}"
                 )

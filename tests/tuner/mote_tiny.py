@@ -1,0 +1,186 @@
+"""Tiny models and batches for the routed-LoRA tests (torch + transformers + peft only).
+
+Everything is built in code, fp32, on CPU, in well under a second: a 2-layer Llama
+of hidden size 32, MoTE attached to every linear layer through PEFT, and a packed batch
+whose rows mix stages, prompt runs and padding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
+from axolotl_mote.tuner.config import MoteConfig
+from axolotl_mote.tuner.reference import NaiveMoteLinear, split_blocks
+
+STAGES = ["analysis", "guidance", "answer"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 96
+P, X = PROMPT_STEP, PAD_STEP
+
+# Two packed rows of 16 tokens (several samples per row) and their position ids.
+# Row 0: two packed samples, each a prompt run followed by stages, then padding.
+# Row 1: one prompt run, stages 0 and 2 only, a second sample starting mid-row.
+PACKED_STEPS = torch.tensor(
+    [
+        [P, P, P, 0, 0, 1, 2, 2, P, P, 0, 1, 1, 2, X, X],
+        [P, P, 0, 0, 0, 2, 2, 2, 2, P, P, P, 2, 2, 2, X],
+    ]
+)
+PACKED_POSITIONS = torch.tensor(
+    [
+        [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 0, 0],
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 4, 5, 0],
+    ]
+)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny ops: threads only add contention (10-20x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(seed: int = 0):
+    """A random fp32 2-layer Llama (hidden 32, GQA) in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).float().eval()
+
+
+def mote_config(**overrides) -> MoteConfig:
+    kwargs = {"stage_names": list(STAGES), "expert_rank": 4}
+    kwargs.update(overrides)
+    return MoteConfig(**kwargs)
+
+
+def lora_config(config: MoteConfig, lora_alpha: float = 8.0, use_rslora: bool = False,
+                **extra):
+    """The PEFT LoraConfig the plugin builds: rank blocks through peft_kwargs()."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.expert_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+        target_modules=list(TARGETS),
+        **config.peft_kwargs(lora_alpha=lora_alpha, use_rslora=use_rslora),
+        **extra,
+    )
+
+
+def mote_model(config: MoteConfig, base=None, lora_alpha: float = 8.0,
+               use_rslora: bool = False, randomize: bool = True, seed: int = 1):
+    """(PEFT model with MoTE attached, its routing state, an untouched base copy)."""
+    from peft import get_peft_model
+
+    from axolotl_mote.tuner.model import attach_mote
+
+    base = tiny_llama() if base is None else base
+    pristine = copy.deepcopy(base)
+    model = get_peft_model(base, lora_config(config, lora_alpha, use_rslora))
+    if randomize:
+        randomize_lora(model, seed)
+    state = attach_mote(model, config)
+    return model, state, pristine
+
+
+def lora_layers(model):
+    """``{name: lora.Linear}`` of every PEFT LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def randomize_lora(model, seed: int = 1, scale: float = 0.2) -> None:
+    """PEFT inits B to zero (the delta would vanish); give A and B random values."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model).values():
+        for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            weight.copy_(torch.randn(weight.shape, generator=gen) * scale)
+
+
+def expert_weights(layer, config: MoteConfig):
+    """Per-expert (A_k, B_k) lists and the shared (A, B) of one PEFT layer (clones)."""
+    a = layer.lora_A["default"].weight.detach().clone()
+    b = layer.lora_B["default"].weight.detach().clone()
+    return split_blocks(a, b, config.n_blocks, config.shared_expert)
+
+
+def naive_model(pristine, peft_model, config: MoteConfig):
+    """The base model with every target linear replaced by the naive per-expert loop.
+
+    Each ``NaiveMoteLinear`` holds *separate* parameters copied from the rank blocks, so
+    its forward and backward share nothing with the rank-mask path.
+    """
+    model = copy.deepcopy(pristine)
+    peft_layers = {n.split("base_model.model.", 1)[-1]: m
+                   for n, m in lora_layers(peft_model).items()}
+    naive = {}
+    for name, layer in peft_layers.items():
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        ea, eb, sa, sb = expert_weights(layer, config)
+        module = NaiveMoteLinear(
+            base, config.num_experts, config.expert_rank, layer.scaling["default"],
+            config.alpha, shared=config.shared_expert,
+        )
+        with torch.no_grad():
+            for k in range(config.num_experts):
+                module.a[k].copy_(ea[k])
+                module.b[k].copy_(eb[k])
+            if config.shared_expert:
+                module.shared_a.copy_(sa)
+                module.shared_b.copy_(sb)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        setattr(parent, child, module)
+        naive[name] = module
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in naive.values():
+        for name, p in module.named_parameters():
+            if not name.startswith("base."):
+                p.requires_grad_(True)
+    return model, naive
+
+
+def set_expert_ids(naive: dict, expert_ids: torch.Tensor) -> None:
+    for module in naive.values():
+        module.expert_ids = expert_ids
+
+
+def input_ids_for(steps: torch.Tensor, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, steps.shape, generator=gen)
+
+
+def prompt_experts_from_state(state, steps: torch.Tensor) -> torch.Tensor:
+    """Expert drawn for each prompt token under random routing (read off the state).
+
+    Only used for ``prompt_routing: random``, whose draws are the implementation's; the
+    tests check separately that every prompt run gets exactly one step expert.
+    """
+    coef = state.coefficients(torch.float32, torch.device("cpu"))  # [B, T, n_blocks]
+    return coef[..., : state.num_experts].argmax(-1)  # [B, T]
