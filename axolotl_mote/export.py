@@ -97,8 +97,14 @@ def export_stage_adapters(
     adapter_dir: str | Path,
     out_dir: str | Path,
     stages: list[str] | None = None,
+    lora_only: bool = False,
 ) -> dict[str, Path]:
-    """Write ``out_dir/<stage name>/`` plain PEFT LoRA adapters; returns name -> dir."""
+    """Write ``out_dir/<stage name>/`` plain PEFT LoRA adapters; returns name -> dir.
+
+    ``lora_only`` drops everything but the LoRA A/B tensors (marker rows, saved
+    embeddings, ``modules_to_save``), for servers that load nothing else; the served
+    base model must then already hold the marker tokens' rows.
+    """
     from safetensors.torch import load_file, save_file
 
     from axolotl_mote.tuner.config import MoteConfig
@@ -130,7 +136,9 @@ def export_stage_adapters(
     out_rank = max(per_expert.values()) * (2 if config.shared_expert else 1)
     written: dict[str, Path] = {}
     for name, stage in index.items():
-        folded = {k: v for k, v in tensors.items() if not (k.endswith(_A) or k.endswith(_B))}
+        folded = {} if lora_only else {
+            k: v for k, v in tensors.items() if not (k.endswith(_A) or k.endswith(_B))
+        }
         for module in modules:
             key = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
             rank = tensors[module + _A].shape[0]
@@ -150,6 +158,8 @@ def export_stage_adapters(
             r=out_rank, lora_alpha=out_rank, use_rslora=False, rank_pattern={},
             alpha_pattern={}, inference_mode=True,
         )
+        if lora_only:
+            stage_config.update(trainable_token_indices=None, modules_to_save=None)
         (target / "adapter_config.json").write_text(json.dumps(stage_config, indent=2) + "\n")
         info = {
             "stage": name,

@@ -77,12 +77,16 @@ def compare(base_model: str, adapter_dir: Path, max_new_tokens: int) -> None:
 
     from axolotl_mote.generation import generate_chains
     from axolotl_mote.loading import load_mote_model
+    from axolotl_mote.tuner.config import MoteConfig
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(base_model)
     base = AutoModelForCausalLM.from_pretrained(base_model).eval()
     model, mote_tok = load_mote_model(base_model, adapter_dir)
-    outputs = generate_chains(model, mote_tok, DEMO_PROMPTS, max_new_tokens=max_new_tokens)
+    outputs = generate_chains(
+        model, mote_tok, DEMO_PROMPTS, max_new_tokens=max_new_tokens,
+        template=MoteConfig.load(adapter_dir),  # the adapter's own stages and markers
+    )
     for prompt, out in zip(DEMO_PROMPTS, outputs):
         ids = tok.apply_chat_template(
             [{"role": "user", "content": prompt}],

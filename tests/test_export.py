@@ -104,3 +104,19 @@ def test_export_selects_stages_by_name_or_key(tiny_model_dir, tokenizer_and_temp
         export_stage_adapters(tmp_path / "a", tmp_path / "out", stages=["nope"])
     with pytest.raises(FileNotFoundError, match="not a MoTE adapter"):
         export_stage_adapters(tmp_path / "out" / "safe_answer", tmp_path / "again")
+
+
+def test_lora_only_export_keeps_just_a_and_b(tiny_model_dir, tokenizer_and_template, tmp_path):
+    from safetensors.torch import load_file
+
+    from axolotl_mote.export import export_stage_adapters
+
+    tokenizer, template = tokenizer_and_template
+    mote, config = build_mote(tiny_model_dir, tokenizer, template, train_markers=True)
+    mote.save_pretrained(tmp_path / "a")
+    config.save(tmp_path / "a")
+    out = export_stage_adapters(tmp_path / "a", tmp_path / "out", ["answer"], lora_only=True)
+    keys = load_file(str(out["safe_answer"] / "adapter_model.safetensors")).keys()
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    saved = json.loads((out["safe_answer"] / "adapter_config.json").read_text())
+    assert saved["trainable_token_indices"] is None

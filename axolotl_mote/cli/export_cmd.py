@@ -12,12 +12,15 @@ import click
               help="Writes OUT/<stage name>/ per stage.")
 @click.option("--stage", "stages", multiple=True,
               help="Stage name or record key (repeatable; default: every trained stage).")
-def export(adapter: str, out_dir: str, stages: tuple[str, ...]) -> None:
+@click.option("--lora-only", is_flag=True,
+              help="Only LoRA A/B (no marker rows / embeddings): for servers that load "
+                   "nothing else; the served base must already hold the marker rows.")
+def export(adapter: str, out_dir: str, stages: tuple[str, ...], lora_only: bool) -> None:
     """Fold each stage's expert with the shared expert into a plain rank-2r LoRA."""
     from axolotl_mote.export import export_stage_adapters
 
     try:
-        written = export_stage_adapters(adapter, out_dir, list(stages) or None)
+        written = export_stage_adapters(adapter, out_dir, list(stages) or None, lora_only)
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     for name, path in written.items():
