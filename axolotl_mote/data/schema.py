@@ -62,8 +62,12 @@ def parse_chain(
     if not isinstance(record, dict):
         raise fail(f"expected a JSON object, got {type(record).__name__}")
     stage_keys = template.stage_keys
+    # A null value counts as absent: a datasets/Arrow table gives every row every
+    # column (None where a record lacks the key), so only a real value is "unknown".
     unknown = [
-        k for k in record if k not in _RESERVED_KEYS and k not in stage_keys
+        k
+        for k, v in record.items()
+        if k not in _RESERVED_KEYS and k not in stage_keys and v is not None
     ]
     if unknown:
         raise fail(

@@ -24,6 +24,8 @@ def stage_stats(
     plans: Counter[str] = Counter()
     chains = 0
     for row in step_rows:
+        # plain ints: a tensor row's elements would each count as a distinct key
+        row = row.tolist() if hasattr(row, "tolist") else list(row)
         chains += 1
         tokens.update(row)
         seen: list[int] = []

@@ -42,6 +42,7 @@ class ChainDatasetStrategy(DatasetWrappingStrategy):
         self.template = template
         self.formatter = ChainFormatter(template, tokenizer)
         self.sequence_len = sequence_len
+        self.excess_length_strategy = excess_length_strategy
         self.truncate = excess_length_strategy == "truncate"
         self.source = source
         self.last_stats: dict[str, Any] | None = None
@@ -94,13 +95,19 @@ class ChainDatasetStrategy(DatasetWrappingStrategy):
         stats["over_sequence_len"] = too_long
         LOG.info(format_stats(stats, f"MoTE stage statistics ({self.source or 'data'})"))
         if too_long and not self.truncate:
+            fate = (
+                "make Axolotl stop (excess_length_strategy: raise)"
+                if self.excess_length_strategy == "raise"
+                else "be dropped by Axolotl (excess_length_strategy: drop)"
+            )
             LOG.warning(
-                "MoTE: %d of %d chains are longer than sequence_len=%d and will be "
-                "dropped by Axolotl (excess_length_strategy: drop). Raise sequence_len "
-                "to keep them, or set excess_length_strategy: truncate.",
+                "MoTE: %d of %d chains are longer than sequence_len=%d and will %s. "
+                "Raise sequence_len to keep them, or set excess_length_strategy: "
+                "truncate.",
                 too_long,
                 len(lengths),
                 self.sequence_len,
+                fate,
             )
         elif too_long:
             LOG.warning(
