@@ -36,17 +36,22 @@ def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -
         prompt_routing=config.prompt_routing_index(),
         seed=config.seed,
     )
-    handles = []
+    # built by MoteConfig.peft_kwargs(): user rank patterns give other ranks per layer
+    peft_config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    catch_all = (getattr(peft_config, "rank_pattern", None) or {}).get(".*")
+    handles, layers = [], []
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         rank = check_supported(module, adapter_name, config.n_blocks, name)
-        if rank != config.expert_rank:
+        if rank != config.expert_rank and catch_all != config.peft_rank:
             raise ValueError(
-                f"{name}: expert rank {rank} != mote expert_rank {config.expert_rank}"
+                f"{name}: expert rank {rank} != mote expert_rank {config.expert_rank}; "
+                "build the LoRA config with MoteConfig.peft_kwargs()"
             )
         hook = RankMaskHook(state, rank, name)
         handles.append(module.lora_B[adapter_name].register_forward_pre_hook(hook))
+        layers.append(module)
     if not handles:
         raise ValueError(
             "MoTE found no PEFT LoRA layers to route; check lora_target_modules / "
@@ -54,7 +59,7 @@ def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -
         )
     inner = _inner_model(model)
     handles.append(
-        inner.register_forward_pre_hook(_ResolveHook(state), with_kwargs=True)
+        inner.register_forward_pre_hook(_ResolveHook(state, layers), with_kwargs=True)
     )
     handles.append(inner.register_forward_hook(_clear_auto(state)))
     for target in {id(model): model, id(inner): inner}.values():
@@ -100,10 +105,19 @@ def get_routing_state(model: Any) -> RoutingState:
 class _ResolveHook:
     """Top-level pre-hook: validate explicit ids, or derive them with the resolver."""
 
-    def __init__(self, state: RoutingState) -> None:
+    def __init__(self, state: RoutingState, layers: list) -> None:
         self.state = state
+        self.layers = layers
 
     def __call__(self, module, args, kwargs):
+        # a merged PEFT layer skips lora_B (and our hook): it would silently run unrouted
+        if any(layer.merged for layer in self.layers):
+            raise RoutingError(
+                "MoTE LoRA layers are merged (merge_adapter / merge_and_unload): every "
+                "expert's block was summed into the base weights, so routing cannot "
+                "apply; call unmerge_adapter(), or export per-stage adapters with "
+                "`axolotl-mote export` and merge one of those"
+            )
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if self.state.is_set and not self.state._auto:
             steps = self.state.step_ids

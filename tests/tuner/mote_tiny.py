@@ -73,7 +73,7 @@ def mote_config(**overrides) -> MoteConfig:
 
 
 def lora_config(config: MoteConfig, lora_alpha: float = 8.0, use_rslora: bool = False,
-                **extra):
+                rank_pattern=None, alpha_pattern=None):
     """The PEFT LoraConfig the plugin builds: rank blocks through peft_kwargs()."""
     from peft import LoraConfig
 
@@ -83,13 +83,18 @@ def lora_config(config: MoteConfig, lora_alpha: float = 8.0, use_rslora: bool = 
         lora_dropout=0.0,
         use_rslora=use_rslora,
         target_modules=list(TARGETS),
-        **config.peft_kwargs(lora_alpha=lora_alpha, use_rslora=use_rslora),
-        **extra,
+        **config.peft_kwargs(
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+        ),
     )
 
 
 def mote_model(config: MoteConfig, base=None, lora_alpha: float = 8.0,
-               use_rslora: bool = False, randomize: bool = True, seed: int = 1):
+               use_rslora: bool = False, randomize: bool = True, seed: int = 1,
+               **patterns):
     """(PEFT model with MoTE attached, its routing state, an untouched base copy)."""
     from peft import get_peft_model
 
@@ -97,7 +102,8 @@ def mote_model(config: MoteConfig, base=None, lora_alpha: float = 8.0,
 
     base = tiny_llama() if base is None else base
     pristine = copy.deepcopy(base)
-    model = get_peft_model(base, lora_config(config, lora_alpha, use_rslora))
+    lora = lora_config(config, lora_alpha, use_rslora, **patterns)
+    model = get_peft_model(base, lora)
     if randomize:
         randomize_lora(model, seed)
     state = attach_mote(model, config)
@@ -142,8 +148,9 @@ def naive_model(pristine, peft_model, config: MoteConfig):
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
         ea, eb, sa, sb = expert_weights(layer, config)
+        rank = layer.r["default"] // config.n_blocks  # lora_rank_pattern may vary it
         module = NaiveMoteLinear(
-            base, config.num_experts, config.expert_rank, layer.scaling["default"],
+            base, config.num_experts, rank, layer.scaling["default"],
             config.alpha, shared=config.shared_expert,
         )
         with torch.no_grad():

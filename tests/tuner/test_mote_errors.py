@@ -139,7 +139,9 @@ PEFT_CASES = [
     ("rank-not-blocks", {"rank_pattern": {}, "alpha_pattern": {}, "r": 6}, ValueError,
      ["rank 6 is not a multiple of the 4 MoTE blocks", "MoteConfig.peft_kwargs()"]),
     ("rank-of-other-r", {"rank_pattern": {".*": 8}}, ValueError,
-     ["expert rank 2 != mote expert_rank 4"]),
+     ["expert rank 2 != mote expert_rank 4", "MoteConfig.peft_kwargs()"]),
+    ("no-patterns-r8", {"rank_pattern": {}, "alpha_pattern": {}, "r": 8}, ValueError,
+     ["expert rank 2 != mote expert_rank 4", "MoteConfig.peft_kwargs()"]),
 ]
 
 

@@ -121,6 +121,22 @@ def test_model_logits_and_grads_match_the_naive_model(overrides, lora_alpha, rsl
     model, state, pristine = mote_model(
         config, lora_alpha=lora_alpha, use_rslora=rslora
     )
+    _check_against_naive(config, model, state, pristine)
+
+
+def test_user_rank_and_alpha_patterns_compose():
+    """lora_rank_pattern / lora_alpha_pattern: per-layer expert rank and scaling."""
+    config = mote_config(alpha=0.4)
+    patterns = {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 6.0}}
+    model, state, pristine = mote_model(config, lora_alpha=8.0, **patterns)
+    for name, layer in lora_layers(model).items():
+        r, scaling = (2, 3.0) if name.endswith("q_proj") else (4, 2.0)
+        assert layer.r["default"] == config.n_blocks * r, name
+        assert layer.scaling["default"] == pytest.approx(scaling), name
+    _check_against_naive(config, model, state, pristine)
+
+
+def _check_against_naive(config, model, state, pristine):
     reference, naive = naive_model(pristine, model, config)
     batch, steps = _batch()
 
@@ -134,9 +150,9 @@ def test_model_logits_and_grads_match_the_naive_model(overrides, lora_alpha, rsl
 
     torch.testing.assert_close(logits, ref_logits, **TOL)
     # the naive model's per-expert gradients are the rank blocks' gradients
-    r = config.expert_rank
     for name, layer in lora_layers(model).items():
         module = naive[name.split("base_model.model.", 1)[-1]]
+        r = layer.r["default"] // config.n_blocks
         grad_a = layer.lora_A["default"].weight.grad  # [R, in]
         grad_b = layer.lora_B["default"].weight.grad  # [out, R]
         pairs = list(zip(module.a, module.b))

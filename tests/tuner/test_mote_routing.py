@@ -165,3 +165,17 @@ def test_route_clears_state_even_on_error():
     assert not state.is_set
     with pytest.raises(RoutingError):
         state.coefficients(torch.float32, CPU)
+
+
+def test_merged_adapter_is_refused_not_run_unrouted():
+    """PEFT's merged forward skips lora_B, i.e. the routing hook: refuse it."""
+    model, state, _ = mote_model(mote_config(prompt_routing="shared"))
+    steps = torch.tensor([[P, P, 0, 1, 2, X]])
+    ids = input_ids_for(steps)
+    with torch.no_grad(), route(state, steps):
+        routed = model(input_ids=ids).logits
+        model.merge_adapter()
+        with pytest.raises(RoutingError, match=r"merged.*unmerge_adapter\(\)"):
+            model(input_ids=ids)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(input_ids=ids).logits, routed)
