@@ -12,6 +12,7 @@ from mote_tiny import (  # one_torch_thread: autouse
 )
 
 from axolotl_mote.routing import RoutingError, RoutingState, route
+from axolotl_mote.tuner.config import MoteConfig
 
 CPU = torch.device("cpu")
 
@@ -179,3 +180,43 @@ def test_merged_adapter_is_refused_not_run_unrouted():
             model(input_ids=ids)
         model.unmerge_adapter()
         torch.testing.assert_close(model(input_ids=ids).logits, routed)
+
+
+@pytest.mark.parametrize(
+    "routing, expected",
+    [
+        ("random", "random"),
+        ("shared", "shared"),
+        ("question_analysis", 0),  # a stage name
+        ("safe_answer", 2),
+        ("guidance", 1),  # a record key, resolved through the saved template
+        ("answer", 2),
+    ],
+)
+def test_prompt_routing_resolves_stage_names_and_record_keys(routing, expected):
+    from axolotl_mote.templates import load_template
+
+    template = load_template("aligncot")
+    config = MoteConfig(
+        stage_names=[s.name for s in template.trained_stages],
+        expert_rank=4,
+        prompt_routing=routing,
+        template_data=template.model_dump(mode="json", exclude={"source"}),
+    )
+    assert config.prompt_routing_index() == expected
+    from axolotl_mote.tuner.model import attach_mote
+
+    model, _, _ = mote_model(mote_config(), randomize=False)
+    assert attach_mote(model, config).prompt_routing == expected
+
+
+def test_prompt_routing_to_an_untrained_stage_is_refused():
+    from axolotl_mote.templates import load_template
+
+    template = load_template("aligncot")
+    with pytest.raises(ValueError, match="prompt_routing 'check' is not 'random'"):
+        MoteConfig(
+            stage_names=[s.name for s in template.trained_stages],
+            prompt_routing="check",  # the omitted safety_check stage
+            template_data=template.model_dump(mode="json", exclude={"source"}),
+        )
