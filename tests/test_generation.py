@@ -222,13 +222,14 @@ def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
         "generate", "--adapter", str(adapter), "--base-model", str(tiny_model_dir),
         "--prompt", "How do I bake bread?", "--input", str(inputs), "--output", str(results),
         "--max-new-tokens", "20", "--max-stage-tokens", "3", "--plan", "answer",
+        "--compare-base",
     ])
     assert res.exit_code == 0, res.output + repr(res.exception)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["id"] for r in rows] == [None, "a", "b"]
     assert [r["plan"] for r in rows] == [
         ["safe_answer"], ["safe_answer"], ["question_analysis", "safe_answer"]]
-    assert "[safe_answer] (" in res.output
+    assert "[safe_answer] (" in res.output and "[base model]" in res.output
 
     res = runner.invoke(main, ["export", "--adapter", str(adapter), "--out",
                                str(tmp_path / "export"), "--stage", "answer"])

@@ -77,6 +77,26 @@ def _read_inputs(prompts: tuple[str, ...], input_file: str | None) -> list[dict]
     return records
 
 
+def _base_answers(base: str, conversations, max_new_tokens: int, dtype: str, device: str):
+    """The base model's plain greedy answers (no adapter, its own chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    model.to(device).eval()
+    answers = []
+    for messages in conversations:
+        inputs = tok.apply_chat_template(messages, add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True).to(device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        answers.append(tok.decode(out[0, inputs["input_ids"].shape[1]:],
+                                  skip_special_tokens=True))
+    return answers
+
+
 @click.command()
 @click.option("--config", type=click.Path(exists=True), help="The Axolotl YAML (base_model).")
 @click.option("--adapter", type=click.Path(exists=True), help="Trained MoTE adapter dir.")
@@ -100,9 +120,11 @@ def _read_inputs(prompts: tuple[str, ...], input_file: str | None) -> list[dict]
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               default="float32", show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available)")
+@click.option("--compare-base", is_flag=True,
+              help="Also print the base model's own answer to each prompt.")
 def generate(config, adapter, base_model, prompts, input_file, output, plan, max_new_tokens,
              max_stage_tokens, stop_after_answer, fallback, do_sample, temperature, top_p,
-             batch_size, seed, dtype, device) -> None:
+             batch_size, seed, dtype, device, compare_base) -> None:
     """Generate reasoning chains, routed stage by stage, and print each stage."""
     import torch
     from tqdm import tqdm
@@ -130,9 +152,13 @@ def generate(config, adapter, base_model, prompts, input_file, output, plan, max
             stop_after_answer=stop_after_answer, fallback=fallback, batch_size=batch_size,
             do_sample=do_sample, progress=bar.update, **gen_kwargs,
         )
+    base_answers = (
+        _base_answers(base, [o.messages for o in outputs], max_new_tokens, dtype, device)
+        if compare_base else [None] * len(outputs)
+    )
     sink = open(output, "w", encoding="utf-8") if output else None
     try:
-        for record, out in zip(records, outputs):
+        for record, out, base_answer in zip(records, outputs, base_answers):
             if sink:
                 row = {"id": record.get("id"), **out.to_dict()}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -140,6 +166,8 @@ def generate(config, adapter, base_model, prompts, input_file, output, plan, max
             click.echo(f"PROMPT: {out.messages[-1]['content']}")
             click.echo(f"stages: {' > '.join(out.plan) or 'none'}   finish: {out.finish_reason}"
                        + ("   (answer forced by fallback)" if out.fallback_used else ""))
+            if base_answer is not None:
+                click.echo(f"  [base model] {base_answer.strip()}")
             for name, text in out.stages.items():
                 click.echo(f"  [{name}] ({out.tokens_per_stage[name]} tokens) {text.strip()}")
     finally:

@@ -87,7 +87,8 @@ def generate_chains(
     ``answer_reserve`` tokens, without it; ``"none"`` leaves ``answer=None``.
     ``prompt_routing``: override the adapter's (``random``/``shared``/a stage).
     ``progress``: called with the number of prompts finished after every batch.
-    Other keyword arguments (``temperature``, ``top_p``…) go to ``model.generate``.
+    Other keyword arguments (``temperature``, ``top_p``…) go to ``model.generate``;
+    a ``logits_processor`` list runs after the plan rules.
     """
     from transformers import LogitsProcessorList
 
@@ -105,6 +106,7 @@ def generate_chains(
         )
     if generate_kwargs.get("num_beams", 1) != 1:
         raise ValueError("MoTE generation supports num_beams=1 only (greedy or sampling)")
+    extra_processors = list(generate_kwargs.pop("logits_processor", None) or [])
     items = _as_list(prompts)
     plans = _per_row(plan, len(items), spec, tmpl)
     limits = _stage_limits(max_stage_tokens, spec, tmpl)
@@ -143,7 +145,7 @@ def generate_chains(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([processor]),
+                logits_processor=LogitsProcessorList([processor, *extra_processors]),
                 eos_token_id=eos_ids,
                 pad_token_id=pad_id,
                 do_sample=do_sample,
@@ -197,6 +199,8 @@ def install_router(model: Any, tokenizer: Any, template: Any = None,
 @contextlib.contextmanager
 def installed(state: Any, router: StageRouter) -> Iterator[None]:
     """Install ``router`` as the routing state's resolver inside the block."""
+    if state.is_set and getattr(state, "_auto", False):
+        state.clear()  # left over by a forward that raised
     if state.is_set:
         raise RuntimeError(
             "the routing state already holds explicit step ids; generate outside "
