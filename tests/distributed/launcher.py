@@ -9,7 +9,7 @@ Usage (one process per rank)::
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 \\
         torchrun --nproc_per_node 2 tests/distributed/launcher.py cfg.yml
 
-``torchrun -m axolotl.cli.train`` alone fails on CPU. This module changes three things,
+``torchrun -m axolotl.cli.train`` alone fails on CPU. This module changes five things,
 each only when ``torch.cuda.is_available()`` is False, then hands over to
 ``axolotl.cli.train.do_cli`` (the same entry point as ``python -m axolotl.cli.train``):
 
@@ -25,6 +25,12 @@ each only when ``torch.cuda.is_available()`` is False, then hands over to
    ``torch.cuda.can_device_access_peer``. CPU torch raises an AssertionError that axolotl
    catches; CUDA torch without a driver (the 0.21 / Python 3.12 environment) raises a
    RuntimeError that it does not. We make the check answer True (nothing to disable).
+4. Under DeepSpeed, accelerate finds no device backend on CPU and reports one process
+   on every rank (so both ranks would read the same batches and both write the output
+   directory). Its backend becomes ``gloo`` (see ``_deepspeed_sees_every_rank``), and the
+   Trainer sees the real world size, as with ``nccl`` on GPUs.
+5. DeepSpeed's CPU shared-memory all-reduce op is not built (a gcc build of up to
+   minutes on a busy machine; see ``_skip_shm_comm_op``): gloo does the all-reduces.
 
 It also refuses the two silent misconfigurations seen on CPU: DeepSpeed together with
 ``ACCELERATE_USE_CPU`` (ZeRO-2 silently trains without DeepSpeed, ZeRO-3 crashes), and a
@@ -32,7 +38,10 @@ multi-process non-DeepSpeed run without ``ACCELERATE_USE_CPU`` (every rank train
 
 With ``MOTE_LAUNCHER_REPORT_DIR=<dir>`` each rank writes ``rank{N}.json`` after
 ``Trainer.train`` returns: process-group backend and size, accelerate's distributed type,
-the wrapped model class, the ZeRO stage, and parameter counts (what the tests assert).
+the wrapped model class, the ZeRO stage, parameter counts and the Trainer's log history
+(what the tests assert). Rank 0 also writes ``trained.safetensors`` (every trainable
+parameter, gathered under ZeRO-3) and ``probe.pt`` (the trained model's logits on the
+first training row, under MoTE routing), which the tests compare with the saved adapter.
 
 Works with axolotl 0.19 and 0.21; each patch target is looked up with ``getattr`` and a
 missing one is reported, not ignored silently.
@@ -152,9 +161,64 @@ def _wrap_setup_deepspeed_env() -> None:
     @functools.wraps(original)
     def setup_deepspeed_env(*args, **kwargs):
         _gloo_instead_of_nccl()
+        _skip_shm_comm_op()
         return original(*args, **kwargs)
 
     trainer_utils.setup_deepspeed_env = setup_deepspeed_env
+
+
+def _deepspeed_sees_every_rank() -> None:
+    """Give accelerate a process-group backend for DeepSpeed on CPU.
+
+    Under torchrun with ``ACCELERATE_USE_DEEPSPEED=true`` and no GPU, accelerate's
+    ``PartialState._prepare_backend`` finds no device backend, so the state reports
+    ``num_processes=1`` and ``process_index=0`` on *every* rank, although DeepSpeed's
+    own group has all of them: both ranks then read the same batches and both write the
+    output directory. On a GPU the backend is ``nccl`` and none of this happens. Here
+    the backend becomes ``gloo`` with the CPU distributed type, which accelerate turns
+    into ``DistributedType.DEEPSPEED`` right after, exactly as ``nccl`` would be.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+    if getattr(original, "_mote_cpu_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        result, distributed_type = original(self, cpu, sagemaker_dp, backend)
+        if (
+            result is None
+            and not cpu
+            and _env_true("ACCELERATE_USE_DEEPSPEED")
+            and int(os.environ.get("LOCAL_RANK", "-1")) != -1
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        ):
+            return "gloo", DistributedType.MULTI_CPU
+        return result, distributed_type
+
+    _prepare_backend._mote_cpu_wrapped = True
+    PartialState._prepare_backend = _prepare_backend
+
+
+def _skip_shm_comm_op() -> None:
+    """Skip DeepSpeed's CPU shared-memory all-reduce op (a gcc build on first use).
+
+    ``deepspeed.comm.torch.build_shm_op`` JIT-compiles ``deepspeed_shm_comm_op`` the
+    first time a CPU process group starts: about 30 s on an idle 2-core machine and
+    minutes on a busy one, once per Python environment. It only speeds up small
+    all-reduces; without it DeepSpeed uses torch.distributed (gloo), the code path the
+    tests are about. Set ``MOTE_LAUNCHER_DS_SHM=1`` to build and use it anyway.
+    """
+    if _env_true("MOTE_LAUNCHER_DS_SHM"):
+        return
+    import deepspeed.comm.torch as ds_torch_comm
+
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
+    else:
+        LOG.warning("launcher: deepspeed.comm.torch.build_shm_op not found; not skipped")
 
 
 def _neutralise_p2p_check() -> None:
@@ -199,9 +263,49 @@ def _rank_report(trainer) -> dict:
             int(p.ds_tensor.numel()) for _, p in params if hasattr(p, "ds_tensor")
         ),
         "global_step": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
         "cuda_available": torch.cuda.is_available(),
     }
     return report
+
+
+def _dump_trained(trainer, out) -> None:
+    """Rank 0 writes the trained parameters and the logits of a probe batch.
+
+    ``trained.safetensors``: every trainable parameter, full (gathered under ZeRO-3),
+    fp32, by its ``named_parameters`` name. ``probe.pt``: ``input_ids``, ``step_ids`` and
+    ``logits`` of the first training row, computed by the trained model under MoTE
+    routing. Every rank takes part (ZeRO-3 gathers are collectives); rank 0 writes.
+    """
+    import contextlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from axolotl_mote.routing import route
+    from axolotl_mote.tuner.model import get_routing_state
+
+    model = trainer.model
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in named):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in named])
+    with gather:
+        tensors = {n: p.detach().float().cpu().clone() for n, p in named}
+
+    row = trainer.train_dataset[0]
+    ids = torch.tensor([row["input_ids"][:96]])
+    steps = torch.tensor([row["step_ids"][:96]])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), route(get_routing_state(model), steps):
+        logits = model(input_ids=ids).logits.float().cpu()
+    model.train(was_training)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_file(tensors, str(out / "trained.safetensors"))
+        torch.save({"input_ids": ids, "step_ids": steps, "logits": logits}, out / "probe.pt")
 
 
 def _wrap_trainer_train(report_dir: str) -> None:
@@ -222,6 +326,7 @@ def _wrap_trainer_train(report_dir: str) -> None:
         out.mkdir(parents=True, exist_ok=True)
         report = _rank_report(self)
         (out / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=1))
+        _dump_trained(self, out)
         return result
 
     train._mote_report_wrapped = True
@@ -234,6 +339,7 @@ def install_cpu_patches() -> bool:
         return False
     _wrap_normalize_config()
     _wrap_setup_deepspeed_env()
+    _deepspeed_sees_every_rank()
     _neutralise_p2p_check()
     return True
 

@@ -1,0 +1,249 @@
+"""MoTE through the real ``axolotl train`` in 2 processes on CPU: DDP and ZeRO-1/2/3.
+
+Every run trains the tiny Llama with the plugin for ``MAX_STEPS`` steps at 1 sample per
+rank (global batch 2), saves, and is checked against what a user relies on:
+
+* the run really was distributed (both ranks, the right ZeRO stage, ZeRO-3 partitioned);
+* the saved adapter holds exactly the trained parameters (experts and marker rows),
+  gathered from the partitions under ZeRO-3;
+* the saved adapter, reloaded by ``load_mote_model``, gives the trained model's logits;
+* the per-step loss equals a 1-process run with the same global batch (1 sample x 2
+  accumulation steps, see ``reference_losses``).
+
+The launch recipe (torchrun + tests/distributed/launcher.py) is in helpers.py. The
+runs are module-scoped fixtures, so the ZeRO-3 run is also the uninterrupted half of the
+resume test. Prompt routing is fixed to a stage (``safe_answer``): with ``random`` the
+draws depend on the rank, and a 1-process run could not match a 2-process one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _train import base_config, log_history, run_train, write_records
+from helpers import DistributedRun, run_distributed, tiny_model
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+MAX_STEPS = 4
+LOSS_RTOL = 1e-4  # 1 vs 2 processes: same samples, different reduction order
+MOTE = {"template": "aligncot", "prompt_routing": "safe_answer"}
+
+
+# ---------------------------------------------------------------------------------------
+# shared set-up: one model, one data file, one prepared dataset for every run
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distributed")
+    tiny_model(root / "model")
+    write_records(root / "chains.jsonl")
+    return root
+
+
+def _config(work: Path, name: str, **overrides) -> dict:
+    tmp = work / name
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = base_config(
+        work / "model",
+        tmp,
+        mote=MOTE,
+        micro_batch_size=1,
+        max_steps=MAX_STEPS,
+        dataset_prepared_path=str(work / "prepared"),
+    )
+    cfg["datasets"][0]["path"] = str(work / "chains.jsonl")
+    cfg.update(overrides)
+    return cfg
+
+
+def _run(work: Path, name: str, mode: str, **overrides) -> DistributedRun:
+    run = run_distributed(_config(work, name, **overrides), work / name, mode=mode)
+    print(f"[distributed] {name}: {run.seconds:.1f}s, rc={run.returncode}")
+    return run.check()
+
+
+@pytest.fixture(scope="module")
+def reference_losses(work) -> list[float]:
+    """1 process, 1 sample x 2 accumulation steps: the global batch of 2 ranks x 1.
+
+    Axolotl turns the Trainer's ``model_accepts_loss_kwargs`` off for Llama, so each
+    rank (and each accumulation step) averages over its own tokens and the gradient is
+    the mean of those means: 2 ranks x 1 sample equals 1 x 1 sample x 2 accumulation
+    steps, not 1 x 2 samples (a token-weighted mean). The sampler is the same seeded
+    permutation in both, so step k sees samples 2k and 2k+1 either way.
+    """
+    from axolotl.integrations.base import PluginManager
+
+    manager = PluginManager.get_instance()
+    manager.plugins.clear()
+    cfg = _config(
+        work, "single", micro_batch_size=1, gradient_accumulation_steps=2,
+        save_strategy="steps", save_steps=MAX_STEPS,
+    )
+    try:
+        run_train(cfg, work / "single")
+    finally:
+        manager.plugins.clear()
+    losses = [e["loss"] for e in log_history(Path(cfg["output_dir"])) if "loss" in e]
+    assert len(losses) == MAX_STEPS
+    return losses
+
+
+@pytest.fixture(scope="module")
+def ddp_run(work) -> DistributedRun:
+    return _run(work, "ddp", "ddp")
+
+
+@pytest.fixture(scope="module")
+def zero1_run(work) -> DistributedRun:
+    return _run(work, "zero1", "zero1")
+
+
+@pytest.fixture(scope="module")
+def zero2_run(work) -> DistributedRun:
+    return _run(work, "zero2", "zero2")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(work) -> DistributedRun:
+    # checkpoints at steps 2 and 4: the uninterrupted half of the resume test
+    return _run(work, "zero3", "zero3", save_strategy="steps", save_steps=2)
+
+
+# ---------------------------------------------------------------------------------------
+# checks
+
+
+def _losses(run: DistributedRun, after_step: int = 0) -> list[float]:
+    """Rank 0's logged training losses, by step (a resumed run also lists old ones)."""
+    history = run.reports()[0]["log_history"]
+    return [e["loss"] for e in history if "loss" in e and e["step"] > after_step]
+
+
+def _check_ranks(run: DistributedRun, distributed_type: str, zero_stage: int | None):
+    reports = run.reports()
+    assert [r["rank"] for r in reports] == [0, 1]
+    for report in reports:
+        assert report["dist_world_size"] == 2
+        assert report["trainer_world_size"] == 2, "both ranks must read different data"
+        assert report["distributed_type"] == f"DistributedType.{distributed_type}"
+        assert report["zero_stage"] == zero_stage
+        assert report["global_step"] == MAX_STEPS
+        assert not report["cuda_available"]
+    return reports
+
+
+def _check_saved_equals_trained(run: DistributedRun, out: Path | None = None) -> None:
+    """Every trained tensor is in the adapter, bit for bit, and training moved them."""
+    saved = load_file(str((out or run.output_dir) / "adapter_model.safetensors"))
+    trained = load_file(str(run.report_dir / "trained.safetensors"))
+    experts = [n for n in trained if ".lora_A." in n or ".lora_B." in n]
+    markers = [n for n in trained if "trainable_tokens_delta" in n]
+    assert len(experts) == 28, sorted(trained)  # 2 layers x 7 projections x (A, B)
+    assert len(markers) == 2  # embed_tokens and the untied lm_head
+    for name, tensor in trained.items():
+        key = name.replace(".default", "")
+        assert key in saved, f"{key} missing from the saved adapter"
+        assert saved[key].shape == tensor.shape, key
+        assert torch.equal(saved[key].float(), tensor), f"{key}: saved != trained"
+    # lora_B starts at zero: non-zero means the experts were trained (and saved)
+    assert all(trained[n].abs().sum() > 0 for n in experts if ".lora_B." in n)
+
+
+def _check_reload_logits(run: DistributedRun, model_dir: Path, out: Path | None = None):
+    from axolotl_mote.loading import load_mote_model
+    from axolotl_mote.routing import route
+    from axolotl_mote.tuner.model import get_routing_state
+
+    probe = torch.load(run.report_dir / "probe.pt")
+    model, _ = load_mote_model(model_dir, out or run.output_dir)
+    with torch.no_grad(), route(get_routing_state(model), probe["step_ids"]):
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=0, atol=1e-5)
+
+
+def _check_loss_matches(run: DistributedRun, reference: list[float]) -> None:
+    losses = _losses(run)
+    assert len(losses) == MAX_STEPS
+    assert losses == pytest.approx(reference, rel=LOSS_RTOL), (losses, reference)
+
+
+# ---------------------------------------------------------------------------------------
+# tests
+
+
+def test_ddp(ddp_run, reference_losses, work):
+    _check_ranks(ddp_run, "MULTI_CPU", None)
+    assert {r["wrapped_model_class"] for r in ddp_run.reports()} == {
+        "DistributedDataParallel"
+    }
+    _check_saved_equals_trained(ddp_run)
+    _check_reload_logits(ddp_run, work / "model")
+    _check_loss_matches(ddp_run, reference_losses)
+    assert (ddp_run.output_dir / "mote_config.json").is_file()
+
+
+def test_zero1(zero1_run, reference_losses, work):
+    _check_ranks(zero1_run, "DEEPSPEED", 1)
+    _check_saved_equals_trained(zero1_run)
+    _check_reload_logits(zero1_run, work / "model")
+    _check_loss_matches(zero1_run, reference_losses)
+
+
+def test_zero2(zero2_run, reference_losses, work):
+    _check_ranks(zero2_run, "DEEPSPEED", 2)
+    _check_saved_equals_trained(zero2_run)
+    _check_reload_logits(zero2_run, work / "model")
+    _check_loss_matches(zero2_run, reference_losses)
+    assert (zero2_run.output_dir / "mote_config.json").is_file()
+
+
+def test_zero3(zero3_run, reference_losses, work):
+    reports = _check_ranks(zero3_run, "DEEPSPEED", 3)
+    for report in reports:
+        # parameters really are partitioned: each rank holds a shard of the experts
+        assert report["n_zero3_params"] > 0
+        assert report["zero3_local_numel"] < report["zero3_numel"]
+        assert report["trainable_local_numel"] < report["trainable_numel"]
+    # the experts have the full-size shapes (sized from in/out features, not shards)
+    _check_saved_equals_trained(zero3_run)
+    _check_reload_logits(zero3_run, work / "model")
+    _check_loss_matches(zero3_run, reference_losses)
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        assert (zero3_run.output_dir / ckpt / "adapter_model.safetensors").is_file()
+        assert (zero3_run.output_dir / ckpt / "mote_config.json").is_file()
+    assert (zero3_run.output_dir / "mote_config.json").is_file()
+
+
+def test_zero3_resume_restores_experts(zero3_run, work):
+    """Resuming from the ZeRO checkpoint at step 2 ends where the 4-step run ended."""
+    resumed_dir = work / "zero3_resume"
+    out = resumed_dir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint-2"
+    shutil.copytree(zero3_run.output_dir / "checkpoint-2", ckpt)
+    assert any(ckpt.glob("global_step2/*optim_states.pt")), "not a ZeRO checkpoint"
+
+    resumed = _run(
+        work, "zero3_resume", "zero3",
+        save_strategy="steps", save_steps=2, resume_from_checkpoint=str(ckpt),
+    )
+    _check_ranks(resumed, "DEEPSPEED", 3)
+    full = load_file(str(zero3_run.report_dir / "trained.safetensors"))
+    after = load_file(str(resumed.report_dir / "trained.safetensors"))
+    assert full.keys() == after.keys()
+    for name in full:
+        torch.testing.assert_close(after[name], full[name], rtol=0, atol=1e-6, msg=name)
+    # the resumed run trained steps 3 and 4 only, with the uninterrupted run's losses
+    assert _losses(resumed, after_step=2) == pytest.approx(
+        _losses(zero3_run, after_step=2), rel=LOSS_RTOL
+    )
+    _check_saved_equals_trained(resumed)
+    _check_reload_logits(resumed, work / "model")
