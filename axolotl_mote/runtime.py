@@ -119,7 +119,7 @@ class MoteRuntime:
             return
         from axolotl_mote.masks import apply_step_skipping
 
-        generator = torch.Generator().manual_seed(hash((self.seed, key)) & (2**62))
+        generator = torch.Generator().manual_seed(hash((self.seed, key)) & (2**63 - 1))
         new_inputs = apply_step_skipping(
             inputs,
             step_ids=step_ids,
