@@ -135,6 +135,7 @@ def generate_chains(
         processor = StagePlanProcessor(
             spec, rows, prompt_len, max_new_tokens, limits, eos_ids,
             stop_after_answer=stop_after_answer, fallback=fallback, answer_reserve=reserve,
+            keep_raw=output_logits,
         )
         for row, token in zip(rows, prefill):
             if token is not None:
@@ -206,12 +207,16 @@ def installed(state: Any, router: StageRouter) -> Iterator[None]:
             "the routing state already holds explicit step ids; generate outside "
             "`route(...)` so the markers decide the routing"
         )
-    previous = state.resolver
+    previous, routing = state.resolver, state.prompt_routing
     state.resolver = router
+    if router.prompt_routing == "random":
+        # The router already drew each prompt's expert, so no PROMPT_STEP reaches the
+        # state; skip its per-forward random draw (the result is the same).
+        state.prompt_routing = 0
     try:
         yield
     finally:
-        state.resolver = previous
+        state.resolver, state.prompt_routing = previous, routing
         state.clear()
 
 

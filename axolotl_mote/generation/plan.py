@@ -104,6 +104,7 @@ class StagePlanProcessor(LogitsProcessor):
         stop_after_answer: bool = True,
         fallback: str = "answer",
         answer_reserve: int = 16,
+        keep_raw: bool = False,
     ) -> None:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -116,6 +117,8 @@ class StagePlanProcessor(LogitsProcessor):
         self._start = {t: s for s, t in enumerate(spec.start_ids)}
         self._seen = prompt_len
         self._free_ban = torch.tensor(sorted(set(spec.all_marker_ids) | set(eos_ids)))
+        self._bias: torch.Tensor | None = None
+        self.keep_raw = keep_raw  # clone before masking (generate's output_logits)
 
     # --- consuming emitted tokens ------------------------------------------------------
     def consume(self, row: RowState, token: int, prefilled: bool = False) -> None:
@@ -177,32 +180,44 @@ class StagePlanProcessor(LogitsProcessor):
             return "force", self.eos_ids[:1]
         return ("force", allowed) if len(allowed) == 1 else ("allow", allowed)
 
+    def _stage_bias(self, scores: torch.Tensor) -> torch.Tensor:
+        """[E, V] additive mask of a row inside stage s: -inf on every marker and end of
+        sequence except s's own end marker. Built once."""
+        if self._bias is None or self._bias.shape[1] != scores.shape[1]:
+            bias = scores.new_zeros(len(self.spec.names), scores.shape[1])  # [E, V]
+            bias[:, self._free_ban.to(scores.device)] = float("-inf")
+            for stage, end in enumerate(self.spec.end_ids):
+                bias[stage, end] = 0.0
+            self._bias = bias
+        return self._bias
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         length = input_ids.shape[1]
         if length > self._seen:  # one new token per row since the last call
             for row, token in zip(self.rows, input_ids[:, -1].tolist()):
                 self.consume(row, token)
             self._seen = length
-        preferred = scores.argmax(dim=-1).tolist()  # [B]
-        scores = scores.clone()  # generate keeps the raw logits (output_logits)
-        neg = torch.finfo(scores.dtype).min
-        free_rows: list[int] = []
+        if self.keep_raw:
+            scores = scores.clone()  # generate keeps the raw logits it passed in
+        preferred: list[int] = []
+        free_rows, free_stages = [], []
         for i, row in enumerate(self.rows):
-            kind, tokens = self.decide(row, preferred[i])
+            if not preferred and not row.open and not row.done:
+                preferred = scores.argmax(dim=-1).tolist()  # [B], only between stages
+            kind, tokens = self.decide(row, preferred[i] if preferred else -1)
             if kind == "free":
                 free_rows.append(i)
+                free_stages.append(row.stage)
             elif kind in ("force", "allow"):
                 keep = scores[i, tokens].clone()
-                scores[i] = neg
+                scores[i] = float("-inf")
                 scores[i, tokens] = 0.0 if kind == "force" else keep
         if free_rows:
-            rows = torch.tensor(free_rows, device=scores.device)  # [F]
-            ends = torch.tensor(
-                [self.spec.end_ids[self.rows[i].stage] for i in free_rows],
-                device=scores.device,
-            )  # [F] the one marker a free row may emit: its own end
-            end_logits = scores[rows, ends].clone()
-            ban = self._free_ban.to(scores.device)  # every marker and end of sequence
-            scores[rows[:, None], ban[None, :]] = neg
-            scores[rows, ends] = end_logits
+            bias = self._stage_bias(scores)
+            stages = torch.tensor(free_stages, device=scores.device)  # [F]
+            if len(free_rows) == scores.shape[0]:
+                scores += bias[stages]  # [B, V]
+            else:
+                rows = torch.tensor(free_rows, device=scores.device)  # [F]
+                scores[rows] += bias[stages]
         return scores

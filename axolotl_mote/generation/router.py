@@ -88,7 +88,9 @@ class StageRouter:
         self.num_experts = num_experts
         self.seed = int(seed)
         self.prompt_steps: torch.Tensor | None = None  # [B], set by begin()
-        self._carry: torch.Tensor | None = None  # [B, L] stage after each position
+        self._history: list[list[int]] | None = None  # [B][L] stage after each position
+        self._markers: dict[int, int] | None = None  # token -> step, for decoding
+        self._prompt_list: list[int] = []
 
     def default_prompt_steps(self, rows: list[int] | int) -> torch.Tensor:
         """Step id for each row's prompt tokens, as ``prompt_routing`` configures.
@@ -109,7 +111,8 @@ class StageRouter:
     def begin(self, prompt_steps: torch.Tensor | None) -> None:
         """Start a new batch; ``prompt_steps`` [B] (None: ``default_prompt_steps``)."""
         self.prompt_steps = prompt_steps
-        self._carry = None
+        self._history = None
+        self._markers = None
 
     def step_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -125,35 +128,61 @@ class StageRouter:
     def _prompt_steps(self, batch: int, device: torch.device) -> torch.Tensor:
         if self.prompt_steps is None or self.prompt_steps.shape[0] != batch:
             self.prompt_steps = self.default_prompt_steps(batch)
+            self._markers = None
         return self.prompt_steps.to(device)
 
     def __call__(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         b, t = input_ids.shape
         start = _start_position(kwargs)
         device = input_ids.device
+        prompt = self._prompt_steps(b, device)
         if start == 0:
-            prompt = self._prompt_steps(b, device)
-            carry_in, history = prompt, None
-        else:
-            if self._carry is None or self._carry.shape[0] != b or start > self._carry.shape[1]:
-                known = None if self._carry is None else tuple(self._carry.shape)
-                raise RuntimeError(
-                    f"MoTE generation: a forward continues at position {start} with "
-                    f"{b} rows, but the router has seen {known} [rows, positions]; "
-                    "beam search and cache reordering are not supported (num_beams=1)"
-                )
-            prompt = self._prompt_steps(b, device)
-            history = self._carry[:, :start]
-            carry_in = history[:, -1]
+            self._history = None
+        elif self._history is None or len(self._history) != b or any(
+            len(h) < start for h in self._history
+        ):
+            known = None if self._history is None else (len(self._history), start)
+            raise RuntimeError(
+                f"MoTE generation: a forward continues at position {start} with {b} "
+                f"rows, which the router has not seen ({known}); beam search and cache "
+                "reordering are not supported (num_beams=1)"
+            )
+        if start and t == 1:  # decoding: one token per row, in Python (cheapest)
+            return self._decode_step(input_ids, start, device)
         mask = kwargs.get("attention_mask")
         valid = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= start + t:
             valid = mask[:, start : start + t].bool()  # [B, T]
+        carry_in = prompt if start == 0 else torch.tensor(
+            [h[start - 1] for h in self._history], device=device
+        )
         steps, carry = resolve_step_ids(
             input_ids, self.table.to(device), carry_in, prompt, valid
         )
-        self._carry = carry if history is None else torch.cat([history, carry], dim=1)
+        carry_rows = carry.tolist()
+        if start == 0:
+            self._history = carry_rows
+        else:
+            self._history = [h[:start] + c for h, c in zip(self._history, carry_rows)]
         return steps
+
+    def _decode_step(self, input_ids: torch.Tensor, start: int, device) -> torch.Tensor:
+        """Step ids [B, 1] of one new token per row (new tokens are never padding)."""
+        if self._markers is None:
+            self._markers = {
+                i: s for i, s in enumerate(self.table.tolist()) if s != _NOT_MARKER
+            }
+            self._prompt_list = self.prompt_steps.tolist()
+        steps = []
+        for i, (token, history) in enumerate(zip(input_ids[:, 0].tolist(), self._history)):
+            step = self._markers.get(token, history[start - 1])
+            if step == PROMPT_STEP:  # a context stage's marker: routed like the prompt
+                step = self._prompt_list[i]
+            if len(history) > start:
+                del history[start:]
+            history.append(step)
+            steps.append(step)
+        return torch.tensor(steps, dtype=torch.long).view(-1, 1).to(device)
 
 
 def _start_position(kwargs: dict[str, Any]) -> int:
