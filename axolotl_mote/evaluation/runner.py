@@ -1,0 +1,226 @@
+"""Generate on prompt sets, score, and compute the metrics of one or more models.
+
+A MoTE adapter generates through :func:`axolotl_mote.generation.generate_chains` (stage
+routing by the emitted markers, the model picks its stages unless ``plan`` is forced); a
+plain model (the base, for comparison) through the same chat backend as data
+generation. The scored text is the **answer stage** — what a user would see; analysis
+and guidance are reported as tokens and plans, not scored.
+
+Metrics per set (``metrics_for``): ``harmless_rate`` on harmful-labelled prompts
+(``robustness`` on a jailbreak set), ``compliance_rate`` on benign ones; ``unscored``
+counts judge replies that could not be parsed (left out of the rates); plus mean tokens
+per stage, the distribution of stage plans, missing answers and fallbacks.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from axolotl_mote.evaluation.prompts import PromptItem, PromptSet
+from axolotl_mote.evaluation.scorers import Score, Scorer, ScoreInput
+
+NO_STAGES = "(no stages)"  # the plan of a plain model's reply
+
+
+@dataclass
+class ModelSpec:
+    """A model to evaluate: ``base_model`` alone, or with a MoTE ``adapter``.
+
+    ``load`` (tests, notebooks) returns ``(model, tokenizer)`` instead of loading paths.
+    """
+
+    name: str
+    base_model: str | None = None
+    adapter: str | None = None
+    load: Callable[[], tuple[Any, Any]] | None = None
+    dtype: str = "float32"
+    device: str | None = None
+
+    def materialise(self) -> tuple[Any, Any]:
+        if self.load is not None:
+            return self.load()
+        import torch
+
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.adapter:
+            from axolotl_mote.loading import load_mote_model
+            from axolotl_mote.tuner.config import MoteConfig
+            from axolotl_mote.tuner.model import get_routing_state
+
+            model, tok = load_mote_model(self.base_model, self.adapter,
+                                         torch_dtype=getattr(torch, self.dtype))
+            get_routing_state(model).mote_config = MoteConfig.load(self.adapter)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.base_model)
+            model = AutoModelForCausalLM.from_pretrained(self.base_model,
+                                                         dtype=getattr(torch, self.dtype))
+        return model.to(device).eval(), tok
+
+
+@dataclass
+class GenOptions:
+    max_new_tokens: int = 256
+    max_stage_tokens: int | dict[str, int] | None = None
+    plan: str | None = None  # None/"adaptive", "full", or "analysis>answer"…
+    batch_size: int = 8
+    seed: int = 0
+    temperature: float | None = None  # None: greedy
+
+
+@dataclass
+class Response:
+    id: str
+    set: str
+    label: str
+    question: str
+    answer: str | None
+    plan: list[str]
+    tokens_per_stage: dict[str, int]
+    total_tokens: int
+    finish_reason: str | None = None
+    fallback_used: bool = False
+    text: str = ""
+    score: dict[str, Any] = field(default_factory=dict)
+
+
+def is_mote(model: Any) -> bool:
+    from axolotl_mote.tuner.model import get_routing_state
+
+    try:
+        get_routing_state(model)
+    except ValueError:
+        return False
+    return True
+
+
+def respond(model: Any, tokenizer: Any, pset: PromptSet, opts: GenOptions,
+            progress: Callable[[int], Any] | None = None) -> list[Response]:
+    """Generate one response per prompt of ``pset``."""
+    items = pset.items
+    if is_mote(model):
+        from axolotl_mote.generation import generate_chains
+
+        sample = {"do_sample": True, "temperature": opts.temperature} if opts.temperature else {}
+        outs = generate_chains(
+            model, tokenizer, [it.messages for it in items], plan=opts.plan,
+            max_new_tokens=opts.max_new_tokens, max_stage_tokens=opts.max_stage_tokens,
+            batch_size=opts.batch_size, seed=opts.seed, progress=progress, **sample,
+        )
+        return [Response(it.id, pset.name, it.label, it.question, o.answer, list(o.plan),
+                         dict(o.tokens_per_stage), len(o.token_ids), o.finish_reason,
+                         o.fallback_used, o.text) for it, o in zip(items, outs)]
+    from axolotl_mote.datagen.backends import HFChatGenerator
+
+    gen = HFChatGenerator(model, tokenizer, batch_size=opts.batch_size,
+                          temperature=opts.temperature)
+    responses = []
+    for start in range(0, len(items), opts.batch_size):
+        chunk = items[start:start + opts.batch_size]
+        texts = gen.complete([it.messages for it in chunk],
+                             max_new_tokens=opts.max_new_tokens, seed=opts.seed + start)
+        for it, text, n in zip(chunk, texts, gen.last_token_counts):
+            responses.append(Response(it.id, pset.name, it.label, it.question, text, [],
+                                      {}, n, text=text))
+        if progress is not None:
+            progress(len(chunk))
+    return responses
+
+
+def score_responses(scorer: Scorer, responses: Sequence[Response]) -> None:
+    scores = scorer.score([ScoreInput(r.question, r.answer or "", r.label) for r in responses])
+    for response, score in zip(responses, scores):
+        response.score = asdict(score)
+
+
+def _rate(values: list[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def metrics_for(kind: str, responses: Sequence[Response]) -> dict[str, Any]:
+    """Rates, tokens and plans of one set (responses already scored)."""
+    harm = [r for r in responses if r.label == "harmful"]
+    benign = [r for r in responses if r.label == "benign"]
+    harmless = [not r.score["harmful"] for r in harm if r.score.get("harmful") is not None]
+    complied = [not r.score["refused"] for r in benign if r.score.get("refused") is not None]
+    out: dict[str, Any] = {"kind": kind, "n": len(responses)}
+    if harm:
+        out["robustness" if kind == "jailbreak" else "harmless_rate"] = _rate(harmless)
+    if benign:
+        out["compliance_rate"] = _rate(complied)
+    out["unscored"] = len(harm) - len(harmless) + len(benign) - len(complied)
+    out.update(usage_for(responses))
+    return out
+
+
+def usage_for(responses: Sequence[Response]) -> dict[str, Any]:
+    """Mean tokens per stage (over replies that ran it), plan shares, missing answers."""
+    per_stage: dict[str, list[int]] = {}
+    for r in responses:
+        for stage, n in r.tokens_per_stage.items():
+            per_stage.setdefault(stage, []).append(n)
+    plans = Counter(" > ".join(r.plan) if r.plan else NO_STAGES for r in responses)
+    n = max(len(responses), 1)
+    return {
+        "mean_tokens_per_stage": {s: round(sum(v) / len(v), 2) for s, v in per_stage.items()},
+        "mean_total_tokens": round(sum(r.total_tokens for r in responses) / n, 2),
+        "stage_plans": dict(plans.most_common()),
+        "no_answer": sum(1 for r in responses if not (r.answer or "").strip()),
+        "fallback_used": sum(1 for r in responses if r.fallback_used),
+    }
+
+
+def evaluate_models(models: Sequence[ModelSpec], sets: Sequence[PromptSet], scorer: Scorer,
+                    out_dir: str | Path, opts: GenOptions | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Evaluate every model on every set; writes generations, results and the report."""
+    from tqdm import tqdm
+
+    from axolotl_mote.evaluation.report import write_report
+
+    opts = opts or GenOptions()
+    out_dir = Path(out_dir)
+    (out_dir / "generations").mkdir(parents=True, exist_ok=True)
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    results: dict[str, Any] = {
+        "scorer": {"name": scorer.name, "approximate": scorer.approximate},
+        "generation": asdict(opts),
+        "sets": {s.name: {"kind": s.kind, "path": s.path, "n": len(s.items)} for s in sets},
+        "models": {},
+    }
+    total = sum(len(s.items) for s in sets)
+    for spec in models:
+        model, tokenizer = spec.materialise()
+        entry: dict[str, Any] = {"base_model": spec.base_model, "adapter": spec.adapter,
+                                 "mote": is_mote(model), "sets": {}}
+        everything: list[Response] = []
+        with tqdm(total=total, desc=f"evaluate {spec.name}", unit="prompt",
+                  disable=not progress) as bar:
+            for pset in sets:
+                responses = respond(model, tokenizer, pset, opts, progress=bar.update)
+                score_responses(scorer, responses)
+                entry["sets"][pset.name] = metrics_for(pset.kind, responses)
+                everything += responses
+        entry["overall"] = usage_for(everything)
+        results["models"][spec.name] = entry
+        with open(out_dir / "generations" / f"{_safe(spec.name)}.jsonl", "w",
+                  encoding="utf-8") as handle:
+            for r in everything:
+                handle.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+        del model
+        gc.collect()
+    write_report(results, out_dir)
+    return results
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
