@@ -14,10 +14,6 @@ def _models(base_model, adapters, include_base, dtype, device):
     from axolotl_mote.evaluation import ModelSpec
 
     specs = []
-    if include_base or not adapters:
-        if not base_model:
-            raise click.UsageError("evaluating the base model needs --base-model")
-        specs.append(ModelSpec("base", base_model, None, dtype=dtype, device=device))
     for value in adapters:
         name, sep, path = value.partition("=")
         if not sep or Path(value).exists():
@@ -26,6 +22,11 @@ def _models(base_model, adapters, include_base, dtype, device):
             raise click.UsageError(f"--adapter {value}: no directory {path}")
         base = _base_model(base_model, None, Path(path))
         specs.append(ModelSpec(name, base, path, dtype=dtype, device=device))
+    if include_base or not adapters:
+        base = base_model or (specs[0].base_model if specs else None)
+        if not base:
+            raise click.UsageError("evaluating the base model needs --base-model")
+        specs.insert(0, ModelSpec("base", base, None, dtype=dtype, device=device))
     return specs
 
 

@@ -54,10 +54,6 @@ class Outcome:
     reason: str | None = None  # why it was rejected
     verdicts: list[str] = field(default_factory=list)
 
-    @property
-    def kept(self) -> bool:
-        return self.record is not None and self.status != "malformed"
-
 
 @dataclass
 class _Open:
