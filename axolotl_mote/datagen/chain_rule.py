@@ -53,6 +53,7 @@ class Outcome:
     record: dict[str, Any] | None  # the chain record (None when rejected)
     reason: str | None = None  # why it was rejected
     verdicts: list[str] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)  # stage texts so far (rejects)
 
 
 @dataclass
@@ -185,7 +186,8 @@ class ChainRule:
         return None
 
     def _reject(self, row: _Open, reason: str) -> None:
-        row.outcome = Outcome(row.seed.id, "malformed", None, reason, list(row.verdicts))
+        row.outcome = Outcome(row.seed.id, "malformed", None, reason, list(row.verdicts),
+                              dict(row.texts))
 
     def _finish(self, row: _Open, status: str) -> None:
         seed = row.seed
@@ -203,7 +205,7 @@ class ChainRule:
         record["meta"] = meta
         if status == "failed_dropped":
             row.outcome = Outcome(seed.id, status, None, "unsafe after the full chain",
-                                  list(row.verdicts))
+                                  list(row.verdicts), dict(row.texts))
             return
         try:
             parse_chain(record, self.template, location=f"generated {seed.id}")

@@ -167,7 +167,7 @@ def generate_data(generator: TextGenerator, seeds: list[Seed], output: str | Pat
 
 def _reject_row(outcome: Outcome) -> dict[str, Any]:
     return {"id": outcome.id, "status": outcome.status, "reason": outcome.reason,
-            "verdicts": outcome.verdicts}
+            "verdicts": outcome.verdicts, "texts": outcome.texts}
 
 
 def _recount(report: DatagenReport, output: Path, rejects: Path) -> None:
