@@ -186,8 +186,9 @@ def _deepspeed_sees_every_rank() -> None:
         return
 
     @functools.wraps(original)
-    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
-        result, distributed_type = original(self, cpu, sagemaker_dp, backend)
+    def _prepare_backend(self, *args, **kwargs):
+        result, distributed_type = original(self, *args, **kwargs)
+        cpu = kwargs.get("cpu", args[0] if args else False)
         if (
             result is None
             and not cpu
@@ -213,8 +214,11 @@ def _skip_shm_comm_op() -> None:
     """
     if _env_true("MOTE_LAUNCHER_DS_SHM"):
         return
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
+    # not `import deepspeed.comm.torch as ...`: deepspeed.comm re-exports the name
+    # `torch` (the torch package), which that statement would return instead
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None
     else:
@@ -228,6 +232,12 @@ def _neutralise_p2p_check() -> None:
         _warn_missing("axolotl.utils.trainer", "check_cuda_p2p_ib_support")
         return
     trainer_utils.check_cuda_p2p_ib_support = lambda: True
+
+
+def _offload_device(offload_config) -> str | None:
+    """'cpu' / 'nvme' / 'none' of a ZeRO offload config, None when not configured."""
+    device = getattr(offload_config, "device", None)
+    return None if device is None else str(getattr(device, "value", device))
 
 
 def _rank_report(trainer) -> dict:
@@ -250,6 +260,12 @@ def _rank_report(trainer) -> dict:
         "wrapped_model_class": type(model).__name__,
         "is_deepspeed_enabled": bool(getattr(trainer, "is_deepspeed_enabled", False)),
         "zero_stage": engine.zero_optimization_stage() if engine is not None else None,
+        "zero_offload": {
+            "param": _offload_device(engine.zero_offload_param()),
+            "optimizer": _offload_device(engine.zero_offload_optimizer()),
+        }
+        if engine is not None
+        else None,
         "n_trainable_params": len(trainable),
         "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for _, p in trainable),
         # ZeRO-3 marks every partitioned parameter with ds_id; local storage is a shard
@@ -308,6 +324,34 @@ def _dump_trained(trainer, out) -> None:
         torch.save({"input_ids": ids, "step_ids": steps, "logits": logits}, out / "probe.pt")
 
 
+def _watch_lora_calls(model) -> tuple[dict, list, list]:
+    """Count forward calls of every LoRA A/B module; record the stage ids routed per call.
+
+    Returns (calls by module name, stage ids seen by the first LoRA layer per forward,
+    hook handles). Evidence that every rank runs the same modules although the stages
+    in its batches differ (rank symmetry, which ZeRO-3 needs).
+    """
+    from axolotl_mote.tuner.model import get_routing_state
+
+    state = get_routing_state(model)
+    calls: dict[str, int] = {}
+    stages: list[list[int]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name.endswith((".lora_A.default", ".lora_B.default")):
+            continue
+        first = not calls
+        calls[name] = 0
+
+        def hook(mod, args, _name=name, _first=first):
+            calls[_name] += 1
+            if _first and state.is_set:
+                stages.append(sorted(int(s) for s in state.step_ids.unique()))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    return calls, stages, handles
+
+
 def _wrap_trainer_train(report_dir: str) -> None:
     """After ``Trainer.train`` returns, write ``rank{N}.json`` into ``report_dir``."""
     import json
@@ -321,10 +365,17 @@ def _wrap_trainer_train(report_dir: str) -> None:
 
     @functools.wraps(original)
     def train(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
+        calls, stages, handles = _watch_lora_calls(self.model)
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
         report = _rank_report(self)
+        report["lora_calls"] = calls
+        report["stages_per_forward"] = stages
         (out / f"rank{report['rank']}.json").write_text(json.dumps(report, indent=1))
         _dump_trained(self, out)
         return result

@@ -1,4 +1,4 @@
-"""MoTE through the real ``axolotl train`` in 2 processes on CPU: DDP and ZeRO-1/2/3.
+"""MoTE through the real ``axolotl train`` in 2 processes on CPU: DDP, ZeRO-1/2/3, offload.
 
 Every run trains the tiny Llama with the plugin for ``MAX_STEPS`` steps at 1 sample per
 rank (global batch 2), saves, and is checked against what a user relies on:
@@ -18,6 +18,7 @@ draws depend on the rank, and a 1-process run could not match a 2-process one.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -28,11 +29,19 @@ from safetensors.torch import load_file
 from _train import base_config, log_history, run_train, write_records
 from helpers import DistributedRun, run_distributed, tiny_model
 
+from axolotl_mote.deepspeed import deepspeed_config_path
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 MAX_STEPS = 4
 LOSS_RTOL = 1e-4  # 1 vs 2 processes: same samples, different reduction order
 MOTE = {"template": "aligncot", "prompt_routing": "safe_answer"}
+# the tiny Llama (hidden 64, MLP 128, 2 of 4 heads for k/v): projection -> (in, out)
+PROJ_IN_OUT = {
+    "q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+    "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64),
+}
+RANK = 4 * 4  # (3 aligncot step experts + shared) x lora_r 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,11 +82,12 @@ def _run(work: Path, name: str, mode: str, **overrides) -> DistributedRun:
 def reference_losses(work) -> list[float]:
     """1 process, 1 sample x 2 accumulation steps: the global batch of 2 ranks x 1.
 
-    Axolotl turns the Trainer's ``model_accepts_loss_kwargs`` off for Llama, so each
-    rank (and each accumulation step) averages over its own tokens and the gradient is
-    the mean of those means: 2 ranks x 1 sample equals 1 x 1 sample x 2 accumulation
-    steps, not 1 x 2 samples (a token-weighted mean). The sampler is the same seeded
-    permutation in both, so step k sees samples 2k and 2k+1 either way.
+    Axolotl 0.19 turns the Trainer's ``model_accepts_loss_kwargs`` off for Llama, so
+    each rank (and each accumulation step) averages over its own tokens and the gradient
+    is the mean of those means; with it on, both average over the tokens of all ranks
+    (or all accumulation steps). Either way 2 ranks x 1 sample equals 1 x 1 sample x 2
+    accumulation steps (not 1 x 2 samples). The sampler is the same seeded permutation
+    in both, so step k sees samples 2k and 2k+1 either way.
     """
     from axolotl.integrations.base import PluginManager
 
@@ -117,6 +127,17 @@ def zero3_run(work) -> DistributedRun:
     return _run(work, "zero3", "zero3", save_strategy="steps", save_steps=2)
 
 
+@pytest.fixture(scope="module")
+def zero3_offload_run(work) -> DistributedRun:
+    """The shipped ZeRO-3 CPU-offload config, with bf16 off (the HF Trainer refuses bf16
+    without a GPU): parameters and optimizer states offloaded, as for the 70B example."""
+    ds = json.loads(deepspeed_config_path("zero3_bf16_cpuoffload").read_text())
+    ds["bf16"]["enabled"] = False
+    path = work / "zero3_cpuoffload_fp32.json"
+    path.write_text(json.dumps(ds, indent=1))
+    return _run(work, "zero3_offload", "zero3", deepspeed=str(path))
+
+
 # ---------------------------------------------------------------------------------------
 # checks
 
@@ -127,7 +148,12 @@ def _losses(run: DistributedRun, after_step: int = 0) -> list[float]:
     return [e["loss"] for e in history if "loss" in e and e["step"] > after_step]
 
 
-def _check_ranks(run: DistributedRun, distributed_type: str, zero_stage: int | None):
+def _check_ranks(
+    run: DistributedRun,
+    distributed_type: str,
+    zero_stage: int | None,
+    steps_run: int = MAX_STEPS,
+):
     reports = run.reports()
     assert [r["rank"] for r in reports] == [0, 1]
     for report in reports:
@@ -137,6 +163,15 @@ def _check_ranks(run: DistributedRun, distributed_type: str, zero_stage: int | N
         assert report["zero_stage"] == zero_stage
         assert report["global_step"] == MAX_STEPS
         assert not report["cuda_available"]
+    # rank symmetry: every LoRA module (all expert blocks inside it) ran once per step on
+    # both ranks, although the stages routed on the two ranks differ
+    calls = [r["lora_calls"] for r in reports]
+    assert len(calls[0]) == 28 and calls[0] == calls[1]
+    assert set(calls[0].values()) == {steps_run}
+    stages = [r["stages_per_forward"] for r in reports]
+    assert len(stages[0]) == len(stages[1]) == steps_run
+    if steps_run == MAX_STEPS:
+        assert stages[0] != stages[1], stages
     return reports
 
 
@@ -148,6 +183,11 @@ def _check_saved_equals_trained(run: DistributedRun, out: Path | None = None) ->
     markers = [n for n in trained if "trainable_tokens_delta" in n]
     assert len(experts) == 28, sorted(trained)  # 2 layers x 7 projections x (A, B)
     assert len(markers) == 2  # embed_tokens and the untied lm_head
+    # full sizes, from the layers' in/out features (never a ZeRO-3 shard's shape)
+    for name in experts:
+        fan_in, fan_out = PROJ_IN_OUT[name.split(".")[-4]]
+        expected = (RANK, fan_in) if ".lora_A." in name else (fan_out, RANK)
+        assert tuple(trained[name].shape) == expected, name
     for name, tensor in trained.items():
         key = name.replace(".default", "")
         assert key in saved, f"{key} missing from the saved adapter"
@@ -222,6 +262,16 @@ def test_zero3(zero3_run, reference_losses, work):
     assert (zero3_run.output_dir / "mote_config.json").is_file()
 
 
+def test_zero3_cpu_offload(zero3_offload_run, reference_losses, work):
+    reports = _check_ranks(zero3_offload_run, "DEEPSPEED", 3)
+    for report in reports:
+        assert report["zero_offload"] == {"param": "cpu", "optimizer": "cpu"}
+        assert report["zero3_local_numel"] < report["zero3_numel"]
+    _check_saved_equals_trained(zero3_offload_run)
+    _check_reload_logits(zero3_offload_run, work / "model")
+    _check_loss_matches(zero3_offload_run, reference_losses)
+
+
 def test_zero3_resume_restores_experts(zero3_run, work):
     """Resuming from the ZeRO checkpoint at step 2 ends where the 4-step run ended."""
     resumed_dir = work / "zero3_resume"
@@ -235,7 +285,7 @@ def test_zero3_resume_restores_experts(zero3_run, work):
         work, "zero3_resume", "zero3",
         save_strategy="steps", save_steps=2, resume_from_checkpoint=str(ckpt),
     )
-    _check_ranks(resumed, "DEEPSPEED", 3)
+    _check_ranks(resumed, "DEEPSPEED", 3, steps_run=MAX_STEPS - 2)
     full = load_file(str(zero3_run.report_dir / "trained.safetensors"))
     after = load_file(str(resumed.report_dir / "trained.safetensors"))
     assert full.keys() == after.keys()
