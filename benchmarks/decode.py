@@ -12,8 +12,12 @@ and interleaved, so machine noise hits every variant alike:
 
 A logits processor timestamps every decoding step; the interval between two steps is one
 decode forward (plus the variant's own per-step work: routing, plan rules). Per token =
-the median interval over ``--reps`` interleaved repetitions (prefill excluded; medians
-resist the noise of a shared machine). The last printed line is one JSON object.
+the median interval (prefill excluded). On CPU the clock is the process's CPU time with
+one thread (``--wall`` for wall time): on a shared machine other tenants stretch wall
+time but not the work this process does; on CUDA it is wall time after a synchronize.
+Each repetition runs every variant once, short runs in turn; the reported ratio is the
+median over repetitions of that repetition's ratio to ``lora_r`` (paired, so slow phases
+of a shared machine cancel). The last printed line is one JSON object.
 
     python benchmarks/decode.py            # full size (a few minutes on 2 busy cores)
     python benchmarks/decode.py --quick    # small shapes, smoke test
@@ -84,13 +88,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=36)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--wall", action="store_true", help="wall clock on CPU too")
     args = parser.parse_args()
     if args.quick:
-        args.hidden, args.layers, args.new_tokens, args.reps = 128, 2, 12, 1
+        args.hidden, args.layers, args.new_tokens, args.reps = 128, 2, 12, 2
 
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -110,6 +115,9 @@ def main() -> None:
     state = get_routing_state(mote)
     router = StageRouter(start_marker_steps(template, fmt.marker_ids), state.prompt_routing,
                          state.num_experts)
+    # CPU: the process's CPU time (one thread) -- other tenants of a shared machine
+    # stretch wall time, not the work done. CUDA: wall time after a synchronize.
+    clock_fn = time.perf_counter if device.type == "cuda" or args.wall else time.process_time
     n = args.new_tokens
     stage_cap = (n - 6) // 3  # three stages of content + 6 markers = n tokens
 
@@ -122,7 +130,7 @@ def main() -> None:
         def __call__(self, input_ids, scores):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(clock_fn())
             return scores
 
     def run_plain(model, clock):
@@ -148,29 +156,40 @@ def main() -> None:
         "mote": run_chains,
     }
     steps = {name: [] for name in variants}
+    paired = {name: [] for name in variants}  # per rep: median step / lora_r's median step
     with torch.no_grad():
         for rep in range(args.reps + 1):  # rep 0 warms up
+            medians = {}
             for name, fn in variants.items():
                 clock = StepClock()
                 fn(clock)
+                t = clock.stamps
+                intervals = [b - a for a, b in zip(t[:-1], t[1:])]
+                medians[name] = statistics.median(intervals)
                 if rep:
-                    t = clock.stamps
-                    steps[name] += [b - a for a, b in zip(t[:-1], t[1:])]
-            print(f"rep {rep}/{args.reps} done", flush=True)
+                    steps[name] += intervals
+            if rep:
+                for name in variants:
+                    paired[name].append(medians[name] / medians["lora_r"])
+            print(f"rep {rep}/{args.reps}: " + "  ".join(
+                f"{k} {v * 1000:.1f}" for k, v in medians.items()) + " ms/token", flush=True)
     per_token = {}
     for name in variants:
         per_token[name] = statistics.median(steps[name]) * 1000
         print(f"{name:>10}: {per_token[name]:7.3f} ms/token (median of "
-              f"{len(steps[name])} decode steps)", flush=True)
+              f"{len(steps[name])} decode steps), paired ratio to lora_r "
+              f"{statistics.median(paired[name]):.3f}", flush=True)
     print(f"shape: hidden {args.hidden}, layers {args.layers}, rank {args.rank}, "
           f"new tokens {n}, batch 1, reps {args.reps}, device {device}, threads {args.threads}")
-    base = per_token["lora_r"]
+    ratio = {name: round(statistics.median(paired[name]), 3) for name in variants}
     print(json.dumps({
-        "decode_mote_vs_lora_r": round(per_token["mote"] / base, 3),
-        "decode_mote_route_vs_lora_r": round(per_token["mote_route"] / base, 3),
-        "decode_lora_4r_vs_lora_r": round(per_token["lora_4r"] / base, 3),
+        "decode_mote_vs_lora_r": ratio["mote"],
+        "decode_mote_route_vs_lora_r": ratio["mote_route"],
+        "decode_lora_4r_vs_lora_r": ratio["lora_4r"],
         "ms_per_token": {k: round(v, 3) for k, v in per_token.items()},
         "device": str(device),
+        "threads": args.threads,
+        "clock": "wall" if clock_fn is time.perf_counter else "process_cpu",
     }))
 
 
