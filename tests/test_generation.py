@@ -271,3 +271,19 @@ def test_axolotl_inference_routes_by_markers(mote, tiny_model_dir):
         assert inner.step_ids(out)[0, 0].item() == 2  # routed by the <|response|> marker
     finally:
         get_routing_state(model).resolver = None
+
+
+def test_prompt_routing_override_changes_the_prompt_expert(mote):
+    """prompt_routing='shared' / a stage really reroutes the prompt (and is restored)."""
+    from axolotl_mote.tuner.model import get_routing_state
+
+    state = get_routing_state(mote[0])
+    outs = {
+        routing: _gen(mote, prompts=PROMPTS[:1], plan=["answer"], output_logits=True,
+                      prompt_routing=routing)[0]
+        for routing in ("shared", "analysis", "answer")
+    }
+    firsts = [o.logits[0] for o in outs.values()]  # depends only on the prompt's routing
+    assert not torch.allclose(firsts[0], firsts[1])
+    assert not torch.allclose(firsts[1], firsts[2])
+    assert state.prompt_routing == "random" and state.resolver is None

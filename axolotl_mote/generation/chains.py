@@ -209,10 +209,10 @@ def installed(state: Any, router: StageRouter) -> Iterator[None]:
         )
     previous, routing = state.resolver, state.prompt_routing
     state.resolver = router
-    if router.prompt_routing == "random":
-        # The router already drew each prompt's expert, so no PROMPT_STEP reaches the
-        # state; skip its per-forward random draw (the result is the same).
-        state.prompt_routing = 0
+    # The router's prompt routing governs the call. Under "random" it has already drawn
+    # each prompt's expert, so no PROMPT_STEP reaches the state: skip the state's own
+    # per-forward draw (index 0 is never used).
+    state.prompt_routing = 0 if router.prompt_routing == "random" else router.prompt_routing
     try:
         yield
     finally:
