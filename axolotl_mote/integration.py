@@ -146,7 +146,7 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
                 )
     state = attach_mote(model, config)
     state.mote_config = config  # generate_chains reads the template from here
-    if cfg.get("inference"):  # `axolotl inference`: route by the emitted markers
+    if loading_for_inference(cfg):  # `axolotl inference`: route by the emitted markers
         from axolotl.loaders import load_tokenizer
 
         from axolotl_mote.generation import install_router
@@ -163,3 +163,27 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
             config.prompt_routing,
         )
     del state
+
+
+def loading_for_inference(cfg: Any) -> bool:
+    """Whether Axolotl is loading the model for ``axolotl inference`` (or ``chat``).
+
+    The plugin hooks do not receive the loader's ``inference`` flag and the validated
+    config drops an ``inference`` key, so read it from the ``ModelLoader`` that is
+    calling the hook (one stack walk per model load).
+    """
+    import sys
+
+    if cfg.get("inference"):
+        return True
+    try:
+        from axolotl.loaders.model import ModelLoader
+    except ImportError:  # pragma: no cover - axolotl is a hard dependency
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        loader = frame.f_locals.get("self")
+        if isinstance(loader, ModelLoader):
+            return bool(getattr(loader, "inference", False))
+        frame = frame.f_back
+    return False

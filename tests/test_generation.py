@@ -287,3 +287,20 @@ def test_prompt_routing_override_changes_the_prompt_expert(mote):
     assert not torch.allclose(firsts[0], firsts[1])
     assert not torch.allclose(firsts[1], firsts[2])
     assert state.prompt_routing == "random" and state.resolver is None
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_inference_is_read_from_the_calling_model_loader(flag):
+    """The hooks get no `inference` flag; the ModelLoader calling them has it."""
+    from axolotl.loaders.model import ModelLoader
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_mote.integration import loading_for_inference
+
+    def post_lora_load_called_by_loader():
+        self = ModelLoader.__new__(ModelLoader)  # noqa: F841 - the frame local it reads
+        self.inference = flag
+        return loading_for_inference(DictDefault())
+
+    assert post_lora_load_called_by_loader() is flag
+    assert loading_for_inference(DictDefault()) is False
