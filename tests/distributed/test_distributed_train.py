@@ -7,8 +7,8 @@ rank (global batch 2), saves, and is checked against what a user relies on:
 * the saved adapter holds exactly the trained parameters (experts and marker rows),
   gathered from the partitions under ZeRO-3;
 * the saved adapter, reloaded by ``load_mote_model``, gives the trained model's logits;
-* the per-step loss equals a 1-process run with the same global batch (1 sample x 2
-  accumulation steps, see ``reference_losses``).
+* the per-step loss equals a 1-process run with the same global batch (micro batch 2;
+  the chains have equal trainable-token counts, see ``_write_equal_length_chains``).
 
 The launch recipe (torchrun + tests/distributed/launcher.py) is in helpers.py. The
 runs are module-scoped fixtures, so the ZeRO-3 run is also the uninterrupted half of the
@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _train import base_config, log_history, run_train, write_records
+from _train import base_config, log_history, run_train
 from helpers import DistributedRun, run_distributed, tiny_model
 
 from axolotl_mote.deepspeed import deepspeed_config_path
@@ -48,11 +48,74 @@ RANK = 4 * 4  # (3 aligncot step experts + shared) x lora_r 4
 # shared set-up: one model, one data file, one prepared dataset for every run
 
 
+WORDS_PER_STAGE = 6
+N_CHAINS = 16
+
+
+def _single_token_words(tokenizer) -> list[str]:
+    """Words that the tiny BPE encodes as one token after a space."""
+    vocab = sorted(tokenizer.get_vocab())
+    words = [t[1:] for t in vocab if t.startswith("\u0120") and t[1:].isalpha()]
+    encoded = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    return [w for w, ids in zip(words, encoded) if len(ids) == 1]
+
+
+def _write_equal_length_chains(path: Path, tokenizer) -> None:
+    """Chains with different text and different stages but equal trainable tokens.
+
+    Every chain has two trained stages (analysis + answer, or guidance + answer) of
+    "The" + WORDS_PER_STAGE one-token words each. With equal trainable-token counts the
+    loss conventions agree (mean over each rank's tokens, over all ranks' tokens, or
+    over each accumulation step's): 2 ranks x 1 chain then trains exactly like 1
+    process x 2 chains, in every Axolotl version. Prompts (not trained) vary in length.
+    """
+    import random
+
+    words = _single_token_words(tokenizer)
+    assert len(words) > 50, "the tiny tokenizer changed: pick other words"
+    rng = random.Random(0)
+
+    def text() -> str:
+        return " ".join(["The", *rng.sample(words, WORDS_PER_STAGE)])
+
+    with open(path, "w", encoding="utf-8") as handle:
+        for i in range(N_CHAINS):
+            first = "analysis" if i % 2 == 0 else "guidance"
+            prompt = " ".join(rng.sample(words, 3 + i % 5))
+            record = {"id": f"c{i}", "prompt": f"{prompt} ({i})?", first: text(),
+                      "answer": text()}
+            handle.write(json.dumps(record) + "\n")
+
+
+def _check_equal_trainable_tokens(path: Path, model_dir: Path) -> None:
+    """The premise of the loss comparison, checked on the strategy's own output."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.templates import load_template
+    from axolotl_mote.tokens import add_marker_tokens
+
+    template = load_template("aligncot")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    add_marker_tokens(tok, template)
+    raw = load_dataset("json", data_files=str(path), split="train")
+    rows = ChainDatasetStrategy(template, tok, 256).wrap_dataset(raw)
+    trained = {sum(label != -100 for label in row["labels"]) for row in rows}
+    assert len(rows) == N_CHAINS and len(trained) == 1, trained
+    stage_sets = {tuple(sorted(set(row["step_ids"]) - {-2, -1})) for row in rows}
+    assert len(stage_sets) == 2, stage_sets
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
     root = tmp_path_factory.mktemp("distributed")
-    tiny_model(root / "model")
-    write_records(root / "chains.jsonl")
+    model_dir = tiny_model(root / "model")
+    data = root / "chains.jsonl"
+    _write_equal_length_chains(data, AutoTokenizer.from_pretrained(model_dir))
+    _check_equal_trainable_tokens(data, model_dir)
     return root
 
 
@@ -80,22 +143,19 @@ def _run(work: Path, name: str, mode: str, **overrides) -> DistributedRun:
 
 @pytest.fixture(scope="module")
 def reference_losses(work) -> list[float]:
-    """1 process, 1 sample x 2 accumulation steps: the global batch of 2 ranks x 1.
+    """1 process, micro batch 2: the global batch of 2 ranks x 1 chain.
 
-    Axolotl 0.19 turns the Trainer's ``model_accepts_loss_kwargs`` off for Llama, so
-    each rank (and each accumulation step) averages over its own tokens and the gradient
-    is the mean of those means; with it on, both average over the tokens of all ranks
-    (or all accumulation steps). Either way 2 ranks x 1 sample equals 1 x 1 sample x 2
-    accumulation steps (not 1 x 2 samples). The sampler is the same seeded permutation
-    in both, so step k sees samples 2k and 2k+1 either way.
+    The sampler is the same seeded permutation in both, so step k trains chains 2k and
+    2k+1 either way. The chains have equal trainable-token counts
+    (``_write_equal_length_chains``), so the per-rank token mean (Axolotl 0.19 and 0.21
+    with DDP) and the token mean over the whole batch (1 process) coincide.
     """
     from axolotl.integrations.base import PluginManager
 
     manager = PluginManager.get_instance()
     manager.plugins.clear()
     cfg = _config(
-        work, "single", micro_batch_size=1, gradient_accumulation_steps=2,
-        save_strategy="steps", save_steps=MAX_STEPS,
+        work, "single", micro_batch_size=2, save_strategy="steps", save_steps=MAX_STEPS,
     )
     try:
         run_train(cfg, work / "single")
