@@ -49,6 +49,13 @@ def prepare_raw_config(cfg: dict) -> None:
 
 def _refuse_merging_routed_adapter(cfg: dict) -> None:
     lora_dir = cfg.get("lora_model_dir")
+    exported = lora_dir and (Path(lora_dir) / "mote_export.json").exists()
+    if cfg.get("merge_lora") and exported and not cfg.get("merge_method"):
+        # Axolotl's default memory-efficient merge folds only LoRA A/B into the base
+        # shards: it would drop the trained marker rows and the vocabulary resize.
+        cfg["merge_method"] = "legacy"
+        LOG.info("MoTE: merging exported stage adapter %s with merge_method: legacy "
+                 "(keeps the marker token rows)", lora_dir)
     if cfg.get("merge_lora") and lora_dir and (Path(lora_dir) / MOTE_CONFIG_NAME).exists():
         raise ValueError(
             f"{lora_dir} is a routed MoTE adapter: merging it would sum every stage "
@@ -134,6 +141,11 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
         )
     config = build_mote_config(cfg)
     lora_dir = cfg.get("lora_model_dir")
+    if lora_dir and (Path(lora_dir) / "mote_export.json").exists():
+        # an exported per-stage adapter (axolotl-mote export) is a plain LoRA: no routing,
+        # so `axolotl merge-lora` / `inference` work on it with the same config
+        LOG.info("MoTE: %s is an exported stage adapter; loaded as plain LoRA", lora_dir)
+        return
     if lora_dir and (Path(lora_dir) / MOTE_CONFIG_NAME).exists():
         saved = MoteConfig.load(lora_dir)
         for field in ("stage_names", "expert_rank", "shared_expert"):
