@@ -120,3 +120,21 @@ def test_lora_only_export_keeps_just_a_and_b(tiny_model_dir, tokenizer_and_templ
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
     saved = json.loads((out["safe_answer"] / "adapter_config.json").read_text())
     assert saved["trainable_token_indices"] is None
+
+
+def test_merging_an_exported_adapter_uses_the_legacy_merge(tmp_path):
+    """The memory-efficient merge would drop the marker rows; the plugin picks legacy."""
+    from axolotl_mote.plugin import MotePlugin
+
+    export = tmp_path / "safe_answer"
+    export.mkdir()
+    (export / "mote_export.json").write_text("{}")
+    cfg = {"plugins": ["axolotl_mote.MotePlugin"], "adapter": "lora", "lora_r": 4,
+           "mote": {"template": "aligncot"}, "merge_lora": True,
+           "lora_model_dir": str(export)}
+    MotePlugin().register(cfg)
+    assert cfg["merge_method"] == "legacy"
+    cfg.pop("merge_method")
+    cfg["merge_method"] = "memory_efficient"  # an explicit choice is kept
+    MotePlugin().register(cfg)
+    assert cfg["merge_method"] == "memory_efficient"
