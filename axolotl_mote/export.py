@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from axolotl_mote.constants import MOTE_CONFIG_NAME
+from axolotl_mote.tuner.config import CATCH_ALL_KEYS
 
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -47,14 +48,16 @@ EXPORT_INFO_NAME = "mote_export.json"
 def layer_scaling(peft_config: dict[str, Any], module_key: str, rank: int) -> float:
     """PEFT's scaling of one layer: its (pattern-matched) alpha over r or sqrt(r).
 
-    The catch-all key ``".*"`` (``MoteConfig.peft_kwargs``) is matched last, as when
-    the adapter was created: PEFT writes adapter_config.json with sorted keys, which puts
-    ``".*"`` first and would shadow a user's more specific alpha pattern.
+    The catch-all key (``"|.*"``, or ``".*"`` in adapters saved by 0.1.0 development
+    versions; ``MoteConfig.peft_kwargs``) is matched last, as when the adapter was
+    created: PEFT writes adapter_config.json with sorted keys, which puts ``".*"`` first
+    where it would shadow a user's more specific alpha pattern.
     """
     from peft.utils.other import get_pattern_key
 
     patterns = peft_config.get("alpha_pattern") or {}
-    keys = [k for k in patterns if k != ".*"] + [k for k in patterns if k == ".*"]
+    keys = [k for k in patterns if k not in CATCH_ALL_KEYS]
+    keys += [k for k in patterns if k in CATCH_ALL_KEYS]
     alpha = patterns.get(get_pattern_key(keys, module_key), peft_config["lora_alpha"])
     if peft_config.get("use_rslora"):
         return float(alpha) / math.sqrt(rank)

@@ -85,11 +85,11 @@ def test_collator_matches_packing_per_split(
 def test_lora_kwargs_give_rank_blocks_and_per_expert_scaling():
     cfg = DictDefault(lora_r=16, lora_alpha=32, mote={"template": "aligncot"})
     kwargs = MotePlugin().get_lora_config_kwargs(cfg)
-    assert kwargs["rank_pattern"] == {".*": 64}
-    assert kwargs["alpha_pattern"] == {".*": 128.0}  # 128 / 64 == 32 / 16
+    assert kwargs["rank_pattern"] == {"|.*": 64}
+    assert kwargs["alpha_pattern"] == {"|.*": 128.0}  # 128 / 64 == 32 / 16
     no_shared = DictDefault(lora_r=16, lora_alpha=32,
                             mote={"template": "aligncot", "shared_expert": False})
-    assert MotePlugin().get_lora_config_kwargs(no_shared)["rank_pattern"] == {".*": 48}
+    assert MotePlugin().get_lora_config_kwargs(no_shared)["rank_pattern"] == {"|.*": 48}
 
 
 def test_trainer_class_is_mote_trainer():

@@ -11,6 +11,12 @@ from typing import Any
 from axolotl_mote.constants import MOTE_CONFIG_NAME
 
 
+#: PEFT pattern key matching every module, sorting after user keys (see peft_kwargs).
+CATCH_ALL = "|.*"
+#: Catch-all keys of adapters saved by earlier versions.
+CATCH_ALL_KEYS = (CATCH_ALL, ".*")
+
+
 @dataclass
 class MoteConfig:
     """Experts of a MoTE model. One PEFT LoRA of rank ``n_blocks * expert_rank`` per layer."""
@@ -98,13 +104,18 @@ class MoteConfig:
         PEFT scales a layer by ``lora_alpha / R`` (or ``/ sqrt(R)`` with rsLoRA); with
         ``R = n_blocks * r`` the alpha is multiplied by ``n_blocks`` (``sqrt``) so each
         expert keeps the scaling of a rank-r LoRA. A user's own patterns are composed the
-        same way; the final ``".*"`` key is PEFT's catch-all (first match wins).
+        same way, and :data:`CATCH_ALL` covers every other layer.
+
+        PEFT takes the *first* pattern that matches, and writes adapter_config.json with
+        sorted keys; a plain ``".*"`` would sort first on reload and shadow the user's
+        patterns. ``"|.*"`` matches everything too (an empty alternative or anything) and
+        sorts after any key that starts with a letter, digit, ``.``, ``^`` or ``(``.
         """
         factor = math.sqrt(self.n_blocks) if use_rslora else float(self.n_blocks)
         ranks = {k: int(v) * self.n_blocks for k, v in (rank_pattern or {}).items()}
         alphas = {k: float(v) * factor for k, v in (alpha_pattern or {}).items()}
-        ranks[".*"] = self.peft_rank
-        alphas[".*"] = float(lora_alpha) * factor
+        ranks[CATCH_ALL] = self.peft_rank
+        alphas[CATCH_ALL] = float(lora_alpha) * factor
         return {"rank_pattern": ranks, "alpha_pattern": alphas}
 
     def prompt_template(self):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from axolotl_mote.routing import RoutingError, RoutingState
-from axolotl_mote.tuner.config import MoteConfig
+from axolotl_mote.tuner.config import CATCH_ALL_KEYS, MoteConfig
 from axolotl_mote.tuner.layer import RankMaskHook, check_supported
 
 STATE_ATTR = "mote_routing_state"
@@ -38,7 +38,8 @@ def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -
     )
     # built by MoteConfig.peft_kwargs(): user rank patterns give other ranks per layer
     peft_config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
-    catch_all = (getattr(peft_config, "rank_pattern", None) or {}).get(".*")
+    ranks = getattr(peft_config, "rank_pattern", None) or {}
+    catch_all = next((ranks[k] for k in CATCH_ALL_KEYS if k in ranks), None)
     handles, layers = [], []
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
