@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from axolotl_mote.args import MoteArgs, MoteOptions
-from conftest import REPO
+from _train import REPO
 
 BASE = {"plugins": ["axolotl_mote.MotePlugin"], "adapter": "lora", "lora_r": 8}
 
