@@ -25,6 +25,7 @@ def build_mote(
     alpha_pattern: dict | None = None,
     train_markers: bool = False,
     seed: int = 0,
+    task_type: str | None = None,
 ):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -56,6 +57,7 @@ def build_mote(
         lora_dropout=0.0,
         target_modules=TARGETS,
         use_rslora=use_rslora,
+        task_type=task_type,
         **config.peft_kwargs(lora_alpha, use_rslora, rank_pattern, alpha_pattern),
         **extra,
     )

@@ -304,3 +304,35 @@ def test_inference_is_read_from_the_calling_model_loader(flag):
 
     assert post_lora_load_called_by_loader() is flag
     assert loading_for_inference(DictDefault()) is False
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_router_routes_a_plain_peft_forward(mote, tiny_model_dir, task_type):
+    """install_router also covers model(...) on the PEFT wrapper. PeftModelForCausalLM (what
+    Axolotl builds) reaches the transformers model through .forward, skipping its hooks;
+    plain PeftModel calls it, so both entry points fire and must resolve once."""
+    from axolotl_mote.generation import install_router
+    from axolotl_mote.routing import route
+    from axolotl_mote.tuner.model import get_routing_state
+
+    _, tokenizer, template = mote
+    model, _ = build_mote(tiny_model_dir, tokenizer, template, task_type=task_type)
+    assert (type(model).__name__ == "PeftModelForCausalLM") == (task_type == "CAUSAL_LM")
+    ids = tokenizer("hi <|analysis|> a b <|/analysis|><|response|> c", return_tensors="pt")
+    state = get_routing_state(model)
+    router = install_router(model, tokenizer)
+    calls = []
+    state.resolver = lambda i, k: calls.append(1) or router(i, k)
+    try:
+        steps = router.step_ids(ids["input_ids"])
+        with torch.no_grad():
+            routed = model(**ids).logits
+            state.resolver = None
+            with route(state, steps, draw_key=0):
+                explicit = model(**ids).logits
+    finally:
+        state.resolver = None
+    assert calls == [1]  # resolved once per call, whichever entry points fired
+    assert not state.is_set  # the auto routing was cleared after the call
+    torch.testing.assert_close(routed, explicit, rtol=0, atol=1e-6)
+    assert set(steps[0].tolist()) >= {0, 2}

@@ -58,15 +58,17 @@ def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -
             "MoTE found no PEFT LoRA layers to route; check lora_target_modules / "
             "lora_target_linear"
         )
+    state.num_layers = len(handles)
     inner = _inner_model(model)
-    handles.append(
-        inner.register_forward_pre_hook(_ResolveHook(state, layers), with_kwargs=True)
-    )
-    handles.append(inner.register_forward_hook(_clear_auto(state)))
+    # Entry points: the transformers model (generate calls it) and the PEFT wrapper, whose
+    # forward reaches the inner model through ``.forward`` and so skips the inner hooks.
+    # Exactly one of them fires per call.
     for target in {id(model): model, id(inner): inner}.values():
+        hook = _ResolveHook(state, layers)
+        handles.append(target.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(target.register_forward_hook(_clear_auto(state)))
         object.__setattr__(target, STATE_ATTR, state)
     object.__setattr__(model, _HANDLES_ATTR, handles)
-    state.num_layers = len(handles) - 2
     return state
 
 
@@ -130,7 +132,10 @@ class _ResolveHook:
                 )
             return None
         if self.state.resolver is not None and input_ids is not None:
+            if self.state._auto and getattr(self.state, "_auto_input", None) is input_ids:
+                return None  # nested entry point of the same call: already resolved
             self.state.set(self.state.resolver(input_ids, kwargs), auto=True)
+            self.state._auto_input = input_ids
         return None
 
 
@@ -138,6 +143,7 @@ def _clear_auto(state: RoutingState):
     def hook(module, args, output):
         if state._auto:
             state.clear()
+            state._auto_input = None
         return None
 
     return hook
