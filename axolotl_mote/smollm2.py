@@ -49,13 +49,32 @@ def _fix_special_tokens(tokenizer, model) -> None:
     vocab = tokenizer.get_vocab()
     if "<|im_end|>" in vocab:
         tokenizer.eos_token = "<|im_end|>"
-    if tokenizer.pad_token is None and "<|endoftext|>" in vocab:
+    # transformers >= 5.20 reads pad = <|im_end|> (the EOS) from the GGUF: padding must
+    # not be the token that ends a turn, or its label would be masked as padding
+    if tokenizer.pad_token in (None, tokenizer.eos_token) and "<|endoftext|>" in vocab:
         tokenizer.pad_token = "<|endoftext|>"
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _forget_gguf_quantizer(model) -> None:
+    """The weights are already dequantised; newer transformers (>= 5.20) still attach a
+    GGUF quantizer, which refuses ``save_pretrained``, and would write a
+    ``quantization_config`` that makes the saved float folder look quantized."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
+    if quantizer is not None and "gguf" in method.lower():
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:  # a read-only property derived from hf_quantizer
+                pass
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
 
 
 def prepare_smollm2(out_dir: str | Path = DEFAULT_DIR, dtype: str = "float32") -> Path:
@@ -77,6 +96,7 @@ def prepare_smollm2(out_dir: str | Path = DEFAULT_DIR, dtype: str = "float32") -
         folder, gguf_file=name, dtype=getattr(torch, dtype)
     )
     _fix_special_tokens(tokenizer, model)
+    _forget_gguf_quantizer(model)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
