@@ -10,6 +10,7 @@ vocabulary: the plugin adds them, exactly as it does for a real model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 _SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
@@ -79,14 +80,31 @@ def build_tiny_model(
     tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a tiny random Llama + tokenizer to ``out_dir`` (idempotent) and return it."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    return save_random_llama(
+        out, build_tiny_tokenizer(), hidden_size=hidden_size, num_layers=num_layers,
+        seed=seed, tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def save_random_llama(
+    out_dir: str | Path,
+    tokenizer: Any,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """Save a randomly initialised (seeded) small Llama sized to ``tokenizer`` + it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
-        return out
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -95,13 +113,12 @@ def build_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
+    LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

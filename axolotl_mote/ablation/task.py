@@ -159,28 +159,12 @@ def build_tokenizer(spec: TaskSpec):
 def build_model(out_dir: Path, spec: TaskSpec, *, hidden_size: int = 64,
                 num_layers: int = 2, seed: int = 0) -> Path:
     """A random tiny Llama over the task tokenizer (idempotent); returns ``out_dir``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from axolotl_mote.tiny import save_random_llama
 
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    return save_random_llama(
+        out, build_tokenizer(spec), hidden_size=hidden_size, num_layers=num_layers,
+        seed=seed, max_position_embeddings=256,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
