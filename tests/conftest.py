@@ -65,3 +65,17 @@ def reset_plugins():
     manager.plugins.clear()
     yield manager
     manager.plugins.clear()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: on a shared 2-core machine extra threads only contend (5-20x slower).
+
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

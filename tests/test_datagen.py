@@ -15,14 +15,7 @@ import pytest
 from axolotl_mote.datagen import ChainRule, Seed, generate_data, load_seeds, parse_verdict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # question -> the round whose answer the check accepts (None: never; "bad": unparseable

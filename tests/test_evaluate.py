@@ -22,14 +22,7 @@ from axolotl_mote.evaluation import (
 from axolotl_mote.evaluation.runner import GenOptions, Response, evaluate_models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 HARM, BENIGN = "harmful", "benign"
