@@ -24,6 +24,13 @@ class SkipPositions(str, Enum):
     SHIFT = "shift"
 
 
+class MarkerInit(str, Enum):
+    """Initial rows of newly added marker tokens."""
+
+    DESCRIBE = "describe"
+    RESIZE = "resize"
+
+
 class MoteOptions(BaseModel):
     """Options of the MoTE plugin (the ``mote:`` block)."""
 
@@ -87,6 +94,15 @@ class MoteOptions(BaseModel):
         description="Train the embedding (and untied lm_head) rows of the stage "
         "markers through PEFT's trainable_token_indices, so the model learns to "
         "emit them; the rest of the embedding stays frozen.",
+    )
+    marker_init: MarkerInit = Field(
+        default=MarkerInit.DESCRIBE.value,
+        description="Initial embedding (and untied lm_head) rows of marker tokens new "
+        "to the tokenizer: 'describe' sets each row to the mean embedding of the "
+        "stage's words (start: 'Question Analysis:', end: 'End of question "
+        "analysis.'; template keys start_text/end_text), so start and end markers "
+        "differ from the first step; 'resize' keeps the rows the embedding resize "
+        "gave (transformers' mean init, near-identical for every marker).",
     )
     log_stage_metrics: bool = Field(
         default=True,

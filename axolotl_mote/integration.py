@@ -126,6 +126,37 @@ def marker_trainable_token_indices(cfg: Any, model: Any) -> dict[str, Any]:
     return {"trainable_token_indices": targets}
 
 
+def init_new_marker_rows(cfg: Any, model: Any) -> dict[str, str]:
+    """``pre_lora_load``: describe-initialise the rows of markers new to the tokenizer.
+
+    Only markers the base tokenizer lacks are touched (their rows come from the resize,
+    or are unused padding rows of a padded vocabulary); existing rows, e.g. of a model
+    already trained with these markers, keep their values. Skipped when loading a
+    trained adapter (its saved rows replace these) and for ``marker_init: resize``.
+    """
+    from axolotl_mote.runtime import mote_options
+
+    opts = mote_options(cfg)
+    if opts["marker_init"] != "describe" or cfg.get("lora_model_dir"):
+        return {}
+    from axolotl.loaders import load_tokenizer
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.tokens import init_marker_rows
+
+    template = load_template(opts["template"])
+    source = cfg.get("tokenizer_config") or cfg.get("base_model_config") or cfg.base_model
+    base_vocab = AutoTokenizer.from_pretrained(
+        source, trust_remote_code=bool(cfg.get("trust_remote_code"))
+    ).get_vocab()
+    new = [m for m in template.markers if m not in base_vocab]
+    done = init_marker_rows(model, load_tokenizer(cfg), template, new)
+    if done:
+        LOG.info("MoTE: initialised %d new marker rows from their stage words: %s",
+                 len(done), done)
+    return done
+
+
 def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
     """``post_lora_load``: route the PEFT LoRA layers Axolotl just built or loaded."""
     from peft import PeftModel

@@ -8,7 +8,7 @@ hook                        does
 register                    defaults (LoRA kernels off, marker tokens), file checks
 pre_model_load              seed the embedding resize and expert init
 get_input_args              the ``mote:`` block (args.py)
-pre_lora_load               marker-row training (tokens.py)
+pre_lora_load               marker rows: init and training (tokens.py)
 get_lora_config_kwargs      rank blocks per expert (tuner/config.py)
 post_lora_load              attach routing to the PEFT LoRA layers (tuner/model.py)
 get_trainer_cls             MoteTrainer (trainer.py)
@@ -54,8 +54,12 @@ class MotePlugin(BasePlugin):
         seed_model_init(cfg)
 
     def pre_lora_load(self, cfg, model) -> None:
-        from axolotl_mote.integration import marker_trainable_token_indices
+        from axolotl_mote.integration import (
+            init_new_marker_rows,
+            marker_trainable_token_indices,
+        )
 
+        init_new_marker_rows(cfg, model)
         self._lora_extra = marker_trainable_token_indices(cfg, model)
 
     def get_lora_config_kwargs(self, cfg) -> dict:

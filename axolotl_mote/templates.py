@@ -47,6 +47,26 @@ class Stage(BaseModel):
         "skipping may hide it from later stages).",
     )
     title: str | None = Field(default=None, description="Human-readable title.")
+    start_text: str | None = Field(
+        default=None,
+        description="Words whose mean token embedding initialises a new start marker "
+        "(mote.marker_init: describe). Default: the title, e.g. 'Question Analysis:'.",
+    )
+    end_text: str | None = Field(
+        default=None,
+        description="Words that initialise a new end marker. Default: 'End of <title>.'",
+    )
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name.replace("_", " ").title()
+
+    def marker_texts(self) -> dict[str, str]:
+        """Descriptive text per marker, for initialising the marker embedding rows."""
+        return {
+            self.start: self.start_text or f"{self.display_title}:",
+            self.end: self.end_text or f"End of {self.display_title.lower()}.",
+        }
 
 
 class ChatFormat(BaseModel):
