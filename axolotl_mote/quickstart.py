@@ -70,8 +70,13 @@ def train(config: Path) -> None:
     subprocess.run(cmd, check=True, env=_env(), cwd=REPO)
 
 
-def compare(base_model: str, adapter_dir: Path, max_new_tokens: int) -> None:
-    """Print the base model's answer beside the MoTE model's stage-routed chain."""
+def compare(base_model: str, adapter_dir: Path, max_new_tokens: int,
+            repetition_penalty: float | None = None) -> None:
+    """Print the base model's answer beside the MoTE model's stage-routed chain.
+
+    Both decode greedily with the same repetition penalty: a 135M model loops under plain
+    greedy decoding, base and adapted alike.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,6 +91,7 @@ def compare(base_model: str, adapter_dir: Path, max_new_tokens: int) -> None:
     outputs = generate_chains(
         model, mote_tok, DEMO_PROMPTS, max_new_tokens=max_new_tokens,
         template=MoteConfig.load(adapter_dir),  # the adapter's own stages and markers
+        repetition_penalty=repetition_penalty,
     )
     for prompt, out in zip(DEMO_PROMPTS, outputs):
         ids = tok.apply_chat_template(
@@ -97,7 +103,7 @@ def compare(base_model: str, adapter_dir: Path, max_new_tokens: int) -> None:
         with torch.no_grad():
             gen = base.generate(
                 **ids, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id,
+                pad_token_id=tok.pad_token_id, repetition_penalty=repetition_penalty,
             )
         base_text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         print("=" * 78)
@@ -116,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="random tiny model")
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--repetition-penalty", type=float, default=1.2,
+                        help="for base and MoTE alike; 1.0 turns it off")
     args = parser.parse_args(argv)
     out = args.out if args.out.is_absolute() else REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     adapter = out / "adapter"
     print(f"\nTrained MoTE adapter: {adapter}")
     base_model = yaml.safe_load(config.read_text())["base_model"]
-    compare(base_model, adapter, args.max_new_tokens)
+    compare(base_model, adapter, args.max_new_tokens, args.repetition_penalty)
     print(f"\nTrained MoTE adapter: {adapter}")
 
 

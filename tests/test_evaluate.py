@@ -221,3 +221,40 @@ def test_cli_evaluate_compare_and_judge(mote, tiny_model_dir, tmp_path):
                                str(tmp_path / "a" / "results.json"), "--compare",
                                str(tmp_path / "b" / "results.json")])
     assert res.exit_code != 0 and "not comparable" in str(res.exception)
+
+
+@pytest.mark.parametrize("which", ["mote", "base"])
+def test_repetition_penalty_reaches_generate(which, mote, tiny_model_dir, monkeypatch):
+    """GenOptions.repetition_penalty is passed to ``generate`` on both paths, and with a
+    huge penalty no token of the prompt or the reply is generated twice."""
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_mote.evaluation.runner import respond
+
+    if which == "mote":
+        model, tokenizer = mote[0], mote[1]
+    else:
+        tokenizer = mote[1]
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    seen: list[dict] = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append({"kwargs": kwargs, "out": out, "inputs": kwargs.get("input_ids")})
+        return out
+
+    monkeypatch.setattr(model, "generate", spy)
+    pset = load_prompt_set("data/eval/harmful.jsonl", limit=1)
+    opts = GenOptions(max_new_tokens=12, max_stage_tokens=4, batch_size=1,
+                      repetition_penalty=1e4)
+    respond(model, tokenizer, pset, opts)
+    assert seen and all(s["kwargs"].get("repetition_penalty") == 1e4 for s in seen)
+    call = seen[-1]
+    prompt = call["inputs"][0].tolist()
+    out = getattr(call["out"], "sequences", call["out"])
+    new = out[0, len(prompt):].tolist()
+    special = set(tokenizer.all_special_ids)  # EOS, padding, markers: forced or stops
+    new = [t for t in new if t not in special]
+    assert new
+    assert len(new) == len(set(new)) and not set(new) & set(prompt)

@@ -57,13 +57,16 @@ def _models(base_model, adapters, include_base, dtype, device):
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--limit", type=int, help="Only the first N prompts of each set.")
 @click.option("--temperature", type=float, help="Sample (default: greedy).")
+@click.option("--repetition-penalty", type=float,
+              help="HF repetition_penalty for every model, e.g. 1.2 (default: off).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               default="float32", show_default=True)
 @click.option("--device", help="cpu, cuda, cuda:1… (default: cuda if available)")
 def evaluate(prompt_sets, adapters, base_model, include_base, compare_files, out_dir, scorer,
              rubric, judge_model, judge_endpoint, judge_api_model, plan, max_new_tokens,
-             max_stage_tokens, batch_size, limit, temperature, seed, dtype, device) -> None:
+             max_stage_tokens, batch_size, limit, temperature, repetition_penalty, seed, dtype,
+             device) -> None:
     """Harmless / compliance / robustness rates, tokens per stage and stage plans."""
     from axolotl_mote.evaluation import (
         GenOptions,
@@ -95,7 +98,8 @@ def evaluate(prompt_sets, adapters, base_model, include_base, compare_files, out
     opts = GenOptions(max_new_tokens=max_new_tokens,
                       max_stage_tokens=_stage_limits(max_stage_tokens),
                       plan=None if plan == "adaptive" else plan, batch_size=batch_size,
-                      seed=seed, temperature=temperature)
+                      seed=seed, temperature=temperature,
+                      repetition_penalty=repetition_penalty)
     results = evaluate_models(specs, sets, score, out_dir, opts)
     click.echo((Path(out_dir) / "results.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {out_dir}/results.json, results.md, rates.png, tokens_per_stage.png, "

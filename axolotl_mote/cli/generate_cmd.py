@@ -77,8 +77,10 @@ def _read_inputs(prompts: tuple[str, ...], input_file: str | None) -> list[dict]
     return records
 
 
-def _base_answers(base: str, conversations, max_new_tokens: int, dtype: str, device: str):
-    """The base model's plain greedy answers (no adapter, its own chat template)."""
+def _base_answers(base: str, conversations, max_new_tokens: int, dtype: str, device: str,
+                  repetition_penalty: float | None = None):
+    """The base model's plain greedy answers (no adapter, its own chat template), with
+    the same repetition penalty as the MoTE answers so the two compare fairly."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +93,8 @@ def _base_answers(base: str, conversations, max_new_tokens: int, dtype: str, dev
                                          return_tensors="pt", return_dict=True).to(device)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                 repetition_penalty=repetition_penalty)
         answers.append(tok.decode(out[0, inputs["input_ids"].shape[1]:],
                                   skip_special_tokens=True))
     return answers
@@ -115,6 +118,8 @@ def _base_answers(base: str, conversations, max_new_tokens: int, dtype: str, dev
 @click.option("--do-sample", is_flag=True)
 @click.option("--temperature", type=float, default=None)
 @click.option("--top-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=None,
+              help="HF repetition_penalty, e.g. 1.2 (small models loop under greedy).")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -124,7 +129,7 @@ def _base_answers(base: str, conversations, max_new_tokens: int, dtype: str, dev
               help="Also print the base model's own answer to each prompt.")
 def generate(config, adapter, base_model, prompts, input_file, output, plan, max_new_tokens,
              max_stage_tokens, stop_after_answer, fallback, do_sample, temperature, top_p,
-             batch_size, seed, dtype, device, compare_base) -> None:
+             repetition_penalty, batch_size, seed, dtype, device, compare_base) -> None:
     """Generate reasoning chains, routed stage by stage, and print each stage."""
     import torch
     from tqdm import tqdm
@@ -143,7 +148,8 @@ def generate(config, adapter, base_model, prompts, input_file, output, plan, max
     model.to(device)
     get_routing_state(model).mote_config = MoteConfig.load(adapter_dir)
     plans = [_plan(r.get("plan", plan)) for r in records]
-    gen_kwargs = {k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v}
+    gen_kwargs = {k: v for k, v in (("temperature", temperature), ("top_p", top_p),
+                                    ("repetition_penalty", repetition_penalty)) if v}
     with tqdm(total=len(records), desc="generating", unit="prompt",
               disable=len(records) < 2) as bar:
         outputs = generate_chains(
@@ -153,7 +159,8 @@ def generate(config, adapter, base_model, prompts, input_file, output, plan, max
             do_sample=do_sample, progress=bar.update, **gen_kwargs,
         )
     base_answers = (
-        _base_answers(base, [o.messages for o in outputs], max_new_tokens, dtype, device)
+        _base_answers(base, [o.messages for o in outputs], max_new_tokens, dtype, device,
+                      repetition_penalty)
         if compare_base else [None] * len(outputs)
     )
     sink = open(output, "w", encoding="utf-8") if output else None

@@ -43,7 +43,7 @@ class HFChatGenerator:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, batch_size: int = 8,
                  temperature: float | None = None, top_p: float | None = None,
-                 device: str | None = None, dtype: str = "float32") -> None:
+                 repetition_penalty: float | None = None, device: str | None = None, dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,6 +56,7 @@ class HFChatGenerator:
             raise ValueError("HFChatGenerator: pass the tokenizer with a loaded model")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.temperature, self.top_p = batch_size, temperature, top_p
+        self.repetition_penalty = repetition_penalty
         self.last_token_counts: list[int] = []  # generated tokens per reply, last call
 
     def render(self, messages: Messages) -> list[int]:
@@ -88,6 +89,7 @@ class HFChatGenerator:
                 mask[i, width - len(s):] = 1
             sample = bool(self.temperature)
             extra = {"temperature": self.temperature, "top_p": self.top_p} if sample else {}
+            extra["repetition_penalty"] = self.repetition_penalty
             torch.manual_seed(batch_seed(seed, str(start)))
             with torch.no_grad():
                 out = model.generate(

@@ -73,6 +73,7 @@ class GenOptions:
     batch_size: int = 8
     seed: int = 0
     temperature: float | None = None  # None: greedy
+    repetition_penalty: float | None = None  # None: off (HF's 1.0)
 
 
 @dataclass
@@ -109,6 +110,8 @@ def respond(model: Any, tokenizer: Any, pset: PromptSet, opts: GenOptions,
         from axolotl_mote.generation import generate_chains
 
         sample = {"do_sample": True, "temperature": opts.temperature} if opts.temperature else {}
+        if opts.repetition_penalty:
+            sample["repetition_penalty"] = opts.repetition_penalty
         outs = generate_chains(
             model, tokenizer, [it.messages for it in items], plan=opts.plan,
             max_new_tokens=opts.max_new_tokens, max_stage_tokens=opts.max_stage_tokens,
@@ -120,7 +123,8 @@ def respond(model: Any, tokenizer: Any, pset: PromptSet, opts: GenOptions,
     from axolotl_mote.datagen.backends import HFChatGenerator
 
     gen = HFChatGenerator(model, tokenizer, batch_size=opts.batch_size,
-                          temperature=opts.temperature)
+                          temperature=opts.temperature,
+                          repetition_penalty=opts.repetition_penalty)
     responses = []
     for start in range(0, len(items), opts.batch_size):
         chunk = items[start:start + opts.batch_size]
