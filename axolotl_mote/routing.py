@@ -13,6 +13,12 @@ Coefficients per token, blocks ordered ``[step_0 .. step_{E-1}, shared]``:
   (shared block only, 1 - alpha), or ``"random"`` (each maximal run of prompt tokens in a
   row draws one step expert, from a generator seeded by ``(seed, draw_key)``);
 * ``PAD_STEP``: all zeros.
+
+When every token of a forward has the same coefficients (decoding one row, or rows in
+the same stage), :meth:`RoutingState.uniform_row` returns them, so a layer can compute
+the few non-zero blocks alone (``tuner/variant.py``) instead of all of them masked. The
+packed copies of those blocks live in :attr:`RoutingState.packs` for one generated
+sequence: forwards that continue a KV cache keep them, anything else drops them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
 
 class RoutingError(RuntimeError, ValueError):
     """Step ids are missing, malformed or do not fit the input of a MoTE forward."""
+
+
+#: Up to this many tokens the uniform check reads the step ids in Python (decode steps);
+#: larger forwards compare the coefficient tensor (one host sync).
+_PY_TOKENS = 64
+_MISSING = object()
 
 
 class RoutingState:
@@ -50,7 +62,10 @@ class RoutingState:
         self._step_ids: torch.Tensor | None = None
         self._draw_key = 0
         self._auto = False
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, Any] = {}
+        # fast-path blocks packed per layer and coefficient row (tuner/variant.py); kept
+        # only while forwards continue one sequence, so weights cannot change under them
+        self.packs: dict[tuple, Any] = {}
 
     @property
     def n_blocks(self) -> int:
@@ -64,7 +79,18 @@ class RoutingState:
     def step_ids(self) -> torch.Tensor | None:
         return self._step_ids
 
-    def set(self, step_ids: torch.Tensor, draw_key: int = 0, auto: bool = False) -> None:
+    def set(
+        self,
+        step_ids: torch.Tensor,
+        draw_key: int = 0,
+        auto: bool = False,
+        same_sequence: bool = False,
+    ) -> None:
+        """Route the next forward(s) by ``step_ids`` [B, T].
+
+        ``same_sequence``: the forward continues the KV cache of the previous one (a
+        resolver's decode step), so the packed fast-path blocks stay valid.
+        """
         if step_ids.dim() != 2:
             raise RoutingError(
                 f"step_ids must be [batch, seq], got shape {tuple(step_ids.shape)}"
@@ -80,11 +106,16 @@ class RoutingState:
         self._draw_key = int(draw_key)
         self._auto = auto
         self._cache.clear()
+        if not same_sequence:
+            self.packs.clear()
 
-    def clear(self) -> None:
+    def clear(self, end_sequence: bool = True) -> None:
+        """Forget the step ids (and, ending the sequence, the packed blocks)."""
         self._step_ids = None
         self._auto = False
         self._cache.clear()
+        if end_sequence:
+            self.packs.clear()
 
     # --- coefficient construction ------------------------------------------------------
     def _prompt_experts(self, steps: torch.Tensor) -> torch.Tensor:
@@ -138,6 +169,75 @@ class RoutingState:
             mask = coef.repeat_interleave(rank, dim=-1)  # [B, T, n_blocks * rank]
             self._cache[key] = mask
         return mask
+
+    # --- uniform routing: the decode fast path -------------------------------------
+    def uniform_row(
+        self, dtype: torch.dtype, device: torch.device
+    ) -> tuple[float, ...] | None:
+        """The coefficients ``[n_blocks]`` every token shares, or None if they differ.
+
+        All zeros means every token is padding. Values are rounded to ``dtype`` as in
+        :meth:`coefficients`. Computed once per set of step ids and cached, like the
+        masks.
+        """
+        key = ("row", dtype, device)
+        row = self._cache.get(key, _MISSING)
+        if row is _MISSING:
+            row = self._uniform_row(dtype, device)
+            self._cache[key] = row
+        return row
+
+    def _uniform_row(
+        self, dtype: torch.dtype, device: torch.device
+    ) -> tuple[float, ...] | None:
+        steps = self._step_ids
+        if steps is None:
+            raise RoutingError(_NO_STATE)
+        if steps.numel() <= _PY_TOKENS:  # decode: a few ids, cheapest in Python
+            ids = set(steps.flatten().tolist())
+            if len(ids) == 1:
+                (step,) = ids
+                if step != PROMPT_STEP or self.prompt_routing != "random":
+                    return self._row_of(step, dtype)
+        # mixed ids can still share coefficients (a prompt routed to the stage of the
+        # other tokens), and random prompt draws live in the coefficient tensor
+        coef = self.coefficients(dtype, device).reshape(-1, self.n_blocks)  # [N, n]
+        if not bool((coef == coef[:1]).all()):
+            return None
+        return tuple(coef[0].tolist())
+
+    def _row_of(self, step: int, dtype: torch.dtype) -> tuple[float, ...]:
+        """The coefficients of one step id (not a random-routed prompt), in Python."""
+        row = [0.0] * self.n_blocks
+        if step == PAD_STEP:
+            return tuple(row)
+        expert = step
+        if step == PROMPT_STEP:
+            expert = -1 if self.prompt_routing == "shared" else int(self.prompt_routing)
+        step_weight = self.alpha if self.shared_expert else 1.0
+        # round as coefficients() does: a dtype tensor times a Python float
+        step_weight, shared_weight = torch.tensor(
+            [step_weight, 1.0 - self.alpha], dtype=dtype
+        ).tolist()
+        if expert >= 0:
+            row[expert] = step_weight
+        if self.shared_expert:
+            row[-1] = shared_weight
+        return tuple(row)
+
+
+def start_position(kwargs: dict[str, Any]) -> int:
+    """Position of a forward's first token: the KV cache length (0 without a cache).
+
+    ``cache_position`` is used when a caller passes it (transformers < 5 did).
+    """
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return 0
 
 
 _NO_STATE = (

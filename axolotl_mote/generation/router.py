@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
+from axolotl_mote.routing import start_position
 from axolotl_mote.templates import PromptTemplate, StageMode
 
 _NOT_MARKER = -99
@@ -133,7 +134,7 @@ class StageRouter:
 
     def __call__(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         b, t = input_ids.shape
-        start = _start_position(kwargs)
+        start = start_position(kwargs)
         device = input_ids.device
         prompt = self._prompt_steps(b, device)
         if start == 0:
@@ -183,17 +184,3 @@ class StageRouter:
             history.append(step)
             steps.append(step)
         return torch.tensor(steps, dtype=torch.long).view(-1, 1).to(device)
-
-
-def _start_position(kwargs: dict[str, Any]) -> int:
-    """Position of the chunk's first token: the KV cache length (0 without a cache).
-
-    ``cache_position`` is used when a caller passes it (transformers < 5 did).
-    """
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-        return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("past_key_values")
-    if past is not None and hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return 0
