@@ -44,6 +44,8 @@ class RankMaskHook:
 
 def check_supported(layer: Any, adapter_name: str, n_blocks: int, name: str) -> int:
     """Validate one PEFT LoRA layer; return its expert rank."""
+    from axolotl_mote.tuner.variant import MoteVariant  # imports peft: lazily
+
     if getattr(layer, "lora_embedding_A", None) and adapter_name in layer.lora_embedding_A:
         raise TypeError(
             f"{name}: LoRA on embeddings is not supported by MoTE; target linear layers "
@@ -59,6 +61,13 @@ def check_supported(layer: Any, adapter_name: str, n_blocks: int, name: str) -> 
         )
     if getattr(layer, "use_dora", {}).get(adapter_name, False):
         raise ValueError(f"{name}: DoRA is not supported by MoTE; remove peft_use_dora")
+    variant = getattr(layer, "lora_variant", {}).get(adapter_name)
+    if variant is not None and not isinstance(variant, MoteVariant):
+        raise TypeError(
+            f"{name}: the LoRA adapter {adapter_name!r} already uses the PEFT variant "
+            f"{type(variant).__name__}; MoTE routes plain LoRA layers only (turn the "
+            "variant's LoraConfig option off)"
+        )
     rank = int(layer.r[adapter_name])
     if rank % n_blocks:
         raise ValueError(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from axolotl_mote.routing import RoutingError, RoutingState
+from axolotl_mote.routing import RoutingError, RoutingState, start_position
 from axolotl_mote.tuner.config import CATCH_ALL_KEYS, MoteConfig
 from axolotl_mote.tuner.layer import RankMaskHook, check_supported
 
@@ -24,9 +24,13 @@ def _inner_model(model: Any) -> torch.nn.Module:
 def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -> RoutingState:
     """Hook every PEFT LoRA layer of ``model``; return the model's routing state.
 
-    Idempotent: attaching again replaces the previous hooks and state.
+    Each layer gets the ``lora_B`` mask hook (the masked path) and a
+    :class:`~axolotl_mote.tuner.variant.MoteVariant` (the uniform fast path, merge
+    refusal). Idempotent: attaching again replaces the previous hooks and state.
     """
     from peft.tuners.lora import LoraLayer
+
+    from axolotl_mote.tuner.variant import install_variant
 
     detach_mote(model)
     state = RoutingState(
@@ -40,7 +44,7 @@ def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -
     peft_config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
     ranks = getattr(peft_config, "rank_pattern", None) or {}
     catch_all = next((ranks[k] for k in CATCH_ALL_KEYS if k in ranks), None)
-    handles, layers = [], []
+    checked = []  # every layer first: a refused one leaves no hooks behind
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -50,15 +54,19 @@ def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -
                 f"{name}: expert rank {rank} != mote expert_rank {config.expert_rank}; "
                 "build the LoRA config with MoteConfig.peft_kwargs()"
             )
-        hook = RankMaskHook(state, rank, name)
-        handles.append(module.lora_B[adapter_name].register_forward_pre_hook(hook))
-        layers.append(module)
-    if not handles:
+        checked.append((name, module, rank))
+    if not checked:
         raise ValueError(
             "MoTE found no PEFT LoRA layers to route; check lora_target_modules / "
             "lora_target_linear"
         )
-    state.num_layers = len(handles)
+    handles, layers = [], []
+    for name, module, rank in checked:
+        hook = RankMaskHook(state, rank, name)
+        handles.append(module.lora_B[adapter_name].register_forward_pre_hook(hook))
+        handles.append(install_variant(module, adapter_name, state, rank, name))
+        layers.append(module)
+    state.num_layers = len(layers)
     inner = _inner_model(model)
     # Entry points: the transformers model (generate calls it) and the PEFT wrapper, whose
     # forward reaches the inner model through ``.forward`` and so skips the inner hooks.
@@ -134,7 +142,10 @@ class _ResolveHook:
         if self.state.resolver is not None and input_ids is not None:
             if self.state._auto and getattr(self.state, "_auto_input", None) is input_ids:
                 return None  # nested entry point of the same call: already resolved
-            self.state.set(self.state.resolver(input_ids, kwargs), auto=True)
+            steps = self.state.resolver(input_ids, kwargs)
+            # a decode step continues the KV cache: the fast path's packed blocks of
+            # this sequence stay valid (weights cannot change inside one generate call)
+            self.state.set(steps, auto=True, same_sequence=start_position(kwargs) > 0)
             self.state._auto_input = input_ids
         return None
 
@@ -142,7 +153,7 @@ class _ResolveHook:
 def _clear_auto(state: RoutingState):
     def hook(module, args, output):
         if state._auto:
-            state.clear()
+            state.clear(end_sequence=False)  # the next decode step may reuse the packs
             state._auto_input = None
         return None
 

@@ -169,16 +169,31 @@ def test_route_clears_state_even_on_error():
 
 
 def test_merged_adapter_is_refused_not_run_unrouted():
-    """PEFT's merged forward skips lora_B, i.e. the routing hook: refuse it."""
-    model, state, _ = mote_model(mote_config(prompt_routing="shared"))
+    """A merge sums every expert into the base weights: refuse it, and never run one.
+
+    The MoTE variant refuses the merge itself (nothing is merged); a layer merged before
+    MoTE was attached is refused at the forward (PEFT's merged forward skips lora_B).
+    """
+    from axolotl_mote.tuner.model import attach_mote, detach_mote
+
+    config = mote_config(prompt_routing="shared")
+    model, state, _ = mote_model(config)
     steps = torch.tensor([[P, P, 0, 1, 2, X]])
     ids = input_ids_for(steps)
     with torch.no_grad(), route(state, steps):
         routed = model(input_ids=ids).logits
-        model.merge_adapter()
+        for merge in (model.merge_adapter, model.merge_and_unload):
+            with pytest.raises(RoutingError, match=r"cannot merge a MoTE adapter"):
+                merge()
+        assert not any(layer.merged for layer in lora_layers(model).values())
+        torch.testing.assert_close(model(input_ids=ids).logits, routed)
+    detach_mote(model)
+    model.merge_adapter()  # a plain rank-R LoRA merges as usual
+    state = attach_mote(model, config)
+    with torch.no_grad(), route(state, steps):
         with pytest.raises(RoutingError, match=r"merged.*unmerge_adapter\(\)"):
             model(input_ids=ids)
-        model.unmerge_adapter()
+        model.unmerge_adapter()  # the variant's unmerge undoes the plain merge
         torch.testing.assert_close(model(input_ids=ids).logits, routed)
 
 
