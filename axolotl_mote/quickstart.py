@@ -42,6 +42,18 @@ def _env() -> dict[str, str]:
     return env
 
 
+def content_keyed_dir(root: Path, *files: Path) -> Path:
+    """``root/<hash of the files' bytes>``: a ``dataset_prepared_path`` that changes with
+    the data. Axolotl keys its prepared-dataset cache by the dataset *config* (path, type),
+    not the file's content, so an edited JSONL would otherwise be silently ignored."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(Path(file).read_bytes())
+    return root / digest.hexdigest()[:12]
+
+
 def prepare_config(out: Path, tiny: bool, epochs: float | None) -> Path:
     """Write the run's config: example_configs/quickstart.yml with paths under ``out``."""
     cfg = yaml.safe_load((REPO / "example_configs" / "quickstart.yml").read_text())
@@ -56,7 +68,9 @@ def prepare_config(out: Path, tiny: bool, epochs: float | None) -> Path:
         cfg["base_model"] = str(prepare_smollm2(REPO / cfg["base_model"]))
     cfg["datasets"][0]["path"] = str(REPO / cfg["datasets"][0]["path"])
     cfg["output_dir"] = str(out / "adapter")
-    cfg["dataset_prepared_path"] = str(out / "prepared")
+    cfg["dataset_prepared_path"] = str(
+        content_keyed_dir(out / "prepared", Path(cfg["datasets"][0]["path"]))
+    )
     if epochs is not None:
         cfg["num_epochs"] = epochs
     path = out / "quickstart.yml"

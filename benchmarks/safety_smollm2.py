@@ -122,9 +122,12 @@ def arm_configs(base_model: Path, data: dict[str, Path], work: Path, *, epochs: 
                          "type": "chat_template", "field_messages": "messages",
                          "roles_to_train": ["assistant"], "train_on_eos": "turn"}]
     out = {"lora": lora, "mote": mote}
+    from axolotl_mote.quickstart import content_keyed_dir
+
     for arm, cfg in out.items():
         cfg["output_dir"] = str(work / arm / "out")
-        cfg["dataset_prepared_path"] = str(work / arm / "prepared")
+        data_file = Path(cfg["datasets"][0]["path"])
+        cfg["dataset_prepared_path"] = str(content_keyed_dir(work / arm / "prepared", data_file))
     return out
 
 

@@ -61,9 +61,18 @@ def test_xstest_split_by_label_and_limit(tmp_path):
 def test_budgets_are_identical_apart_from_the_arm(tmp_path):
     bench = _bench()
     data = {"chains": tmp_path / "c.jsonl", "answers": tmp_path / "a.jsonl"}
+    data["chains"].write_text('{"prompt": "q", "answer": "a"}\n')
+    data["answers"].write_text('{"messages": []}\n')
     cfgs = bench.arm_configs(tmp_path / "model", data, tmp_path, epochs=3, seed=7,
                              lora_r=None, tiny=False)
     lora, mote = cfgs["lora"], cfgs["mote"]
+    # the prepared-dataset cache follows the data's content (Axolotl keys it by config)
+    before = mote["dataset_prepared_path"]
+    data["chains"].write_text('{"prompt": "q", "answer": "b"}\n')
+    again = bench.arm_configs(tmp_path / "model", data, tmp_path, epochs=3, seed=7,
+                              lora_r=None, tiny=False)
+    assert again["mote"]["dataset_prepared_path"] != before
+    assert again["lora"]["dataset_prepared_path"] == lora["dataset_prepared_path"]
     for key in ("num_epochs", "learning_rate", "micro_batch_size", "seed", "lr_scheduler",
                 "gradient_accumulation_steps", "sample_packing", "sequence_len",
                 "optimizer", "warmup_steps", "lora_target_linear"):
