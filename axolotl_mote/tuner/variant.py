@@ -160,9 +160,10 @@ class MoteVariant(LoraVariant):
         r, scaling = self.expert_rank, module.scaling[adapter]
         a, b = lora_a.weight.detach(), lora_b.weight.detach()
         a_k = torch.cat([a[k * r : (k + 1) * r] for k in blocks])  # [|K|·r, in]
-        b_k = torch.cat(
-            [b[:, k * r : (k + 1) * r] * (row[k] * scaling) for k in blocks], dim=1
-        )  # [out, |K|·r]
+        b_k = b.new_empty(b.shape[0], len(blocks) * r)  # [out, |K|·r]
+        for j, k in enumerate(blocks):  # s·c_k applied in fp32 at least, rounded once
+            torch.mul(b[:, k * r : (k + 1) * r], row[k] * scaling,
+                      out=b_k[:, j * r : (j + 1) * r])
         return (key, a_k, b_k)
 
 
