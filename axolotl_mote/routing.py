@@ -66,6 +66,8 @@ class RoutingState:
         # fast-path blocks packed per layer and coefficient row (tuner/variant.py); kept
         # only while forwards continue one sequence, so weights cannot change under them
         self.packs: dict[tuple, Any] = {}
+        #: False forces the masked path everywhere (A/B benchmarks, debugging).
+        self.fast_path = True
 
     @property
     def n_blocks(self) -> int:

@@ -117,14 +117,15 @@ class MoteVariant(LoraVariant):
     def _uniform_pack(self, module: Any, adapter: str, x: torch.Tensor) -> Pack | None:
         """The pack of the forward's shared coefficients, or None (masked path).
 
-        Checked in order: autograd or train mode (the masked path trains), no routing
-        state or an input not shaped like the step ids (the masked path raises the
-        error), coefficients that differ between tokens, then the cached pack (its
-        weights' storage and version, and the scaling, unchanged) or a new one.
+        Checked in order: autograd or train mode (the masked path trains), the fast
+        path switched off (``RoutingState.fast_path``), no routing state or an input
+        not shaped like the step ids (the masked path raises the error), coefficients
+        that differ between tokens, then the cached pack (its weights' storage and
+        version, and the scaling, unchanged) or a new one.
         """
-        if torch.is_grad_enabled() or module.training:
-            return None
         state = self.state
+        if torch.is_grad_enabled() or module.training or not state.fast_path:
+            return None
         steps = state.step_ids
         if steps is None or x.shape[:-1] != steps.shape:
             return None

@@ -189,8 +189,8 @@ def test_equivalent_mixed_ids_and_one_random_prompt_run_are_uniform():
     assert state.uniform_row(F32, cpu) == (0.0, 0.0, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("mode", ["grad", "train"])
-def test_autograd_and_train_mode_take_the_masked_path(mode):
+@pytest.mark.parametrize("mode", ["grad", "train", "switched-off"])
+def test_autograd_train_mode_and_the_switch_take_the_masked_path(mode):
     """Training (and gradient-checkpoint recomputation) runs the masked path only."""
     config = mote_config()
     model, state, _ = mote_model(config)
@@ -200,6 +200,7 @@ def test_autograd_and_train_mode_take_the_masked_path(mode):
         _poison_zero_blocks(model, config, state.uniform_row(F32, torch.device("cpu")))
     if mode == "train":
         model.train()
+    state.fast_path = mode != "switched-off"
     with torch.set_grad_enabled(mode == "grad"), route(state, steps):
         logits = model(input_ids=input_ids_for(steps)).logits
     assert logits.isnan().any()
