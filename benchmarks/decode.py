@@ -9,12 +9,16 @@ and interleaved, so machine noise hits every variant alike:
 * ``mote_route``  MoTE, ``model.generate`` with the marker router installed (routing only)
 * ``mote``        MoTE, ``generate_chains(plan="full")``: router + per-row plan processor,
                   every stage visited (the stage limits move the chain through all three)
+* ``mote_masked`` the same with the decode fast path off (``RoutingState.fast_path``):
+                  every step computes all rank blocks, masked
 
 A logits processor timestamps every decoding step; the interval between two steps is one
 decode forward (plus the variant's own per-step work: routing, plan rules). Per token =
-the median interval (prefill excluded). On CPU the clock is the process's CPU time with
-one thread (``--wall`` for wall time): on a shared machine other tenants stretch wall
-time but not the work this process does; on CUDA it is wall time after a synchronize.
+the median interval (prefill excluded); ``decode_mote_vs_lora_r_mean_steps`` uses mean
+intervals instead, which count the few slow steps too (MoTE packs a stage's blocks at
+the stage's first step). On CPU the clock is the process's CPU time with one thread
+(``--wall`` for wall time): on a shared machine other tenants stretch wall time but not
+the work this process does; on CUDA it is wall time after a synchronize.
 Each repetition runs every variant once, short runs in turn; the reported ratio is the
 median over repetitions of that repetition's ratio to ``lora_r`` (paired, so slow phases
 of a shared machine cancel). The last printed line is one JSON object.
@@ -149,28 +153,39 @@ def main() -> None:
                               template=template, logits_processor=[clock])
         assert out[0].plan == [s.name for s in template.trained_stages], out[0].plan
 
+    def run_masked(clock):
+        state.fast_path = False
+        try:
+            run_chains(clock)
+        finally:
+            state.fast_path = True
+
     variants = {
         "lora_r": lambda clock: run_plain(loras["lora_r"], clock),
         "lora_4r": lambda clock: run_plain(loras["lora_4r"], clock),
         "mote_route": run_route,
         "mote": run_chains,
+        "mote_masked": run_masked,
     }
     steps = {name: [] for name in variants}
     paired = {name: [] for name in variants}  # per rep: median step / lora_r's median step
+    paired_mean = {name: [] for name in variants}  # the same with mean steps
     with torch.no_grad():
         for rep in range(args.reps + 1):  # rep 0 warms up
-            medians = {}
+            medians, means = {}, {}
             for name, fn in variants.items():
                 clock = StepClock()
                 fn(clock)
                 t = clock.stamps
                 intervals = [b - a for a, b in zip(t[:-1], t[1:])]
                 medians[name] = statistics.median(intervals)
+                means[name] = statistics.fmean(intervals)
                 if rep:
                     steps[name] += intervals
             if rep:
                 for name in variants:
                     paired[name].append(medians[name] / medians["lora_r"])
+                    paired_mean[name].append(means[name] / means["lora_r"])
             print(f"rep {rep}/{args.reps}: " + "  ".join(
                 f"{k} {v * 1000:.1f}" for k, v in medians.items()) + " ms/token", flush=True)
     per_token = {}
@@ -182,9 +197,14 @@ def main() -> None:
     print(f"shape: hidden {args.hidden}, layers {args.layers}, rank {args.rank}, "
           f"new tokens {n}, batch 1, reps {args.reps}, device {device}, threads {args.threads}")
     ratio = {name: round(statistics.median(paired[name]), 3) for name in variants}
+    mean_ratio = {n: round(statistics.median(paired_mean[n]), 3) for n in variants}
     print(json.dumps({
         "decode_mote_vs_lora_r": ratio["mote"],
+        # mean steps include the rare slow ones (MoTE packs a stage's blocks at its
+        # first step); the median does not
+        "decode_mote_vs_lora_r_mean_steps": mean_ratio["mote"],
         "decode_mote_route_vs_lora_r": ratio["mote_route"],
+        "decode_mote_masked_vs_lora_r": ratio["mote_masked"],
         "decode_lora_4r_vs_lora_r": ratio["lora_4r"],
         "ms_per_token": {k: round(v, 3) for k, v in per_token.items()},
         "device": str(device),
