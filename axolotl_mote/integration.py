@@ -96,21 +96,39 @@ def seed_model_init(cfg: Any) -> None:
     set_seed(resolve_seed(cfg, mote_options(cfg)))
 
 
-def marker_trainable_token_indices(cfg: Any, model: Any) -> dict[str, Any]:
-    """``pre_lora_load``: PEFT ``trainable_token_indices`` for the marker rows.
+def prepare_marker_rows(cfg: Any, model: Any) -> dict[str, Any]:
+    """``pre_lora_load``: initialise new marker rows, then make them trainable.
+
+    Returns the LoRA config kwargs (``trainable_token_indices``). Nothing to do when a
+    trained adapter is loaded: its saved rows replace the base model's.
+    """
+    from axolotl_mote.runtime import mote_options
+
+    opts = mote_options(cfg)
+    if cfg.get("lora_model_dir") or (
+        opts["marker_init"] != "describe" and not opts["train_marker_embeddings"]
+    ):
+        return {}
+    from axolotl.loaders import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)  # Axolotl's, markers included
+    init_new_marker_rows(cfg, model, tokenizer)
+    return marker_trainable_token_indices(cfg, model, tokenizer)
+
+
+def marker_trainable_token_indices(cfg: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """PEFT ``trainable_token_indices`` for the marker rows.
 
     Only the marker rows of the input embedding (and of an untied ``lm_head``) train, so
     the model learns to read and emit stage markers without unfreezing the vocabulary.
     """
     from axolotl_mote.runtime import mote_options
 
-    if not mote_options(cfg)["train_marker_embeddings"] or cfg.get("lora_model_dir"):
+    if not mote_options(cfg)["train_marker_embeddings"]:
         return {}
-    from axolotl.loaders import load_tokenizer
-
     from axolotl_mote.tokens import marker_ids
 
-    ids = sorted(marker_ids(load_tokenizer(cfg), load_template(mote_options(cfg)["template"])))
+    ids = sorted(marker_ids(tokenizer, load_template(mote_options(cfg)["template"])))
     names = {id(m): n.split(".")[-1] for n, m in model.named_modules() if n}
     emb = model.get_input_embeddings()
     out = model.get_output_embeddings()
@@ -126,20 +144,19 @@ def marker_trainable_token_indices(cfg: Any, model: Any) -> dict[str, Any]:
     return {"trainable_token_indices": targets}
 
 
-def init_new_marker_rows(cfg: Any, model: Any) -> dict[str, str]:
-    """``pre_lora_load``: describe-initialise the rows of markers new to the tokenizer.
+def init_new_marker_rows(cfg: Any, model: Any, tokenizer: Any) -> dict[str, str]:
+    """Describe-initialise the rows of markers new to the tokenizer.
 
     Only markers the base tokenizer lacks are touched (their rows come from the resize,
     or are unused padding rows of a padded vocabulary); existing rows, e.g. of a model
-    already trained with these markers, keep their values. Skipped when loading a
-    trained adapter (its saved rows replace these) and for ``marker_init: resize``.
+    already trained with these markers, keep their values. Off for
+    ``marker_init: resize``.
     """
     from axolotl_mote.runtime import mote_options
 
     opts = mote_options(cfg)
-    if opts["marker_init"] != "describe" or cfg.get("lora_model_dir"):
+    if opts["marker_init"] != "describe":
         return {}
-    from axolotl.loaders import load_tokenizer
     from transformers import AutoTokenizer
 
     from axolotl_mote.tokens import init_marker_rows
@@ -150,7 +167,7 @@ def init_new_marker_rows(cfg: Any, model: Any) -> dict[str, str]:
         source, trust_remote_code=bool(cfg.get("trust_remote_code"))
     ).get_vocab()
     new = [m for m in template.markers if m not in base_vocab]
-    done = init_marker_rows(model, load_tokenizer(cfg), template, new)
+    done = init_marker_rows(model, tokenizer, template, new)
     if done:
         LOG.info("MoTE: initialised %d new marker rows from their stage words: %s",
                  len(done), done)

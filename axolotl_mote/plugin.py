@@ -54,13 +54,9 @@ class MotePlugin(BasePlugin):
         seed_model_init(cfg)
 
     def pre_lora_load(self, cfg, model) -> None:
-        from axolotl_mote.integration import (
-            init_new_marker_rows,
-            marker_trainable_token_indices,
-        )
+        from axolotl_mote.integration import prepare_marker_rows
 
-        init_new_marker_rows(cfg, model)
-        self._lora_extra = marker_trainable_token_indices(cfg, model)
+        self._lora_extra = prepare_marker_rows(cfg, model)
 
     def get_lora_config_kwargs(self, cfg) -> dict:
         from axolotl_mote.runtime import build_mote_config
