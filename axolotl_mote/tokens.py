@@ -53,7 +53,7 @@ def init_marker_rows(
     """
     import torch
 
-    ids = {m: i for m, i in zip(template.markers, marker_ids(tokenizer, template))}
+    ids = dict(zip(template.markers, marker_ids(tokenizer, template)))
     texts: dict[str, str] = {}
     for stage in template.stages:
         texts.update(stage.marker_texts())
