@@ -145,7 +145,9 @@ def _cross_key_problems(data: dict[str, Any], opts: dict[str, Any]) -> list[str]
             "set `adapter: lora` (or qlora)"
         )
     if data.get("peft_use_dora"):
-        problems.append("peft_use_dora: true -> DoRA is not supported by MoTE; remove it")
+        problems.append(
+            "peft_use_dora: true -> DoRA is not supported by MoTE; remove it"
+        )
     for key in _KERNEL_KEYS:
         if data.get(key):
             problems.append(
@@ -160,7 +162,9 @@ def _cross_key_problems(data: dict[str, Any], opts: dict[str, Any]) -> list[str]
             )
     lora_r = data.get("lora_r")
     if lora_r is not None and (not isinstance(lora_r, int) or lora_r < 1):
-        problems.append(f"lora_r: {lora_r!r} -> the expert rank must be an integer >= 1")
+        problems.append(
+            f"lora_r: {lora_r!r} -> the expert rank must be an integer >= 1"
+        )
     attn = data.get("attn_implementation") or (
         "flash_attention_2" if data.get("flash_attention") else None
     )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from axolotl_mote.log import get_logger
-
 import os
 from typing import Any
 
 from transformers import TrainerCallback
 
 from axolotl_mote.constants import STEP_IDS_KEY
+from axolotl_mote.log import get_logger
 
 LOG = get_logger("axolotl_mote")
 

@@ -66,7 +66,9 @@ def deepspeed_config_path(name: str) -> Path:
     return path
 
 
-def write_deepspeed_config(name: str, dest: str | Path, *, overwrite: bool = False) -> Path:
+def write_deepspeed_config(
+    name: str, dest: str | Path, *, overwrite: bool = False
+) -> Path:
     """Copy the shipped config ``name`` to ``dest`` and return the written path.
 
     ``dest`` may be a directory (the file keeps its name, e.g. ``zero3.json``) or a file
@@ -77,7 +79,9 @@ def write_deepspeed_config(name: str, dest: str | Path, *, overwrite: bool = Fal
     if out.is_dir():
         out = out / src.name
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --force) to replace it")
+        raise FileExistsError(
+            f"{out} exists; pass overwrite=True (CLI: --force) to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, out)
     return out

@@ -38,9 +38,15 @@ from axolotl_mote.tuner.config import CATCH_ALL_KEYS
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 _TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
-    "merges.txt", "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
 )
 EXPORT_INFO_NAME = "mote_export.json"
 
@@ -130,7 +136,9 @@ def export_stage_adapters(
             template = config.prompt_template()
             name = template.stage(name).name  # accept record keys ("analysis")
             if name not in config.stage_names:
-                raise ValueError(f"stage {name!r} has no expert; trained: {config.stage_names}")
+                raise ValueError(
+                    f"stage {name!r} has no expert; trained: {config.stage_names}"
+                )
         index[name] = config.stage_names.index(name)
     modules = sorted({k[: -len(_A)] for k in tensors if k.endswith(_A)})
     if not modules:
@@ -139,31 +147,50 @@ def export_stage_adapters(
     out_rank = max(per_expert.values()) * (2 if config.shared_expert else 1)
     written: dict[str, Path] = {}
     for name, stage in index.items():
-        folded = {} if lora_only else {
-            k: v for k, v in tensors.items() if not (k.endswith(_A) or k.endswith(_B))
-        }
+        folded = (
+            {}
+            if lora_only
+            else {
+                k: v
+                for k, v in tensors.items()
+                if not (k.endswith(_A) or k.endswith(_B))
+            }
+        )
         for module in modules:
-            key = module[len(_PREFIX):] if module.startswith(_PREFIX) else module
+            key = module[len(_PREFIX) :] if module.startswith(_PREFIX) else module
             rank = tensors[module + _A].shape[0]
             a, b = fold_stage(
-                tensors[module + _A], tensors[module + _B], stage, config.n_blocks,
-                config.shared_expert, config.alpha,
-                layer_scaling(peft_config, key, rank), out_rank,
+                tensors[module + _A],
+                tensors[module + _B],
+                stage,
+                config.n_blocks,
+                config.shared_expert,
+                config.alpha,
+                layer_scaling(peft_config, key, rank),
+                out_rank,
             )
             folded[module + _A], folded[module + _B] = a.contiguous(), b.contiguous()
         target = out_dir / name
         target.mkdir(parents=True, exist_ok=True)
         if (target / MOTE_CONFIG_NAME).exists():
             (target / MOTE_CONFIG_NAME).unlink()
-        save_file(folded, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            folded, str(target / "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
         stage_config = dict(peft_config)
         stage_config.update(
-            r=out_rank, lora_alpha=out_rank, use_rslora=False, rank_pattern={},
-            alpha_pattern={}, inference_mode=True,
+            r=out_rank,
+            lora_alpha=out_rank,
+            use_rslora=False,
+            rank_pattern={},
+            alpha_pattern={},
+            inference_mode=True,
         )
         if lora_only:
             stage_config.update(trainable_token_indices=None, modules_to_save=None)
-        (target / "adapter_config.json").write_text(json.dumps(stage_config, indent=2) + "\n")
+        (target / "adapter_config.json").write_text(
+            json.dumps(stage_config, indent=2) + "\n"
+        )
         info = {
             "stage": name,
             "expert": stage,
@@ -181,9 +208,13 @@ def export_stage_adapters(
     return written
 
 
-def _check_supported(peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _check_supported(
+    peft_config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
     if peft_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"not a LoRA adapter: peft_type {peft_config.get('peft_type')}")
+        raise ValueError(
+            f"not a LoRA adapter: peft_type {peft_config.get('peft_type')}"
+        )
     if peft_config.get("use_dora"):
         raise ValueError("DoRA adapters are not MoTE adapters; nothing to export")
     if any(k.endswith(".lora_B.bias") for k in tensors):

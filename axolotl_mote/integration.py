@@ -6,13 +6,12 @@ without a PluginManager.
 
 from __future__ import annotations
 
-from axolotl_mote.log import get_logger
-
 import os
 from pathlib import Path
 from typing import Any
 
 from axolotl_mote.constants import MOTE_CONFIG_NAME
+from axolotl_mote.log import get_logger
 from axolotl_mote.templates import load_template
 
 LOG = get_logger("axolotl_mote")
@@ -54,9 +53,16 @@ def _refuse_merging_routed_adapter(cfg: dict) -> None:
         # Axolotl's default memory-efficient merge folds only LoRA A/B into the base
         # shards: it would drop the trained marker rows and the vocabulary resize.
         cfg["merge_method"] = "legacy"
-        LOG.info("MoTE: merging exported stage adapter %s with merge_method: legacy "
-                 "(keeps the marker token rows)", lora_dir)
-    if cfg.get("merge_lora") and lora_dir and (Path(lora_dir) / MOTE_CONFIG_NAME).exists():
+        LOG.info(
+            "MoTE: merging exported stage adapter %s with merge_method: legacy "
+            "(keeps the marker token rows)",
+            lora_dir,
+        )
+    if (
+        cfg.get("merge_lora")
+        and lora_dir
+        and (Path(lora_dir) / MOTE_CONFIG_NAME).exists()
+    ):
         raise ValueError(
             f"{lora_dir} is a routed MoTE adapter: merging it would sum every stage "
             "expert into one LoRA. Export per-stage adapters first with `axolotl-mote "
@@ -116,7 +122,9 @@ def prepare_marker_rows(cfg: Any, model: Any) -> dict[str, Any]:
     return marker_trainable_token_indices(cfg, model, tokenizer)
 
 
-def marker_trainable_token_indices(cfg: Any, model: Any, tokenizer: Any) -> dict[str, Any]:
+def marker_trainable_token_indices(
+    cfg: Any, model: Any, tokenizer: Any
+) -> dict[str, Any]:
     """PEFT ``trainable_token_indices`` for the marker rows.
 
     Only the marker rows of the input embedding (and of an untied ``lm_head``) train, so
@@ -162,15 +170,20 @@ def init_new_marker_rows(cfg: Any, model: Any, tokenizer: Any) -> dict[str, str]
     from axolotl_mote.tokens import init_marker_rows
 
     template = load_template(opts["template"])
-    source = cfg.get("tokenizer_config") or cfg.get("base_model_config") or cfg.base_model
+    source = (
+        cfg.get("tokenizer_config") or cfg.get("base_model_config") or cfg.base_model
+    )
     base_vocab = AutoTokenizer.from_pretrained(
         source, trust_remote_code=bool(cfg.get("trust_remote_code"))
     ).get_vocab()
     new = [m for m in template.markers if m not in base_vocab]
     done = init_marker_rows(model, tokenizer, template, new)
     if done:
-        LOG.info("MoTE: initialised %d new marker rows from their stage words: %s",
-                 len(done), done)
+        LOG.info(
+            "MoTE: initialised %d new marker rows from their stage words: %s",
+            len(done),
+            done,
+        )
     return done
 
 
@@ -192,7 +205,9 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
     if lora_dir and (Path(lora_dir) / "mote_export.json").exists():
         # an exported per-stage adapter (axolotl-mote export) is a plain LoRA: no routing,
         # so `axolotl merge-lora` / `inference` work on it with the same config
-        LOG.info("MoTE: %s is an exported stage adapter; loaded as plain LoRA", lora_dir)
+        LOG.info(
+            "MoTE: %s is an exported stage adapter; loaded as plain LoRA", lora_dir
+        )
         return
     if lora_dir and (Path(lora_dir) / MOTE_CONFIG_NAME).exists():
         saved = MoteConfig.load(lora_dir)

@@ -23,7 +23,9 @@ def load_mote_tokenizer(adapter_dir: str | Path, base_model: str | Path | None =
     from axolotl_mote.tuner.config import MoteConfig
 
     adapter_dir = Path(adapter_dir)
-    source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_model
+    source = (
+        adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_model
+    )
     if source is None:
         raise ValueError(
             f"{adapter_dir} has no tokenizer; pass base_model so the markers can be added"
@@ -67,7 +69,9 @@ def load_mote_model(
         model = base_model
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    model = PeftModel.from_pretrained(
+        model, str(adapter_dir), is_trainable=is_trainable
+    )
     attach_mote(model, config)
     if not is_trainable:
         model.eval()

@@ -172,11 +172,15 @@ def build_step_skip_mask(
     causal = ar[None, :] <= ar[:, None]  # [T, T]  j <= i
     real = seq_ids > 0  # [B, T]
     same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & real[:, None, :]  # [B, T, T]
-    other = step_ids[:, :, None] != step_ids[:, None, :]  # [B, T, T]  query vs key stage
+    other = (
+        step_ids[:, :, None] != step_ids[:, None, :]
+    )  # [B, T, T]  query vs key stage
     blocked = content[:, None, :] & (other | vis_marker[:, :, None])  # [B, T, T]
     allowed = causal & same & ~blocked
     # padding queries see only themselves: no empty softmax row
-    allowed |= torch.eye(T, dtype=torch.bool, device=step_ids.device) & ~real[:, :, None]
+    allowed |= (
+        torch.eye(T, dtype=torch.bool, device=step_ids.device) & ~real[:, :, None]
+    )
     return allowed[:, None]  # [B, 1, T, T]
 
 
@@ -369,5 +373,7 @@ def apply_step_skipping(
         base = position_ids.to(device) if position_ids is not None else None
         if base is None:
             base = positions_in_sequence(seq)
-        out["position_ids"] = shifted_position_ids(base, step_ids, seq, hidden, is_marker)
+        out["position_ids"] = shifted_position_ids(
+            base, step_ids, seq, hidden, is_marker
+        )
     return out

@@ -20,11 +20,11 @@ post_train                  mote_config.json next to the final adapter
 
 from __future__ import annotations
 
-from axolotl_mote.log import get_logger
-
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
+
+from axolotl_mote.log import get_logger
 
 LOG = get_logger("axolotl_mote.plugin")
 

@@ -84,8 +84,12 @@ def train(config: Path) -> None:
     subprocess.run(cmd, check=True, env=_env(), cwd=REPO)
 
 
-def compare(base_model: str, adapter_dir: Path, max_new_tokens: int,
-            repetition_penalty: float | None = None) -> None:
+def compare(
+    base_model: str,
+    adapter_dir: Path,
+    max_new_tokens: int,
+    repetition_penalty: float | None = None,
+) -> None:
     """Print the base model's answer beside the MoTE model's stage-routed chain.
 
     Both decode greedily with the same repetition penalty: a 135M model loops under plain
@@ -103,7 +107,10 @@ def compare(base_model: str, adapter_dir: Path, max_new_tokens: int,
     base = AutoModelForCausalLM.from_pretrained(base_model).eval()
     model, mote_tok = load_mote_model(base_model, adapter_dir)
     outputs = generate_chains(
-        model, mote_tok, DEMO_PROMPTS, max_new_tokens=max_new_tokens,
+        model,
+        mote_tok,
+        DEMO_PROMPTS,
+        max_new_tokens=max_new_tokens,
         template=MoteConfig.load(adapter_dir),  # the adapter's own stages and markers
         repetition_penalty=repetition_penalty,
     )
@@ -116,16 +123,23 @@ def compare(base_model: str, adapter_dir: Path, max_new_tokens: int,
         )
         with torch.no_grad():
             gen = base.generate(
-                **ids, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id, repetition_penalty=repetition_penalty,
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                repetition_penalty=repetition_penalty,
             )
-        base_text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        base_text = tok.decode(
+            gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         print("=" * 78)
         print(f"PROMPT: {prompt}")
         print(f"--- base model:\n{base_text.strip()}")
         print(f"--- MoTE (stages: {' > '.join(out.plan) or 'none'}):")
         for name, text in out.stages.items():
-            print(f"  [{name}] ({out.tokens_per_stage.get(name, 0)} tokens) {text.strip()}")
+            print(
+                f"  [{name}] ({out.tokens_per_stage.get(name, 0)} tokens) {text.strip()}"
+            )
         if out.fallback_used:
             print("  (the answer stage was forced: the model never opened it)")
 
@@ -136,8 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="random tiny model")
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--repetition-penalty", type=float, default=1.2,
-                        help="for base and MoTE alike; 1.0 turns it off")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.2,
+        help="for base and MoTE alike; 1.0 turns it off",
+    )
     args = parser.parse_args(argv)
     out = args.out if args.out.is_absolute() else REPO / args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,9 @@ class RoutingState:
         self.shared_expert = shared_expert
         self.prompt_routing = prompt_routing
         self.seed = int(seed)
-        self.resolver: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = None
+        self.resolver: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = (
+            None
+        )
         self._step_ids: torch.Tensor | None = None
         self._draw_key = 0
         self._auto = False
@@ -150,19 +152,25 @@ class RoutingState:
         elif routing == "shared":
             expert = torch.where(is_prompt, torch.full_like(steps, -1), expert)
         else:
-            expert = torch.where(is_prompt, torch.full_like(steps, int(routing)), expert)
+            expert = torch.where(
+                is_prompt, torch.full_like(steps, int(routing)), expert
+            )
         valid = steps != PAD_STEP  # [B, T]
         coef = torch.zeros(*steps.shape, self.n_blocks, dtype=dtype, device=device)
         step_weight = self.alpha if self.shared_expert else 1.0
         routed = (expert >= 0) & valid
         onehot = torch.nn.functional.one_hot(expert.clamp(min=0), self.num_experts)
-        coef[..., : self.num_experts] = (onehot * routed[..., None]).to(dtype) * step_weight
+        coef[..., : self.num_experts] = (onehot * routed[..., None]).to(
+            dtype
+        ) * step_weight
         if self.shared_expert:
             coef[..., -1] = valid.to(dtype) * (1.0 - self.alpha)
         self._cache[key] = coef
         return coef
 
-    def rank_mask(self, rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def rank_mask(
+        self, rank: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """Per-token mask over the rank dimension ``[B, T, n_blocks * rank]``."""
         key = ("mask", rank, dtype, device)
         mask = self._cache.get(key)

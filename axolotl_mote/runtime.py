@@ -51,7 +51,9 @@ def build_mote_config(cfg: Any):
     )
 
 
-def hideable_steps(template: PromptTemplate, skip_stages: list[str] | None) -> list[int]:
+def hideable_steps(
+    template: PromptTemplate, skip_stages: list[str] | None
+) -> list[int]:
     """Step ids that step skipping may hide from later stages."""
     if skip_stages is None:
         stages = [s for s in template.trained_stages if s.skippable]

@@ -65,7 +65,9 @@ def _forget_gguf_quantizer(model) -> None:
     GGUF quantizer, which refuses ``save_pretrained``, and would write a
     ``quantization_config`` that makes the saved float folder look quantized."""
     quantizer = getattr(model, "hf_quantizer", None)
-    method = str(getattr(getattr(quantizer, "quantization_config", None), "quant_method", ""))
+    method = str(
+        getattr(getattr(quantizer, "quantization_config", None), "quant_method", "")
+    )
     if quantizer is not None and "gguf" in method.lower():
         model.hf_quantizer = None
         if hasattr(model, "is_quantized"):

@@ -133,9 +133,7 @@ class PromptTemplate(BaseModel):
         else:
             answer = self.stage(self.answer_stage)
             if answer.mode is not StageMode.TRAIN:
-                problems.append(
-                    f"answer stage {answer.name!r} must have `mode: train`"
-                )
+                problems.append(f"answer stage {answer.name!r} must have `mode: train`")
             if answer.skippable:
                 problems.append(
                     f"answer stage {answer.name!r} cannot be `skippable: true`"

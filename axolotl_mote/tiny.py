@@ -84,8 +84,12 @@ def build_tiny_model(
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
     return save_random_llama(
-        out, build_tiny_tokenizer(), hidden_size=hidden_size, num_layers=num_layers,
-        seed=seed, tie_word_embeddings=tie_word_embeddings,
+        out,
+        build_tiny_tokenizer(),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        seed=seed,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 

@@ -23,7 +23,9 @@ def add_marker_tokens(tokenizer: Any, template: PromptTemplate) -> int:
     return tokenizer.add_special_tokens(
         {
             "additional_special_tokens": [
-                AddedToken(m, rstrip=False, lstrip=False, normalized=False, special=True)
+                AddedToken(
+                    m, rstrip=False, lstrip=False, normalized=False, special=True
+                )
                 for m in missing
             ]
         }

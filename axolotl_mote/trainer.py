@@ -94,7 +94,9 @@ class MoteTrainer(AxolotlTrainer):
                 model, inputs, prediction_loss_only, ignore_keys=ignore_keys
             )
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model, inputs, return_outputs=False, num_items_in_batch=None
+    ):
         if STEP_IDS_KEY in inputs:
             raise RuntimeError(
                 "MoTE: compute_loss got step_ids; it must run inside training_step / "

@@ -55,10 +55,14 @@ def build(args):
     add_marker_tokens(tokenizer, template)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.75), num_hidden_layers=args.layers,
-        num_attention_heads=max(args.hidden // 64, 1), num_key_value_heads=max(args.hidden // 64, 1),
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.75),
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(args.hidden // 64, 1),
+        num_key_value_heads=max(args.hidden // 64, 1),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         attn_implementation="sdpa",
     )
     base = LlamaForCausalLM(config).eval()
@@ -66,16 +70,23 @@ def build(args):
     models = {}
     for name, rank in (("lora_r", r), ("lora_4r", 4 * r)):
         models[name] = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+            copy.deepcopy(base),
+            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS),
         ).eval()
     mote_cfg = MoteConfig(
-        stage_names=[s.name for s in template.trained_stages], expert_rank=r,
-        prompt_routing="random", template_data=template.model_dump(mode="json", exclude={"source"}),
+        stage_names=[s.name for s in template.trained_stages],
+        expert_rank=r,
+        prompt_routing="random",
+        template_data=template.model_dump(mode="json", exclude={"source"}),
     )
     mote = get_peft_model(
         copy.deepcopy(base),
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
-                   **mote_cfg.peft_kwargs(lora_alpha=2 * r)),
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=TARGETS,
+            **mote_cfg.peft_kwargs(lora_alpha=2 * r),
+        ),
     ).eval()
     attach_mote(mote, mote_cfg)
     for model in (*models.values(), mote):  # non-zero B so every LoRA really computes
@@ -115,13 +126,20 @@ def main() -> None:
     for m in (*loras.values(), mote):
         m.to(device)
     fmt = ChainFormatter(template, tokenizer)
-    ids = torch.tensor([fmt.prompt_ids([{"role": "user", "content": PROMPT}])], device=device)
+    ids = torch.tensor(
+        [fmt.prompt_ids([{"role": "user", "content": PROMPT}])], device=device
+    )
     state = get_routing_state(mote)
-    router = StageRouter(start_marker_steps(template, fmt.marker_ids), state.prompt_routing,
-                         state.num_experts)
+    router = StageRouter(
+        start_marker_steps(template, fmt.marker_ids),
+        state.prompt_routing,
+        state.num_experts,
+    )
     # CPU: the process's CPU time (one thread) -- other tenants of a shared machine
     # stretch wall time, not the work done. CUDA: wall time after a synchronize.
-    clock_fn = time.perf_counter if device.type == "cuda" or args.wall else time.process_time
+    clock_fn = (
+        time.perf_counter if device.type == "cuda" or args.wall else time.process_time
+    )
     n = args.new_tokens
     stage_cap = (n - 6) // 3  # three stages of content + 6 markers = n tokens
 
@@ -138,9 +156,15 @@ def main() -> None:
             return scores
 
     def run_plain(model, clock):
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                       min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                       logits_processor=LogitsProcessorList([clock]))
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([clock]),
+        )
 
     def run_route(clock):
         router.begin(None)
@@ -148,9 +172,17 @@ def main() -> None:
             run_plain(mote, clock)
 
     def run_chains(clock):
-        out = generate_chains(mote, tokenizer, [PROMPT], plan="full", max_new_tokens=n,
-                              max_stage_tokens=stage_cap, answer_reserve=0,
-                              template=template, logits_processor=[clock])
+        out = generate_chains(
+            mote,
+            tokenizer,
+            [PROMPT],
+            plan="full",
+            max_new_tokens=n,
+            max_stage_tokens=stage_cap,
+            answer_reserve=0,
+            template=template,
+            logits_processor=[clock],
+        )
         assert out[0].plan == [s.name for s in template.trained_stages], out[0].plan
 
     def run_masked(clock):
@@ -168,7 +200,9 @@ def main() -> None:
         "mote_masked": run_masked,
     }
     steps = {name: [] for name in variants}
-    paired = {name: [] for name in variants}  # per rep: median step / lora_r's median step
+    paired = {
+        name: [] for name in variants
+    }  # per rep: median step / lora_r's median step
     paired_mean = {name: [] for name in variants}  # the same with mean steps
     with torch.no_grad():
         for rep in range(args.reps + 1):  # rep 0 warms up
@@ -186,31 +220,44 @@ def main() -> None:
                 for name in variants:
                     paired[name].append(medians[name] / medians["lora_r"])
                     paired_mean[name].append(means[name] / means["lora_r"])
-            print(f"rep {rep}/{args.reps}: " + "  ".join(
-                f"{k} {v * 1000:.1f}" for k, v in medians.items()) + " ms/token", flush=True)
+            print(
+                f"rep {rep}/{args.reps}: "
+                + "  ".join(f"{k} {v * 1000:.1f}" for k, v in medians.items())
+                + " ms/token",
+                flush=True,
+            )
     per_token = {}
     for name in variants:
         per_token[name] = statistics.median(steps[name]) * 1000
-        print(f"{name:>10}: {per_token[name]:7.3f} ms/token (median of "
-              f"{len(steps[name])} decode steps), paired ratio to lora_r "
-              f"{statistics.median(paired[name]):.3f}", flush=True)
-    print(f"shape: hidden {args.hidden}, layers {args.layers}, rank {args.rank}, "
-          f"new tokens {n}, batch 1, reps {args.reps}, device {device}, threads {args.threads}")
+        print(
+            f"{name:>10}: {per_token[name]:7.3f} ms/token (median of "
+            f"{len(steps[name])} decode steps), paired ratio to lora_r "
+            f"{statistics.median(paired[name]):.3f}",
+            flush=True,
+        )
+    print(
+        f"shape: hidden {args.hidden}, layers {args.layers}, rank {args.rank}, "
+        f"new tokens {n}, batch 1, reps {args.reps}, device {device}, threads {args.threads}"
+    )
     ratio = {name: round(statistics.median(paired[name]), 3) for name in variants}
     mean_ratio = {n: round(statistics.median(paired_mean[n]), 3) for n in variants}
-    print(json.dumps({
-        "decode_mote_vs_lora_r": ratio["mote"],
-        # mean steps include the rare slow ones (MoTE packs a stage's blocks at its
-        # first step); the median does not
-        "decode_mote_vs_lora_r_mean_steps": mean_ratio["mote"],
-        "decode_mote_route_vs_lora_r": ratio["mote_route"],
-        "decode_mote_masked_vs_lora_r": ratio["mote_masked"],
-        "decode_lora_4r_vs_lora_r": ratio["lora_4r"],
-        "ms_per_token": {k: round(v, 3) for k, v in per_token.items()},
-        "device": str(device),
-        "threads": args.threads,
-        "clock": "wall" if clock_fn is time.perf_counter else "process_cpu",
-    }))
+    print(
+        json.dumps(
+            {
+                "decode_mote_vs_lora_r": ratio["mote"],
+                # mean steps include the rare slow ones (MoTE packs a stage's blocks at its
+                # first step); the median does not
+                "decode_mote_vs_lora_r_mean_steps": mean_ratio["mote"],
+                "decode_mote_route_vs_lora_r": ratio["mote_route"],
+                "decode_mote_masked_vs_lora_r": ratio["mote_masked"],
+                "decode_lora_4r_vs_lora_r": ratio["lora_4r"],
+                "ms_per_token": {k: round(v, 3) for k, v in per_token.items()},
+                "device": str(device),
+                "threads": args.threads,
+                "clock": "wall" if clock_fn is time.perf_counter else "process_cpu",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

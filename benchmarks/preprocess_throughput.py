@@ -115,7 +115,11 @@ def datasets_for(records: list[dict[str, Any]]):
             ]
         }
     )
-    return {"mote": mote, "chat_template": answer_only, "chat_template_same_text": same_text}
+    return {
+        "mote": mote,
+        "chat_template": answer_only,
+        "chat_template_same_text": same_text,
+    }
 
 
 def run_once(variant: str, dataset, tok, seq_len: int):
@@ -180,7 +184,9 @@ def bench_tokenizer(name: str, args, template, records) -> dict[str, Any]:
             f"median {med:.3f} s of {ts})"
         )
     mote = result["mote"]["records_per_s"]
-    result["mote_vs_chat_template"] = round(mote / result["chat_template"]["records_per_s"], 3)
+    result["mote_vs_chat_template"] = round(
+        mote / result["chat_template"]["records_per_s"], 3
+    )
     result["mote_vs_chat_template_same_text"] = round(
         mote / result["chat_template_same_text"]["records_per_s"], 3
     )

@@ -58,11 +58,17 @@ def build(variant: str, args: argparse.Namespace):
         from axolotl_mote.tuner.config import MoteConfig
         from axolotl_mote.tuner.model import attach_mote
 
-        mote = MoteConfig(stage_names=["a", "g", "ans"], expert_rank=r, prompt_routing="random")
+        mote = MoteConfig(
+            stage_names=["a", "g", "ans"], expert_rank=r, prompt_routing="random"
+        )
         model = get_peft_model(
             model,
-            LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS,
-                       **mote.peft_kwargs(lora_alpha=2 * r)),
+            LoraConfig(
+                r=r,
+                lora_alpha=2 * r,
+                target_modules=TARGETS,
+                **mote.peft_kwargs(lora_alpha=2 * r),
+            ),
         )
         return model, attach_mote(model, mote), steps
     if variant == "naive":
@@ -149,17 +155,33 @@ def main() -> None:
     results = {}
     passthrough = [a for a in sys.argv[1:] if a != "--quick"]
     if args.quick:
-        passthrough += ["--hidden", "128", "--layers", "2", "--seq", "128",
-                        "--steps", "2", "--warmup", "1"]
+        passthrough += [
+            "--hidden",
+            "128",
+            "--layers",
+            "2",
+            "--seq",
+            "128",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]
     for variant in ("lora_r", "lora_4r", "mote", "naive"):
         out = subprocess.run(
             [sys.executable, __file__, "--variant", variant, *passthrough],
-            check=True, capture_output=True, text=True, env=dict(os.environ),
+            check=True,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
         )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[variant]
-        print(f"{variant:>8}: step {r['step_s'] * 1000:8.1f} ms   peak RSS "
-              f"{r['peak_rss_mb']:8.0f} MB   trainable {r['trainable_params']:,}", flush=True)
+        print(
+            f"{variant:>8}: step {r['step_s'] * 1000:8.1f} ms   peak RSS "
+            f"{r['peak_rss_mb']:8.0f} MB   trainable {r['trainable_params']:,}",
+            flush=True,
+        )
     base, wide = results["lora_r"], results["lora_4r"]
     ratios = {
         "mote_vs_lora_r": round(results["mote"]["step_s"] / base["step_s"], 3),
@@ -169,8 +191,10 @@ def main() -> None:
             results["mote"]["peak_rss_mb"] / base["peak_rss_mb"], 3
         ),
     }
-    print(f"shape: hidden {args.hidden}, layers {args.layers}, seq {args.seq}, "
-          f"batch {args.batch}, rank {args.rank}, threads {args.threads}")
+    print(
+        f"shape: hidden {args.hidden}, layers {args.layers}, seq {args.seq}, "
+        f"batch {args.batch}, rank {args.rank}, threads {args.threads}"
+    )
     print(json.dumps(ratios))
 
 

@@ -38,12 +38,21 @@ from axolotl_mote.constants import PROMPT_STEP  # noqa: E402
 from axolotl_mote.masks import apply_step_skipping  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FRACTIONS = {PROMPT_STEP: 2, 0: 5, 1: 4, 2: 5}  # sixteenths: Q, analysis, guidance, answer
+FRACTIONS = {
+    PROMPT_STEP: 2,
+    0: 5,
+    1: 4,
+    2: 5,
+}  # sixteenths: Q, analysis, guidance, answer
 #: the explicit datasets, as the stages each variant keeps (D_train, D_extra_1, D_extra_2)
 VARIANTS = [
     (PROMPT_STEP, 0, 1, 2),
-    (PROMPT_STEP, 0), (PROMPT_STEP, 0, 1),
-    (PROMPT_STEP, 1), (PROMPT_STEP, 1, 2), (PROMPT_STEP, 0, 2), (PROMPT_STEP, 2),
+    (PROMPT_STEP, 0),
+    (PROMPT_STEP, 0, 1),
+    (PROMPT_STEP, 1),
+    (PROMPT_STEP, 1, 2),
+    (PROMPT_STEP, 0, 2),
+    (PROMPT_STEP, 2),
 ]
 
 
@@ -52,15 +61,21 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=8000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64, attn_implementation="sdpa",
+        vocab_size=8000,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.75),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config)
     if not args.full:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
+        )
     return model.train()
 
 
@@ -81,9 +96,15 @@ def step_causal(model, ids, steps, args, i) -> int:
 
 def step_skip(model, ids, steps, args, i) -> int:
     batch = apply_step_skipping(
-        {"input_ids": ids, "labels": ids}, step_ids=steps, hideable=[0, 1], p=0.5,
-        generator=torch.Generator().manual_seed(i), marker_ids=None,
-        markers_visible=False, shift_positions=False, attn_implementation="sdpa",
+        {"input_ids": ids, "labels": ids},
+        step_ids=steps,
+        hideable=[0, 1],
+        p=0.5,
+        generator=torch.Generator().manual_seed(i),
+        marker_ids=None,
+        markers_visible=False,
+        shift_positions=False,
+        attn_implementation="sdpa",
     )
     model(**batch).loss.backward()
     return ids.numel()
@@ -101,9 +122,15 @@ def step_explicit(model, ids, steps, args, i) -> int:
 
 def step_mask_only(ids, steps, i) -> None:
     apply_step_skipping(
-        {"input_ids": ids}, step_ids=steps, hideable=[0, 1], p=0.5,
-        generator=torch.Generator().manual_seed(i), marker_ids=None,
-        markers_visible=False, shift_positions=False, attn_implementation="sdpa",
+        {"input_ids": ids},
+        step_ids=steps,
+        hideable=[0, 1],
+        p=0.5,
+        generator=torch.Generator().manual_seed(i),
+        marker_ids=None,
+        markers_visible=False,
+        shift_positions=False,
+        attn_implementation="sdpa",
     )
 
 
@@ -149,13 +176,17 @@ def main() -> None:
     mask_ms = 1000 * statistics.median(
         _timed(lambda k=k: step_mask_only(ids, steps, k)) for k in range(5)
     )
-    print(f"shape: hidden {args.hidden}, layers {args.layers}, seq {args.seq}, batch "
-          f"{args.batch}, {'full' if args.full else 'LoRA r=16'}, fp32, sdpa, threads "
-          f"{args.threads}, torch {torch.__version__}, {args.steps} timed rounds")
+    print(
+        f"shape: hidden {args.hidden}, layers {args.layers}, seq {args.seq}, batch "
+        f"{args.batch}, {'full' if args.full else 'LoRA r=16'}, fp32, sdpa, threads "
+        f"{args.threads}, torch {torch.__version__}, {args.steps} timed rounds"
+    )
     print(f"{'variant':>9} | {'step ms':>9} | {'tokens/step':>11} | {'÷ causal':>8}")
     for name in STEPS:
-        print(f"{name:>9} | {med[name] * 1000:9.1f} | {tokens[name]:11d} | "
-              f"{med[name] / med['causal']:8.3f}")
+        print(
+            f"{name:>9} | {med[name] * 1000:9.1f} | {tokens[name]:11d} | "
+            f"{med[name] / med['causal']:8.3f}"
+        )
     print(f"building the mask alone (apply_step_skipping): {mask_ms:.2f} ms per batch")
     result = {
         "skip_vs_causal": round(med["skip"] / med["causal"], 3),

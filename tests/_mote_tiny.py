@@ -39,7 +39,10 @@ def build_mote(
     base.resize_token_embeddings(len(tokenizer))
     ids = marker_ids(tokenizer, template)
     with torch.no_grad():
-        for weight in (base.get_input_embeddings().weight, base.get_output_embeddings().weight):
+        for weight in (
+            base.get_input_embeddings().weight,
+            base.get_output_embeddings().weight,
+        ):
             weight[ids] = torch.randn(len(ids), weight.shape[1]) * 0.5
     config = MoteConfig(
         stage_names=[s.name for s in template.trained_stages],

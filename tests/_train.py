@@ -40,7 +40,9 @@ SAMPLE_RECORDS: list[dict[str, Any]] = [
 ]
 
 
-def write_records(path: Path, records: list[dict[str, Any]] | None = None, repeat: int = 4) -> Path:
+def write_records(
+    path: Path, records: list[dict[str, Any]] | None = None, repeat: int = 4
+) -> Path:
     records = records or SAMPLE_RECORDS
     with open(path, "w", encoding="utf-8") as handle:
         for r in range(repeat):
@@ -61,7 +63,9 @@ def base_config(model_dir: Path, tmp: Path, **overrides: Any) -> dict[str, Any]:
         "lora_dropout": 0.0,
         "lora_target_linear": True,
         "mote": {"template": "aligncot", "prompt_routing": "random"},
-        "datasets": [{"path": str(data), "ds_type": "json", "type": "axolotl_mote.aligncot"}],
+        "datasets": [
+            {"path": str(data), "ds_type": "json", "type": "axolotl_mote.aligncot"}
+        ],
         "dataset_prepared_path": str(tmp / "prepared"),
         "output_dir": str(tmp / "out"),
         "sequence_len": 256,

@@ -60,7 +60,8 @@ def test_task_tokenizer_gives_markers_one_token(aligncot):
     tok = build_tokenizer(TaskSpec())
     assert len(marker_token_ids(aligncot, tok)) == len(aligncot.markers)
     assert tok("s3 s0", add_special_tokens=False)["input_ids"] == [
-        tok.convert_tokens_to_ids("s3"), tok.convert_tokens_to_ids("s0")
+        tok.convert_tokens_to_ids("s3"),
+        tok.convert_tokens_to_ids("s0"),
     ]
 
 
@@ -136,9 +137,15 @@ def test_skipped_stage_scoring_equals_generate_chains(quick_run):
 
     get_routing_state(model).resolver = None  # generate_chains installs its own router
     outs = generate_chains(
-        model, tok, [r["prompt"] for r in held_out], plan=["answer"],
-        max_new_tokens=3 * n_new, answer_reserve=0, stop_after_answer=False,
-        batch_size=len(held_out), output_logits=True,
+        model,
+        tok,
+        [r["prompt"] for r in held_out],
+        plan=["answer"],
+        max_new_tokens=3 * n_new,
+        answer_reserve=0,
+        stop_after_answer=False,
+        batch_size=len(held_out),
+        output_logits=True,
     )
     # generate_chains constrains tokens inside a stage (no other marker, no end of
     # sequence) and closes it before its budget runs out (a larger budget here); the

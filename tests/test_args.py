@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from _train import REPO
 from pydantic import ValidationError
 
 from axolotl_mote.args import MoteArgs, MoteOptions
-from _train import REPO
 
 BASE = {"plugins": ["axolotl_mote.MotePlugin"], "adapter": "lora", "lora_r": 8}
 
@@ -35,7 +35,10 @@ def test_defaults_parse():
         ({"context_parallel_size": 2}, "sequence/context parallelism"),
         ({"lora_r": 0}, "expert rank must be an integer >= 1"),
         (
-            {"attn_implementation": "flash_attention_2", "mote": {"step_skip_prob": 0.3}},
+            {
+                "attn_implementation": "flash_attention_2",
+                "mote": {"step_skip_prob": 0.3},
+            },
             "use attn_implementation: sdpa, eager or flex_attention",
         ),
         ({"mote": {"alpha": 0.0}}, "mote.alpha must be in (0, 1]"),

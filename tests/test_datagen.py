@@ -12,8 +12,13 @@ import re
 
 import pytest
 
-from axolotl_mote.datagen import ChainRule, Seed, generate_data, load_seeds, parse_verdict
-
+from axolotl_mote.datagen import (
+    ChainRule,
+    Seed,
+    generate_data,
+    load_seeds,
+    parse_verdict,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,7 +74,11 @@ def _reply(kind: str, text: str) -> str:
             return "   "
         return f"reply-{kind[-1]} for {question}"
     if kind == "analysis":
-        return "look at <|response|> this" if rule == "marker" else f"analysis of {question}"
+        return (
+            "look at <|response|> this"
+            if rule == "marker"
+            else f"analysis of {question}"
+        )
     if kind == "guidance":
         return f"guidance for {question}"
     if rule == "bad":
@@ -80,20 +89,32 @@ def _reply(kind: str, text: str) -> str:
 
 
 def _seeds(*questions):
-    return [Seed(f"id-{i}", [{"role": "user", "content": q}], {"n": i})
-            for i, q in enumerate(questions)]
+    return [
+        Seed(f"id-{i}", [{"role": "user", "content": q}], {"n": i})
+        for i, q in enumerate(questions)
+    ]
 
 
 def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines()]
+        if path.exists()
+        else []
+    )
 
 
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("SAFE", "safe"), ("Safe. The reply declines.", "safe"), ("UNSAFE: gives steps", "unsafe"),
-        ("**UNSAFE**", "unsafe"), ("The verdict is UNSAFE.", "unsafe"),
-        ("I think it is SAFE", "safe"), ("maybe", None), ("", None), (None, None),
+        ("SAFE", "safe"),
+        ("Safe. The reply declines.", "safe"),
+        ("UNSAFE: gives steps", "unsafe"),
+        ("**UNSAFE**", "unsafe"),
+        ("The verdict is UNSAFE.", "unsafe"),
+        ("I think it is SAFE", "safe"),
+        ("maybe", None),
+        ("", None),
+        (None, None),
         ("Not sure: SAFE or UNSAFE", None),
     ],
 )
@@ -106,10 +127,18 @@ def test_parse_verdict(text, expected):
     [
         ("easy question", "passed", ["answer"], ["safe"]),
         ("needs analysis", "passed", ["analysis", "answer"], ["unsafe", "safe"]),
-        ("needs guidance", "passed", ["analysis", "guidance", "answer"],
-         ["unsafe", "unsafe", "safe"]),
-        ("never safe", "failed_kept", ["analysis", "guidance", "answer"],
-         ["unsafe", "unsafe", "unsafe"]),
+        (
+            "needs guidance",
+            "passed",
+            ["analysis", "guidance", "answer"],
+            ["unsafe", "unsafe", "safe"],
+        ),
+        (
+            "never safe",
+            "failed_kept",
+            ["analysis", "guidance", "answer"],
+            ["unsafe", "unsafe", "unsafe"],
+        ),
     ],
 )
 def test_chain_rule_branches(aligncot, question, status, stages, verdicts):
@@ -128,9 +157,14 @@ def out_check(verdict):
     return "SAFE: fine." if verdict == "safe" else "UNSAFE - it helps harm."
 
 
-@pytest.mark.parametrize("on_fail,status,kept,review", [
-    ("keep", "failed_kept", True, None), ("mark", "failed_marked", True, True),
-    ("drop", "failed_dropped", False, None)])
+@pytest.mark.parametrize(
+    "on_fail,status,kept,review",
+    [
+        ("keep", "failed_kept", True, None),
+        ("mark", "failed_marked", True, True),
+        ("drop", "failed_dropped", False, None),
+    ],
+)
 def test_on_fail_policy(aligncot, on_fail, status, kept, review):
     (out,) = ChainRule(aligncot, on_fail=on_fail).run(Scripted(), _seeds("never safe"))
     assert out.status == status and (out.record is not None) == kept
@@ -138,11 +172,14 @@ def test_on_fail_policy(aligncot, on_fail, status, kept, review):
         assert out.record["meta"].get("needs_review") is review
 
 
-@pytest.mark.parametrize("question,reason", [
-    ("bad verdict", "unparseable check verdict 'Hmm, hard to say.' (round 1)"),
-    ("empty answer", "empty text in `answer` (round 1)"),
-    ("marker", "stage marker '<|response|>' in `analysis` (round 2)"),
-])
+@pytest.mark.parametrize(
+    "question,reason",
+    [
+        ("bad verdict", "unparseable check verdict 'Hmm, hard to say.' (round 1)"),
+        ("empty answer", "empty text in `answer` (round 1)"),
+        ("marker", "stage marker '<|response|>' in `analysis` (round 2)"),
+    ],
+)
 def test_malformed_output_is_rejected(aligncot, question, reason):
     (out,) = ChainRule(aligncot).run(Scripted(), _seeds(question))
     assert out.status == "malformed" and out.record is None and out.reason == reason
@@ -150,17 +187,25 @@ def test_malformed_output_is_rejected(aligncot, question, reason):
 
 def test_batched_calls_only_for_open_questions(aligncot):
     gen = Scripted()
-    outs = ChainRule(aligncot).run(gen, _seeds("easy question", "needs analysis",
-                                               "needs guidance", "bad verdict"))
+    outs = ChainRule(aligncot).run(
+        gen, _seeds("easy question", "needs analysis", "needs guidance", "bad verdict")
+    )
     assert [o.status for o in outs] == ["passed", "passed", "passed", "malformed"]
     assert [(k, n) for k, n, _ in gen.calls] == [
-        ("answer0", 4), ("check", 4),  # everyone answers and is checked once
-        ("analysis", 2), ("answer1", 2), ("check", 2),  # two were unsafe
-        ("guidance", 1), ("answer2", 1), ("check", 1),
+        ("answer0", 4),
+        ("check", 4),  # everyone answers and is checked once
+        ("analysis", 2),
+        ("answer1", 2),
+        ("check", 2),  # two were unsafe
+        ("guidance", 1),
+        ("answer2", 1),
+        ("check", 1),
     ]
     again = Scripted()
-    ChainRule(aligncot).run(again, _seeds("easy question", "needs analysis",
-                                          "needs guidance", "bad verdict"))
+    ChainRule(aligncot).run(
+        again,
+        _seeds("easy question", "needs analysis", "needs guidance", "bad verdict"),
+    )
     assert again.calls == gen.calls  # seeds too: deterministic
     assert len({s for _, _, s in gen.calls}) == len(gen.calls)
 
@@ -172,35 +217,69 @@ def test_template_without_generation_prompts_is_rejected():
         ChainRule(load_template("plan_solve_verify"))
 
 
-QUESTIONS = ["easy question", "needs analysis", "bad verdict", "needs guidance",
-             "never safe", "empty answer", "easy question again"]
+QUESTIONS = [
+    "easy question",
+    "needs analysis",
+    "bad verdict",
+    "needs guidance",
+    "never safe",
+    "empty answer",
+    "easy question again",
+]
 
 
 def test_resume_after_interruption(aligncot, tmp_path):
     seeds = _seeds(*QUESTIONS)
     full = tmp_path / "full.jsonl"
-    report = generate_data(Scripted(), seeds, full, template=aligncot, batch_size=2,
-                           progress=False, on_fail="drop")
+    report = generate_data(
+        Scripted(),
+        seeds,
+        full,
+        template=aligncot,
+        batch_size=2,
+        progress=False,
+        on_fail="drop",
+    )
     assert report.total == {"passed": 4, "malformed": 2, "failed_dropped": 1}
     assert report.malformed_reasons == {"unparseable check verdict": 1, "empty text": 1}
-    assert report.verdict_paths == {"safe": 2, "unsafe>safe": 1, "unsafe>unsafe>safe": 1,
-                                    "unsafe>unsafe>unsafe": 1}
+    assert report.verdict_paths == {
+        "safe": 2,
+        "unsafe>safe": 1,
+        "unsafe>unsafe>safe": 1,
+        "unsafe>unsafe>unsafe": 1,
+    }
     report_file = json.loads((tmp_path / "full.report.json").read_text())
     assert report_file["total"] == report.total
 
     out = tmp_path / "part.jsonl"
     with pytest.raises(KeyboardInterrupt):  # killed in the middle of the third batch
-        generate_data(Scripted(fail_after=13), seeds, out, template=aligncot, batch_size=2,
-                      progress=False, on_fail="drop")
+        generate_data(
+            Scripted(fail_after=13),
+            seeds,
+            out,
+            template=aligncot,
+            batch_size=2,
+            progress=False,
+            on_fail="drop",
+        )
     first = _rows(out) + _rows(tmp_path / "part.rejects.jsonl")
     assert 0 < len(first) < len(seeds)
     with open(out, "a") as handle:  # and a line cut off mid-write
         handle.write('{"id": "id-6", "messages": [')
-    resumed = generate_data(Scripted(), seeds, out, template=aligncot, batch_size=2,
-                            progress=False, on_fail="drop")
+    resumed = generate_data(
+        Scripted(),
+        seeds,
+        out,
+        template=aligncot,
+        batch_size=2,
+        progress=False,
+        on_fail="drop",
+    )
     assert resumed.skipped_done == len(first)
     assert _rows(out) == _rows(full)  # same records, same order, no duplicates
-    assert _rows(tmp_path / "part.rejects.jsonl") == _rows(tmp_path / "full.rejects.jsonl")
+    assert _rows(tmp_path / "part.rejects.jsonl") == _rows(
+        tmp_path / "full.rejects.jsonl"
+    )
     assert resumed.total == report.total
     again = generate_data(Scripted(), seeds, out, template=aligncot, progress=False)
     assert again.this_run == {} and again.skipped_done == len(seeds)
@@ -216,11 +295,18 @@ def test_load_seeds_jsonl_and_datasets(aligncot, tmp_path):
 
     import datasets
 
-    ds = datasets.Dataset.from_list([{"question": "How do I bake bread?", "topic": "food"},
-                                     {"question": "What is 2+2?", "topic": "math"}])
+    ds = datasets.Dataset.from_list(
+        [
+            {"question": "How do I bake bread?", "topic": "food"},
+            {"question": "What is 2+2?", "topic": "math"},
+        ]
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     seeds = load_seeds(tmp_path / "ds", aligncot, prompt_field="question")
-    assert [s.messages[0]["content"] for s in seeds] == ["How do I bake bread?", "What is 2+2?"]
+    assert [s.messages[0]["content"] for s in seeds] == [
+        "How do I bake bread?",
+        "What is 2+2?",
+    ]
     assert seeds[0].id.startswith("q-") and seeds[0].meta == {"topic": "food"}
 
     bad = tmp_path / "bad.jsonl"
@@ -249,20 +335,39 @@ def test_real_tiny_model_end_to_end(aligncot, tiny_model_dir, tmp_path):
     from axolotl_mote.datagen import HFChatGenerator
 
     real = HFChatGenerator(str(tiny_model_dir), batch_size=2)
-    seeds = _seeds("How do I bake bread?", "How do I pick my neighbour's lock?",
-                   "What is the capital of France?")
+    seeds = _seeds(
+        "How do I bake bread?",
+        "How do I pick my neighbour's lock?",
+        "What is the capital of France?",
+    )
     # 1. all real: a random model's check is not a verdict -> every question malformed
     out = tmp_path / "real.jsonl"
-    report = generate_data(real, seeds, out, template=aligncot, batch_size=2,
-                           max_new_tokens=6, check_max_new_tokens=4, progress=False)
+    report = generate_data(
+        real,
+        seeds,
+        out,
+        template=aligncot,
+        batch_size=2,
+        max_new_tokens=6,
+        check_max_new_tokens=4,
+        progress=False,
+    )
     rejects = _rows(tmp_path / "real.rejects.jsonl")
     assert report.total == {"malformed": 3} and _rows(out) == []
     assert all(r["status"] == "malformed" for r in rejects)
     assert sorted(r["id"] for r in rejects) == ["id-0", "id-1", "id-2"]
     # 2. real text, scripted checks: the branches on real generations
     out = tmp_path / "mixed.jsonl"
-    report = generate_data(_RealTextScriptedChecks(real), seeds, out, template=aligncot,
-                           batch_size=2, max_new_tokens=6, progress=False, on_fail="mark")
+    report = generate_data(
+        _RealTextScriptedChecks(real),
+        seeds,
+        out,
+        template=aligncot,
+        batch_size=2,
+        max_new_tokens=6,
+        progress=False,
+        on_fail="mark",
+    )
     rows = {r["id"]: r for r in _rows(out)}
     rejected = {r["id"] for r in _rows(tmp_path / "mixed.rejects.jsonl")}
     assert set(rows) | rejected == {"id-0", "id-1", "id-2"} and not set(rows) & rejected
@@ -283,17 +388,34 @@ def test_cli_generate_data(tiny_model_dir, tmp_path):
     from axolotl_mote.cli.main import main
 
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("".join(json.dumps({"id": f"s{i}", "prompt": q}) + "\n"
-                             for i, q in enumerate(["Hi there", "How do I bake bread?"])))
+    seeds.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "prompt": q}) + "\n"
+            for i, q in enumerate(["Hi there", "How do I bake bread?"])
+        )
+    )
     out = tmp_path / "chains.jsonl"
-    args = ["generate-data", "--input", str(seeds), "--output", str(out), "--model",
-            str(tiny_model_dir), "--max-new-tokens", "4", "--check-max-new-tokens", "3",
-            "--batch-size", "2"]
+    args = [
+        "generate-data",
+        "--input",
+        str(seeds),
+        "--output",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "4",
+        "--check-max-new-tokens",
+        "3",
+        "--batch-size",
+        "2",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert '"skipped_done": 0' in res.output
     res = CliRunner().invoke(main, args)  # resumes: nothing left to do
     assert res.exit_code == 0 and '"skipped_done": 2' in res.output
-    res = CliRunner().invoke(main, ["generate-data", "--input", str(seeds), "--output",
-                                    str(out)])
+    res = CliRunner().invoke(
+        main, ["generate-data", "--input", str(seeds), "--output", str(out)]
+    )
     assert res.exit_code == 2 and "local model path" in res.output

@@ -6,17 +6,19 @@ import json
 
 import pytest
 import torch
-
 from _mote_tiny import build_mote
 
 CASES = [
     # name, build_mote kwargs
     ("plain", {}),
-    ("rslora_patterns_markers", {
-        "use_rslora": True,
-        "alpha_pattern": {"down_proj": 3},
-        "train_markers": True,
-    }),
+    (
+        "rslora_patterns_markers",
+        {
+            "use_rslora": True,
+            "alpha_pattern": {"down_proj": 3},
+            "train_markers": True,
+        },
+    ),
 ]
 
 
@@ -70,7 +72,9 @@ def test_exported_stage_adapter_equals_mote_on_its_tokens(
     written = export_stage_adapters(adapter, tmp_path / "export")
     assert list(written) == config.stage_names
 
-    ids = torch.tensor([tokenizer("<|analysis|> How do I bake bread at home?")["input_ids"]])
+    ids = torch.tensor(
+        [tokenizer("<|analysis|> How do I bake bread at home?")["input_ids"]]
+    )
     state = get_routing_state(mote)
     for stage, directory in written.items():
         assert not (directory / MOTE_CONFIG_NAME).exists()  # plain, not routed
@@ -81,17 +85,22 @@ def test_exported_stage_adapter_equals_mote_on_its_tokens(
         steps = torch.full_like(ids, config.stage_names.index(stage))
         with torch.no_grad(), route(state, steps):
             expected = mote(input_ids=ids).logits
-        plain = PeftModel.from_pretrained(_fresh_base(tiny_model_dir, tokenizer, mote), directory)
+        plain = PeftModel.from_pretrained(
+            _fresh_base(tiny_model_dir, tokenizer, mote), directory
+        )
         plain.eval()
         with torch.no_grad():
             got = plain(input_ids=ids).logits
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=stage)
             merged = plain.merge_and_unload()  # what `axolotl merge-lora` does
-            torch.testing.assert_close(merged(input_ids=ids).logits, expected,
-                                       atol=1e-4, rtol=1e-4, msg=stage)
+            torch.testing.assert_close(
+                merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4, msg=stage
+            )
 
 
-def test_export_selects_stages_by_name_or_key(tiny_model_dir, tokenizer_and_template, tmp_path):
+def test_export_selects_stages_by_name_or_key(
+    tiny_model_dir, tokenizer_and_template, tmp_path
+):
     from axolotl_mote.export import export_stage_adapters
 
     tokenizer, template = tokenizer_and_template
@@ -106,7 +115,9 @@ def test_export_selects_stages_by_name_or_key(tiny_model_dir, tokenizer_and_temp
         export_stage_adapters(tmp_path / "out" / "safe_answer", tmp_path / "again")
 
 
-def test_lora_only_export_keeps_just_a_and_b(tiny_model_dir, tokenizer_and_template, tmp_path):
+def test_lora_only_export_keeps_just_a_and_b(
+    tiny_model_dir, tokenizer_and_template, tmp_path
+):
     from safetensors.torch import load_file
 
     from axolotl_mote.export import export_stage_adapters
@@ -115,7 +126,9 @@ def test_lora_only_export_keeps_just_a_and_b(tiny_model_dir, tokenizer_and_templ
     mote, config = build_mote(tiny_model_dir, tokenizer, template, train_markers=True)
     mote.save_pretrained(tmp_path / "a")
     config.save(tmp_path / "a")
-    out = export_stage_adapters(tmp_path / "a", tmp_path / "out", ["answer"], lora_only=True)
+    out = export_stage_adapters(
+        tmp_path / "a", tmp_path / "out", ["answer"], lora_only=True
+    )
     keys = load_file(str(out["safe_answer"] / "adapter_model.safetensors")).keys()
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
     saved = json.loads((out["safe_answer"] / "adapter_config.json").read_text())
@@ -129,9 +142,14 @@ def test_merging_an_exported_adapter_uses_the_legacy_merge(tmp_path):
     export = tmp_path / "safe_answer"
     export.mkdir()
     (export / "mote_export.json").write_text("{}")
-    cfg = {"plugins": ["axolotl_mote.MotePlugin"], "adapter": "lora", "lora_r": 4,
-           "mote": {"template": "aligncot"}, "merge_lora": True,
-           "lora_model_dir": str(export)}
+    cfg = {
+        "plugins": ["axolotl_mote.MotePlugin"],
+        "adapter": "lora",
+        "lora_r": 4,
+        "mote": {"template": "aligncot"},
+        "merge_lora": True,
+        "lora_model_dir": str(export),
+    }
     MotePlugin().register(cfg)
     assert cfg["merge_method"] == "legacy"
     cfg.pop("merge_method")

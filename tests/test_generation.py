@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _mote_tiny import build_mote
 
 PROMPTS = [
@@ -29,7 +28,9 @@ def mote(tiny_model_dir):
     template = load_template("aligncot")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     add_marker_tokens(tokenizer, template)
-    model, config = build_mote(tiny_model_dir, tokenizer, template, prompt_routing="random")
+    model, config = build_mote(
+        tiny_model_dir, tokenizer, template, prompt_routing="random"
+    )
     return model, tokenizer, template
 
 
@@ -67,14 +68,16 @@ def test_router_gives_the_training_step_ids(mote):
     router.begin(None)
     got = router(full[:, :5], {})  # prefill
     for pos in range(5, len(ids)):  # then one token per forward
-        got = torch.cat([got, router(full[:, pos : pos + 1], {"past_key_values": Cache(pos)})], 1)
+        got = torch.cat(
+            [got, router(full[:, pos : pos + 1], {"past_key_values": Cache(pos)})], 1
+        )
     assert got.tolist() == [steps]
 
 
 def test_cached_generation_equals_full_reforward(mote):
     """Greedy: same tokens with and without cache; logits == one uncached re-forward."""
-    from axolotl_mote.generation import StageRouter, start_marker_steps
     from axolotl_mote.data.format import marker_token_ids
+    from axolotl_mote.generation import StageRouter, start_marker_steps
     from axolotl_mote.routing import route
     from axolotl_mote.tuner.model import get_routing_state
 
@@ -89,19 +92,25 @@ def test_cached_generation_equals_full_reforward(mote):
 
     fmt = ChainFormatter(template, tokenizer)
     state = get_routing_state(model)
-    router = StageRouter(start_marker_steps(template, marker_token_ids(template, tokenizer)),
-                         state.prompt_routing, state.num_experts, seed=state.seed)
+    router = StageRouter(
+        start_marker_steps(template, marker_token_ids(template, tokenizer)),
+        state.prompt_routing,
+        state.num_experts,
+        seed=state.seed,
+    )
     for row, out in enumerate(cached):
         prompt = fmt.prompt_ids(out.messages)
         seq = torch.tensor([prompt + out.token_ids])
         router.begin(router.default_prompt_steps([row]))  # the row's prompt expert
         steps = router.step_ids(seq)
-        assert steps[0, len(prompt):].tolist() == out.step_ids
+        assert steps[0, len(prompt) :].tolist() == out.step_ids
         with torch.no_grad(), route(state, steps):
             logits = model(input_ids=seq).logits[0]  # [L, V]
         n = out.logits.shape[0]  # generated tokens (a prefilled marker has none)
         first = seq.shape[1] - n - 1  # logits at position p predict token p + 1
-        torch.testing.assert_close(out.logits, logits[first : first + n], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            out.logits, logits[first : first + n], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_batched_rows_follow_their_own_plans(mote):
@@ -124,14 +133,19 @@ def test_forced_plan_routes_every_stage_to_its_expert(mote):
     from axolotl_mote.data.format import marker_token_ids
 
     _, tokenizer, template = mote
-    out = _gen(mote, plan="full", max_stage_tokens={"analysis": 2, "guidance": 3, "answer": 4})[0]
+    out = _gen(
+        mote, plan="full", max_stage_tokens={"analysis": 2, "guidance": 3, "answer": 4}
+    )[0]
     ids = marker_token_ids(template, tokenizer)
     assert out.token_ids[0] == ids["<|analysis|>"]  # pre-filled
     for token, step in zip(out.token_ids, out.step_ids):
         if token == ids["<|guidance|>"]:
             assert step == 1  # the marker that opens a stage is routed to it
-    assert out.tokens_per_stage == {"question_analysis": 2, "answer_guidance": 3,
-                                    "safe_answer": 4}
+    assert out.tokens_per_stage == {
+        "question_analysis": 2,
+        "answer_guidance": 3,
+        "safe_answer": 4,
+    }
     assert out.forced_ends == ["question_analysis", "answer_guidance", "safe_answer"]
 
 
@@ -146,8 +160,11 @@ def test_structured_output_and_stop_after_answer(mote):
         assert set(out.to_dict()) >= {"plan", "stages", "tokens_per_stage", "answer"}
     free = _gen(mote, plan=["answer"], stop_after_answer=False, max_new_tokens=14)
     assert free[0].finish_reason in ("eos", "length")
-    assert len(free[0].token_ids) > free[0].token_ids.index(
-        tokenizer.convert_tokens_to_ids("<|/response|>")) + 1 or free[0].finish_reason == "eos"
+    assert (
+        len(free[0].token_ids)
+        > free[0].token_ids.index(tokenizer.convert_tokens_to_ids("<|/response|>")) + 1
+        or free[0].finish_reason == "eos"
+    )
 
 
 def test_fallback_opens_the_answer_when_the_model_wants_to_stop(mote):
@@ -168,8 +185,13 @@ def test_fallback_opens_the_answer_when_the_model_wants_to_stop(mote):
 
 
 def test_budget_fallback_keeps_room_for_the_answer(mote):
-    out = _gen(mote, plan="analysis>answer", max_stage_tokens=None, max_new_tokens=12,
-               answer_reserve=4)[0]
+    out = _gen(
+        mote,
+        plan="analysis>answer",
+        max_stage_tokens=None,
+        max_new_tokens=12,
+        answer_reserve=4,
+    )[0]
     assert out.plan == ["question_analysis", "safe_answer"]
     assert "question_analysis" in out.forced_ends
     assert out.finish_reason == "answer_end"
@@ -206,33 +228,71 @@ def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
     model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     MoteConfig(
-        stage_names=[s.name for s in template.trained_stages], expert_rank=4,
+        stage_names=[s.name for s in template.trained_stages],
+        expert_rank=4,
         prompt_routing="random",
         template_data=template.model_dump(mode="json", exclude={"source"}),
     ).save(adapter)
     inputs = tmp_path / "in.jsonl"
     inputs.write_text(
-        json.dumps({"id": "a", "prompt": "What is the capital of France?"}) + "\n"
-        + json.dumps({"id": "b", "messages": [{"role": "user", "content": "Hi"}],
-                      "plan": "analysis>answer"}) + "\n"
+        json.dumps({"id": "a", "prompt": "What is the capital of France?"})
+        + "\n"
+        + json.dumps(
+            {
+                "id": "b",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "plan": "analysis>answer",
+            }
+        )
+        + "\n"
     )
     results = tmp_path / "out.jsonl"
     runner = CliRunner()
-    res = runner.invoke(main, [
-        "generate", "--adapter", str(adapter), "--base-model", str(tiny_model_dir),
-        "--prompt", "How do I bake bread?", "--input", str(inputs), "--output", str(results),
-        "--max-new-tokens", "20", "--max-stage-tokens", "3", "--plan", "answer",
-        "--compare-base",
-    ])
+    res = runner.invoke(
+        main,
+        [
+            "generate",
+            "--adapter",
+            str(adapter),
+            "--base-model",
+            str(tiny_model_dir),
+            "--prompt",
+            "How do I bake bread?",
+            "--input",
+            str(inputs),
+            "--output",
+            str(results),
+            "--max-new-tokens",
+            "20",
+            "--max-stage-tokens",
+            "3",
+            "--plan",
+            "answer",
+            "--compare-base",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["id"] for r in rows] == [None, "a", "b"]
     assert [r["plan"] for r in rows] == [
-        ["safe_answer"], ["safe_answer"], ["question_analysis", "safe_answer"]]
+        ["safe_answer"],
+        ["safe_answer"],
+        ["question_analysis", "safe_answer"],
+    ]
     assert "[safe_answer] (" in res.output and "[base model]" in res.output
 
-    res = runner.invoke(main, ["export", "--adapter", str(adapter), "--out",
-                               str(tmp_path / "export"), "--stage", "answer"])
+    res = runner.invoke(
+        main,
+        [
+            "export",
+            "--adapter",
+            str(adapter),
+            "--out",
+            str(tmp_path / "export"),
+            "--stage",
+            "answer",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     base.resize_token_embeddings(len(tokenizer))
@@ -250,25 +310,37 @@ def test_axolotl_inference_routes_by_markers(mote, tiny_model_dir):
 
     model, tokenizer, template = mote
     cfg = DictDefault(
-        base_model=str(tiny_model_dir), tokenizer_config=str(tiny_model_dir), adapter="lora",
-        lora_r=4, lora_alpha=8, mote={"template": "aligncot", "prompt_routing": "random"},
-        special_tokens={"additional_special_tokens": template.markers}, inference=True,
+        base_model=str(tiny_model_dir),
+        tokenizer_config=str(tiny_model_dir),
+        adapter="lora",
+        lora_r=4,
+        lora_alpha=8,
+        mote={"template": "aligncot", "prompt_routing": "random"},
+        special_tokens={"additional_special_tokens": template.markers},
+        inference=True,
     )
     try:
         attach_to_axolotl_model(DictDefault({**cfg, "inference": False}), model)
         ids = tokenizer("<|response|> hello", return_tensors="pt")
-        with pytest.raises(RoutingError):  # training-style attach: no routing, no forward
+        with pytest.raises(
+            RoutingError
+        ):  # training-style attach: no routing, no forward
             model.generate(**ids, max_new_tokens=2)
         attach_to_axolotl_model(cfg, model)
         state = get_routing_state(model)
         assert isinstance(state.resolver, StageRouter)
         seen = []
-        state.resolver, inner = (lambda i, k: seen.append(i.shape) or inner(i, k)), state.resolver
+        state.resolver, inner = (
+            (lambda i, k: seen.append(i.shape) or inner(i, k)),
+            state.resolver,
+        )
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=3, do_sample=False)
         assert out.shape[1] == ids["input_ids"].shape[1] + 3
         assert seen[0] == ids["input_ids"].shape and seen[1:] == [(1, 1), (1, 1)]
-        assert inner.step_ids(out)[0, 0].item() == 2  # routed by the <|response|> marker
+        assert (
+            inner.step_ids(out)[0, 0].item() == 2
+        )  # routed by the <|response|> marker
     finally:
         get_routing_state(model).resolver = None
 
@@ -279,11 +351,18 @@ def test_prompt_routing_override_changes_the_prompt_expert(mote):
 
     state = get_routing_state(mote[0])
     outs = {
-        routing: _gen(mote, prompts=PROMPTS[:1], plan=["answer"], output_logits=True,
-                      prompt_routing=routing)[0]
+        routing: _gen(
+            mote,
+            prompts=PROMPTS[:1],
+            plan=["answer"],
+            output_logits=True,
+            prompt_routing=routing,
+        )[0]
         for routing in ("shared", "analysis", "answer")
     }
-    firsts = [o.logits[0] for o in outs.values()]  # depends only on the prompt's routing
+    firsts = [
+        o.logits[0] for o in outs.values()
+    ]  # depends only on the prompt's routing
     assert not torch.allclose(firsts[0], firsts[1])
     assert not torch.allclose(firsts[1], firsts[2])
     assert state.prompt_routing == "random" and state.resolver is None
@@ -317,8 +396,12 @@ def test_router_routes_a_plain_peft_forward(mote, tiny_model_dir, task_type):
 
     _, tokenizer, template = mote
     model, _ = build_mote(tiny_model_dir, tokenizer, template, task_type=task_type)
-    assert (type(model).__name__ == "PeftModelForCausalLM") == (task_type == "CAUSAL_LM")
-    ids = tokenizer("hi <|analysis|> a b <|/analysis|><|response|> c", return_tensors="pt")
+    assert (type(model).__name__ == "PeftModelForCausalLM") == (
+        task_type == "CAUSAL_LM"
+    )
+    ids = tokenizer(
+        "hi <|analysis|> a b <|/analysis|><|response|> c", return_tensors="pt"
+    )
     state = get_routing_state(model)
     router = install_router(model, tokenizer)
     calls = []

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _train import base_config, run_train
 
 
@@ -20,8 +19,12 @@ def _model_and_tokenizer(tiny_tokenizer, tied: bool):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config), tiny_tokenizer
@@ -43,9 +46,13 @@ def test_rows_are_the_mean_of_the_stage_words(tiny_tokenizer, aligncot, tied):
     ids = dict(zip(markers, marker_ids(tok, aligncot)))
     for marker, text in done.items():
         words = tok(text, add_special_tokens=False)["input_ids"]
-        torch.testing.assert_close(emb[ids[marker]], emb0[words].mean(0), rtol=0, atol=0)
+        torch.testing.assert_close(
+            emb[ids[marker]], emb0[words].mean(0), rtol=0, atol=0
+        )
         if not tied:
-            torch.testing.assert_close(out[ids[marker]], out0[words].mean(0), rtol=0, atol=0)
+            torch.testing.assert_close(
+                out[ids[marker]], out0[words].mean(0), rtol=0, atol=0
+            )
     others = [i for i in range(len(tok)) if i not in ids.values()]
     assert torch.equal(emb[others], emb0[others])
     if not tied:
@@ -73,7 +80,9 @@ def test_template_init_text_overrides_and_bad_text(tiny_tokenizer, aligncot):
     stages[0] = stages[0].model_copy(update={"start_text": "Think"})
     custom = aligncot.model_copy(update={"stages": stages})
     model, tok = _model_and_tokenizer(tiny_tokenizer, tied=False)
-    assert init_marker_rows(model, tok, custom, ["<|analysis|>"]) == {"<|analysis|>": "Think"}
+    assert init_marker_rows(model, tok, custom, ["<|analysis|>"]) == {
+        "<|analysis|>": "Think"
+    }
 
     stages[0] = stages[0].model_copy(update={"start_text": "see <|response|>"})
     bad = aligncot.model_copy(update={"stages": stages})
@@ -101,7 +110,10 @@ def test_axolotl_train_starts_from_the_described_rows(
     from axolotl_mote.tokens import add_marker_tokens
 
     cfg = base_config(
-        tiny_model_dir, tmp_path, max_steps=1, learning_rate=0.0,
+        tiny_model_dir,
+        tmp_path,
+        max_steps=1,
+        learning_rate=0.0,
         mote={"template": "aligncot", "marker_init": marker_init},
     )
     run_train(cfg, tmp_path)
@@ -117,7 +129,10 @@ def test_axolotl_train_starts_from_the_described_rows(
         texts.update(stage.marker_texts())
     by_id = sorted((tok.convert_tokens_to_ids(m), m) for m in template.markers)
     expected = torch.stack(
-        [emb[tok(texts[m], add_special_tokens=False)["input_ids"]].mean(0) for _, m in by_id]
+        [
+            emb[tok(texts[m], add_special_tokens=False)["input_ids"]].mean(0)
+            for _, m in by_id
+        ]
     )
     if marker_init == "describe":
         torch.testing.assert_close(rows, expected, rtol=0, atol=1e-7)

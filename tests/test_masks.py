@@ -108,7 +108,9 @@ def test_single_chain_hidden_analysis():
     for i in later:
         expected[0, 0, i, a] = False
     assert torch.equal(mask, expected)
-    assert torch.equal(mask, reference_step_skip_mask(s, seq, hidden_of(s, seq, {(0, 1): [A]})))
+    assert torch.equal(
+        mask, reference_step_skip_mask(s, seq, hidden_of(s, seq, {(0, 1): [A]}))
+    )
 
 
 def test_single_chain_both_hidden_and_guidance_cannot_see_analysis():
@@ -161,7 +163,9 @@ def test_padding_left_and_right(side):
     mask = build_step_skip_mask(s, seq, hidden)
     padded = s == PAD
     # pads: only themselves; real tokens never see pads
-    assert torch.equal(mask[0, 0][padded[0]], torch.eye(12, dtype=torch.bool)[padded[0]])
+    assert torch.equal(
+        mask[0, 0][padded[0]], torch.eye(12, dtype=torch.bool)[padded[0]]
+    )
     assert not mask[0, 0][~padded[0]][:, padded[0]].any()
     assert mask.any(-1).all()  # no empty softmax row
     assert torch.equal(mask, reference_step_skip_mask(s, seq, hidden))
@@ -178,11 +182,13 @@ def test_markers_visible_hides_content_only():
     assert mask[later][:, [a_start, a_end]].all()
     assert not mask[later][:, a_content].any()
     # the visible end marker must not carry the content onward
-    assert not mask[a_end, a_content].any() and mask[a_end, [0, 1, a_start, a_end]].all()
-    assert mask[a_content][:, [a_start]].all()  # the content still sees its start marker
-    assert torch.equal(
-        mask, reference_step_skip_mask(s, seq, hidden, is_marker)[0, 0]
+    assert (
+        not mask[a_end, a_content].any() and mask[a_end, [0, 1, a_start, a_end]].all()
     )
+    assert mask[a_content][
+        :, [a_start]
+    ].all()  # the content still sees its start marker
+    assert torch.equal(mask, reference_step_skip_mask(s, seq, hidden, is_marker)[0, 0])
 
 
 def test_shift_positions_by_hand():
@@ -240,13 +246,17 @@ def test_vectorised_equals_reference_on_random_batches(seed):
         # invariants: own sequence only, causal, question and own stage visible
         allowed = mask[:, 0]
         real = seq > 0
-        assert not (allowed & (seq[:, :, None] != seq[:, None, :]) & real[:, :, None]).any()
+        assert not (
+            allowed & (seq[:, :, None] != seq[:, None, :]) & real[:, :, None]
+        ).any()
         assert not torch.triu(allowed, diagonal=1).any()
         same_seq = causal_blocks(seq)[:, 0]
         # (in these chains every question token comes before the stages)
         assert allowed[(s == Q)[:, None, :] & same_seq & real[:, :, None]].all()
         own = same_seq & (s[:, :, None] == s[:, None, :]) & real[:, :, None]
-        if is_marker is not None:  # a hidden stage's kept markers do not see its content
+        if (
+            is_marker is not None
+        ):  # a hidden stage's kept markers do not see its content
             own &= ~(is_marker & hidden_tokens(s, seq, hidden))[:, :, None]
         assert allowed[own].all()
         # shifted position = number of visible earlier tokens of the sequence
@@ -260,7 +270,9 @@ def test_reproducible_from_seed():
     seq = sequence_ids(pos, None, s)
 
     def draw(seed):
-        return sample_hidden_stages(s, seq, [A, G], 0.5, torch.Generator().manual_seed(seed))
+        return sample_hidden_stages(
+            s, seq, [A, G], 0.5, torch.Generator().manual_seed(seed)
+        )
 
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
@@ -296,8 +308,13 @@ def _inputs(s, ids, pos):
 
 def _kwargs(**over):
     kw = dict(
-        step_ids=None, hideable=[A, G], p=0.5, generator=torch.Generator().manual_seed(0),
-        marker_ids=MARKERS, markers_visible=False, shift_positions=False,
+        step_ids=None,
+        hideable=[A, G],
+        p=0.5,
+        generator=torch.Generator().manual_seed(0),
+        marker_ids=MARKERS,
+        markers_visible=False,
+        shift_positions=False,
         attn_implementation="sdpa",
     )
     kw.update(over)
@@ -308,7 +325,9 @@ def test_p0_returns_inputs_untouched():
     s, ids, pos = random_batch(torch.Generator().manual_seed(0))
     inputs = _inputs(s, ids, pos)
     before = dict(inputs)
-    out = apply_step_skipping(inputs, **_kwargs(step_ids=s, p=0.0, shift_positions=True))
+    out = apply_step_skipping(
+        inputs, **_kwargs(step_ids=s, p=0.0, shift_positions=True)
+    )
     assert out is inputs and all(out[k] is before[k] for k in before)
     assert apply_step_skipping(inputs, **_kwargs(step_ids=s, hideable=[])) is inputs
 
@@ -318,31 +337,44 @@ def test_backend_formats_and_position_handling():
     inputs = _inputs(s, ids, pos)
     seq = sequence_ids(pos, None, s)
     out = apply_step_skipping(inputs, **_kwargs(step_ids=s))
-    assert out is not inputs and out["position_ids"] is pos and inputs["attention_mask"].dim() == 2
+    assert (
+        out is not inputs
+        and out["position_ids"] is pos
+        and inputs["attention_mask"].dim() == 2
+    )
     sdpa = out["attention_mask"]
     assert sdpa.dtype == torch.bool and sdpa.shape == (3, 1, 40, 40)
     eager = apply_step_skipping(
-        inputs, **_kwargs(step_ids=s, attn_implementation="eager", mask_dtype=torch.bfloat16)
+        inputs,
+        **_kwargs(step_ids=s, attn_implementation="eager", mask_dtype=torch.bfloat16),
     )["attention_mask"]
     assert eager.dtype == torch.bfloat16
     assert torch.equal(eager == 0, sdpa)
     assert (eager[~sdpa] == torch.finfo(torch.bfloat16).min).all()
     shifted = apply_step_skipping(inputs, **_kwargs(step_ids=s, shift_positions=True))
-    assert torch.equal(shifted["attention_mask"], sdpa)  # same generator seed, same draw
+    assert torch.equal(
+        shifted["attention_mask"], sdpa
+    )  # same generator seed, same draw
     real = seq > 0
     assert torch.equal(shifted["position_ids"][real], (sdpa[:, 0].sum(-1) - 1)[real])
     # no position_ids (Axolotl's segment-id attention_mask): created per sequence, shifted
     no_pos = {"input_ids": ids, "attention_mask": seq}
     made = apply_step_skipping(no_pos, **_kwargs(step_ids=s, shift_positions=True))
-    assert torch.equal(made["position_ids"], shifted["position_ids"].masked_fill(~real, 0))
+    assert torch.equal(
+        made["position_ids"], shifted["position_ids"].masked_fill(~real, 0)
+    )
     assert torch.equal(positions_in_sequence(seq)[real], pos[real])
 
 
-@pytest.mark.parametrize("impl", ["flash_attention_2", "flash_attention_3", "paged_attention"])
+@pytest.mark.parametrize(
+    "impl", ["flash_attention_2", "flash_attention_3", "paged_attention"]
+)
 def test_unsupported_attention_raises_naming_alternatives(impl):
     s, ids, pos = random_batch(torch.Generator().manual_seed(0))
     with pytest.raises(StepSkipError, match="sdpa, eager or flex_attention"):
-        apply_step_skipping(_inputs(s, ids, pos), **_kwargs(step_ids=s, attn_implementation=impl))
+        apply_step_skipping(
+            _inputs(s, ids, pos), **_kwargs(step_ids=s, attn_implementation=impl)
+        )
 
 
 def test_bad_batches_raise():

@@ -29,8 +29,13 @@ def tiny_llama(attn: str):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation=attn,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -55,9 +60,15 @@ def chain_tensors(lengths=((Q, 3), (A, 5), (G, 4), (ANS, 5))):
 
 def skip(inputs, steps, attn, hideable, p=1.0, visible=False, shift=False):
     return apply_step_skipping(
-        inputs, step_ids=steps, hideable=hideable, p=p,
-        generator=torch.Generator().manual_seed(0), marker_ids=MARKERS,
-        markers_visible=visible, shift_positions=shift, attn_implementation=attn,
+        inputs,
+        step_ids=steps,
+        hideable=hideable,
+        p=p,
+        generator=torch.Generator().manual_seed(0),
+        marker_ids=MARKERS,
+        markers_visible=visible,
+        shift_positions=shift,
+        attn_implementation=attn,
     )
 
 
@@ -67,12 +78,16 @@ def answer_grad(model, steps, ids, batch) -> torch.Tensor:
     kwargs = {k: v for k, v in batch.items() if k != "input_ids"}
     logits = model(inputs_embeds=embeds, **kwargs).logits  # [1, T, V]
     at = steps[0] == ANS
-    target = torch.randint(0, 128, (int(at.sum()),), generator=torch.Generator().manual_seed(2))
+    target = torch.randint(
+        0, 128, (int(at.sum()),), generator=torch.Generator().manual_seed(2)
+    )
     F.cross_entropy(logits[0, at], target).backward()
     return embeds.grad[0].abs().sum(-1)  # [T]
 
 
-@pytest.mark.parametrize("visible", [False, True], ids=["markers_hidden", "markers_visible"])
+@pytest.mark.parametrize(
+    "visible", [False, True], ids=["markers_hidden", "markers_visible"]
+)
 @pytest.mark.parametrize("shift", [False, True], ids=["keep", "shift"])
 def test_hidden_stage_gets_exactly_zero_gradient(model, visible, shift):
     attn = model.config._attn_implementation
@@ -81,14 +96,18 @@ def test_hidden_stage_gets_exactly_zero_gradient(model, visible, shift):
     is_marker = torch.isin(ids[0], torch.tensor(sorted(MARKERS)))
     a, g = steps[0] == A, steps[0] == G
     # analysis hidden, guidance not
-    grad = answer_grad(model, steps, ids, skip(inputs, steps, attn, [A], visible=visible, shift=shift))
+    grad = answer_grad(
+        model, steps, ids, skip(inputs, steps, attn, [A], visible=visible, shift=shift)
+    )
     content = a & ~is_marker if visible else a
     assert (grad[content] == 0).all()
     assert (grad[g] > 0).all() and (grad[steps[0] == Q] > 0).all()
     if visible:
         assert (grad[a & is_marker] > 0).all()
     # guidance hidden instead: now the analysis does reach the answer
-    grad = answer_grad(model, steps, ids, skip(inputs, steps, attn, [G], visible=visible, shift=shift))
+    grad = answer_grad(
+        model, steps, ids, skip(inputs, steps, attn, [G], visible=visible, shift=shift)
+    )
     assert (grad[a] > 0).all()
     assert (grad[g & ~is_marker if visible else g] == 0).all()
     # no skipping: everything reaches the answer
@@ -103,7 +122,9 @@ def test_nothing_hidden_equals_plain_causal(model):
     steps = torch.tensor([[Q] * 3 + [A] * 3 + [G] * 3 + [ANS] * 3] * 2)
     seq = sequence_ids(None, None, steps)
     nothing = torch.zeros(2, 2, 2, dtype=torch.bool)
-    mask = DENSE_BACKENDS[attn](build_step_skip_mask(steps, seq, nothing), torch.float32)
+    mask = DENSE_BACKENDS[attn](
+        build_step_skip_mask(steps, seq, nothing), torch.float32
+    )
     with torch.no_grad():
         plain = model(input_ids=ids).logits
         masked = model(input_ids=ids, attention_mask=mask).logits
@@ -112,7 +133,9 @@ def test_nothing_hidden_equals_plain_causal(model):
     steps[1, 8:] = PAD
     two_d = (steps != PAD).long()
     seq = sequence_ids(None, two_d, steps)
-    mask = DENSE_BACKENDS[attn](build_step_skip_mask(steps, seq, nothing), torch.float32)
+    mask = DENSE_BACKENDS[attn](
+        build_step_skip_mask(steps, seq, nothing), torch.float32
+    )
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=two_d).logits
         masked = model(input_ids=ids, attention_mask=mask).logits
@@ -133,7 +156,10 @@ def test_packed_equals_separate_sequences(model, shift):
     pos = torch.cat([torch.arange(s.shape[1])[None] for s, _ in parts], 1)
     packed = skip(
         {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": pos},
-        steps, attn, [A, G], shift=shift,
+        steps,
+        attn,
+        [A, G],
+        shift=shift,
     )
     with torch.no_grad():
         logits = model(**packed).logits[0]
@@ -142,7 +168,9 @@ def test_packed_equals_separate_sequences(model, shift):
             alone = skip({"input_ids": i}, s, attn, [A, G], shift=shift)
             ref = model(**alone).logits[0]
             n = s.shape[1]
-            torch.testing.assert_close(logits[start : start + n], ref, rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                logits[start : start + n], ref, rtol=0, atol=1e-5
+            )
             start += n
 
 
@@ -156,8 +184,12 @@ def test_shift_makes_a_hidden_stage_equal_a_truly_skipped_one(model):
         short = model(input_ids=ids[:, kept]).logits[0]  # the chain with no analysis
         later = (steps[0] == G) | (steps[0] == ANS)
         short_later = short[(steps[0][kept] == G) | (steps[0][kept] == ANS)]
-        shifted = model(**skip({"input_ids": ids}, steps, attn, [A], shift=True)).logits[0]
-        gapped = model(**skip({"input_ids": ids}, steps, attn, [A], shift=False)).logits[0]
+        shifted = model(
+            **skip({"input_ids": ids}, steps, attn, [A], shift=True)
+        ).logits[0]
+        gapped = model(
+            **skip({"input_ids": ids}, steps, attn, [A], shift=False)
+        ).logits[0]
     torch.testing.assert_close(shifted[later], short_later, rtol=0, atol=1e-5)
     assert (gapped[later] - short_later).abs().max() > 1e-3
 
@@ -168,19 +200,28 @@ def test_padded_rows_train_with_finite_gradients(model, side):
     attn = model.config._attn_implementation
     steps, ids = chain_tensors()
     pad_steps, pad_ids = torch.full((1, 4), PAD), torch.zeros(1, 4, dtype=torch.long)
-    order = (lambda x, y: torch.cat([y, x], 1)) if side == "left" else (
-        lambda x, y: torch.cat([x, y], 1)
+    order = (
+        (lambda x, y: torch.cat([y, x], 1))
+        if side == "left"
+        else (lambda x, y: torch.cat([x, y], 1))
     )
     steps, ids = order(steps, pad_steps), order(ids, pad_ids)
-    batch = skip({"input_ids": ids, "attention_mask": (steps != PAD).long()}, steps, attn,
-                 [A, G], shift=True)
+    batch = skip(
+        {"input_ids": ids, "attention_mask": (steps != PAD).long()},
+        steps,
+        attn,
+        [A, G],
+        shift=True,
+    )
     model.zero_grad()
     logits = model(**batch).logits
     labels = torch.where(steps == PAD, -100, ids)
     loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
     loss.backward()
     assert torch.isfinite(logits).all() and torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
     model.zero_grad()
 
 
@@ -193,7 +234,9 @@ def test_eager_needs_the_additive_mask():
     mask = build_step_skip_mask(steps, seq, hidden)
     with torch.no_grad():
         ref = sdpa(input_ids=ids, attention_mask=mask).logits
-        ok = eager(input_ids=ids, attention_mask=DENSE_BACKENDS["eager"](mask, torch.float32))
+        ok = eager(
+            input_ids=ids, attention_mask=DENSE_BACKENDS["eager"](mask, torch.float32)
+        )
         wrong = eager(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ok.logits, ref, rtol=0, atol=1e-5)
     assert (wrong - ref).abs().max() > 1e-2
@@ -210,7 +253,9 @@ def _flex_or_skip() -> None:
         q = torch.randn(1, 1, 16, 8)
         torch.compile(flex_attention)(q, q, q)
     except Exception as err:  # no C++ compiler, unsupported platform, ...
-        pytest.skip(f"flex_attention does not compile here: {type(err).__name__}: {err}")
+        pytest.skip(
+            f"flex_attention does not compile here: {type(err).__name__}: {err}"
+        )
 
 
 @pytest.mark.slow
@@ -225,6 +270,8 @@ def test_flex_forward_equals_sdpa():
     for hideable, visible in (([A], False), ([A, G], True)):
         with torch.no_grad():
             ref = sdpa(**skip(inputs, steps, "sdpa", hideable, visible=visible)).logits
-            out = flex(**skip(inputs, steps, "flex_attention", hideable, visible=visible))
+            out = flex(
+                **skip(inputs, steps, "flex_attention", hideable, visible=visible)
+            )
         real = steps != PAD
         torch.testing.assert_close(out.logits[real], ref[real], rtol=0, atol=1e-5)

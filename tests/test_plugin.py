@@ -44,10 +44,14 @@ def test_register_keeps_explicit_kernel_setting_for_validation_to_reject(tmp_pat
 def test_register_reports_bad_record_with_file_and_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(
-        json.dumps({"id": "ok", "prompt": "hi", "answer": "hello"}) + "\n"
-        + json.dumps({"id": "bad", "prompt": "hi", "answr": "typo"}) + "\n"
+        json.dumps({"id": "ok", "prompt": "hi", "answer": "hello"})
+        + "\n"
+        + json.dumps({"id": "bad", "prompt": "hi", "answr": "typo"})
+        + "\n"
     )
-    cfg = _raw(tmp_path, datasets=[{"path": str(data), "type": "axolotl_mote.aligncot"}])
+    cfg = _raw(
+        tmp_path, datasets=[{"path": str(data), "type": "axolotl_mote.aligncot"}]
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl:2.*unknown key\(s\) \['answr'\]"):
         MotePlugin().register(cfg)
     cfg["mote"]["validate_files"] = False
@@ -74,7 +78,9 @@ def test_register_refuses_merging_a_routed_adapter(tmp_path):
 def test_collator_matches_packing_per_split(
     sample_packing, eval_sample_packing, train_cls, eval_cls
 ):
-    cfg = DictDefault(sample_packing=sample_packing, eval_sample_packing=eval_sample_packing)
+    cfg = DictDefault(
+        sample_packing=sample_packing, eval_sample_packing=eval_sample_packing
+    )
     plugin = MotePlugin()
     train, kwargs = plugin.get_collator_cls_and_kwargs(cfg, is_eval=False)
     evaluation, _ = plugin.get_collator_cls_and_kwargs(cfg, is_eval=True)
@@ -87,8 +93,9 @@ def test_lora_kwargs_give_rank_blocks_and_per_expert_scaling():
     kwargs = MotePlugin().get_lora_config_kwargs(cfg)
     assert kwargs["rank_pattern"] == {"|.*": 64}
     assert kwargs["alpha_pattern"] == {"|.*": 128.0}  # 128 / 64 == 32 / 16
-    no_shared = DictDefault(lora_r=16, lora_alpha=32,
-                            mote={"template": "aligncot", "shared_expert": False})
+    no_shared = DictDefault(
+        lora_r=16, lora_alpha=32, mote={"template": "aligncot", "shared_expert": False}
+    )
     assert MotePlugin().get_lora_config_kwargs(no_shared)["rank_pattern"] == {"|.*": 48}
 
 

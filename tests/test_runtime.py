@@ -11,9 +11,15 @@ from axolotl_mote.templates import load_template
 
 def _runtime(seed: int = 7, p: float = 0.5) -> MoteRuntime:
     return MoteRuntime(
-        template=load_template("aligncot"), seed=seed, step_skip_prob=p, hideable=[0, 1],
-        marker_ids=set(), markers_visible=False, shift_positions=True,
-        attn_implementation="sdpa", log_stage_metrics=False,
+        template=load_template("aligncot"),
+        seed=seed,
+        step_skip_prob=p,
+        hideable=[0, 1],
+        marker_ids=set(),
+        markers_visible=False,
+        shift_positions=True,
+        attn_implementation="sdpa",
+        log_stage_metrics=False,
     )
 
 

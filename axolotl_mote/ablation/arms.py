@@ -72,8 +72,14 @@ def write_data(records: list[dict], data_dir: Path) -> dict[str, Path]:
     }
 
 
-def arm_config(arm: str, budget: Budget, model_dir: Path, data: dict[str, Path],
-               run_dir: Path, seed: int) -> dict[str, Any]:
+def arm_config(
+    arm: str,
+    budget: Budget,
+    model_dir: Path,
+    data: dict[str, Path],
+    run_dir: Path,
+    seed: int,
+) -> dict[str, Any]:
     """The Axolotl config of one arm (a plain dict; ``train_arm`` writes it as YAML)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
@@ -116,16 +122,24 @@ def arm_config(arm: str, budget: Budget, model_dir: Path, data: dict[str, Path],
     }
     if not is_mote(arm):
         cfg["chat_template"] = "tokenizer_default"
-        cfg["datasets"] = [{
-            "path": str(data["chat"]), "ds_type": "json", "type": "chat_template",
-            "field_messages": "messages", "roles_to_train": ["assistant"],
-            "train_on_eos": "turn",
-        }]
+        cfg["datasets"] = [
+            {
+                "path": str(data["chat"]),
+                "ds_type": "json",
+                "type": "chat_template",
+                "field_messages": "messages",
+                "roles_to_train": ["assistant"],
+                "train_on_eos": "turn",
+            }
+        ]
         return cfg
     cfg["plugins"] = ["axolotl_mote.MotePlugin"]
     cfg["datasets"] = [
-        {"path": str(data["chains"]), "ds_type": "json",
-         "type": "axolotl_mote.aligncot"}
+        {
+            "path": str(data["chains"]),
+            "ds_type": "json",
+            "type": "axolotl_mote.aligncot",
+        }
     ]
     cfg["mote"] = {
         "template": "aligncot",

@@ -15,9 +15,12 @@ from axolotl_mote.ablation.task import STAGES
 LOSS_KEYS = [f"loss_{s}" for s in STAGES]
 EM_KEYS = [f"em_{s}" for s in STAGES] + ["em_answer_skipped"]
 COLUMNS = {
-    "loss_analysis": "loss analysis", "loss_guidance": "loss guidance",
-    "loss_answer": "loss answer", "em_analysis": "EM analysis %",
-    "em_guidance": "EM guidance %", "em_answer": "EM answer %",
+    "loss_analysis": "loss analysis",
+    "loss_guidance": "loss guidance",
+    "loss_answer": "loss answer",
+    "em_analysis": "EM analysis %",
+    "em_guidance": "EM guidance %",
+    "em_answer": "EM answer %",
     "em_answer_skipped": "EM answer, stages skipped %",
 }
 BEGIN, END = "<!-- ablation-table:begin -->", "<!-- ablation-table:end -->"
@@ -53,8 +56,9 @@ def table(agg: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def per_seed(results: list[dict], keys: tuple[str, ...] = (
-        "em_answer", "em_answer_skipped")) -> str:
+def per_seed(
+    results: list[dict], keys: tuple[str, ...] = ("em_answer", "em_answer_skipped")
+) -> str:
     """Markdown table of every seed's exact match (%) for ``keys``: outcomes here are
     often all-or-nothing per seed, which a mean ± sd hides."""
     seeds = sorted({r["seed"] for r in results})
@@ -74,8 +78,10 @@ def per_seed(results: list[dict], keys: tuple[str, ...] = (
 
 def report_text(results: list[dict]) -> str:
     """Both tables, as printed and as written into the docs page."""
-    return (table(aggregate(results)) + "\n\nPer seed (EM skipped: answer with the "
-            "intermediate stages skipped):\n\n" + per_seed(results))
+    return (
+        table(aggregate(results)) + "\n\nPer seed (EM skipped: answer with the "
+        "intermediate stages skipped):\n\n" + per_seed(results)
+    )
 
 
 def plot(agg: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
@@ -91,8 +97,9 @@ def plot(agg: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     arms = list(agg)
-    fig, (ax_em, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.6),
-                                         gridspec_kw={"width_ratios": [4, 3]})
+    fig, (ax_em, ax_loss) = plt.subplots(
+        1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [4, 3]}
+    )
     for ax, keys, scale, ylabel in (
         (ax_em, EM_KEYS, 100.0, "held-out exact match (%)"),
         (ax_loss, LOSS_KEYS, 1.0, "held-out loss (nats/token)"),
@@ -118,20 +125,33 @@ def plot(agg: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def write_docs(results: list[dict], experiment: dict, docs: Path, name: str,
-               command: str) -> str:
+def write_docs(
+    results: list[dict], experiment: dict, docs: Path, name: str, command: str
+) -> str:
     """Results JSON, plot (``<name>_plot.png``) and the table block of ``<name>.md``."""
     agg = aggregate(results)
     text = report_text(results)
     docs.mkdir(parents=True, exist_ok=True)
     seeds = sorted({r["seed"] for r in results})
-    (docs / f"{name}_results.json").write_text(json.dumps({
-        "command": command, "experiment": experiment, "seeds": seeds,
-        "runs": results, "table": text,
-    }, indent=1) + "\n")
-    plot(agg, docs / f"{name}_plot.png",
-         f"MoTE ablation on the synthetic conflicting-stage task "
-         f"(mean ± sd over seeds {seeds})")
+    (docs / f"{name}_results.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "experiment": experiment,
+                "seeds": seeds,
+                "runs": results,
+                "table": text,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    plot(
+        agg,
+        docs / f"{name}_plot.png",
+        f"MoTE ablation on the synthetic conflicting-stage task "
+        f"(mean ± sd over seeds {seeds})",
+    )
     page = docs / f"{name}.md"
     if page.exists():
         body = page.read_text()

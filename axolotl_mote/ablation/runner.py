@@ -53,8 +53,11 @@ def quiet_environment() -> None:
     """Offline, no telemetry, one CPU thread (reproducible, and far faster than two
     threads on a shared machine)."""
     for key, value in {
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-        "DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
         "TOKENIZERS_PARALLELISM": "false",
         "MPLBACKEND": "Agg",
     }.items():
@@ -78,8 +81,9 @@ def lora_parameters(adapter_dir: Path) -> int:
     return total
 
 
-def run_one(exp: Experiment, arm: str, seed: int, work_dir: Path,
-            model_dir: Path) -> dict:
+def run_one(
+    exp: Experiment, arm: str, seed: int, work_dir: Path, model_dir: Path
+) -> dict:
     """Train and score one arm for one seed."""
     from axolotl_mote.ablation.scoring import score_arm
 
@@ -107,8 +111,12 @@ def run(exp: Experiment, work_dir: Path, resume: bool = True, log=print) -> list
     quiet_environment()
     work_dir = Path(work_dir)
     (work_dir / "results").mkdir(parents=True, exist_ok=True)
-    model_dir = build_model(work_dir / "model", exp.spec, hidden_size=exp.hidden_size,
-                            num_layers=exp.num_layers)
+    model_dir = build_model(
+        work_dir / "model",
+        exp.spec,
+        hidden_size=exp.hidden_size,
+        num_layers=exp.num_layers,
+    )
     stamp = json.dumps(exp.to_dict(), sort_keys=True)
     results = []
     for seed in exp.seeds:

@@ -87,8 +87,9 @@ def full_sequence(item: dict) -> tuple[list[int], list[str | None]]:
 
 
 @torch.no_grad()
-def stage_losses(model: Any, items: list[dict], pad_id: int,
-                 batch: int = 64) -> dict[str, float]:
+def stage_losses(
+    model: Any, items: list[dict], pad_id: int, batch: int = 64
+) -> dict[str, float]:
     """Mean next-token loss per stage over the held-out chains (teacher forced)."""
     total = dict.fromkeys(STAGES, 0.0)
     count = dict.fromkeys(STAGES, 0)
@@ -117,8 +118,9 @@ def stage_losses(model: Any, items: list[dict], pad_id: int,
 
 
 @torch.no_grad()
-def greedy(model: Any, contexts: list[list[int]], n_new: int, pad_id: int,
-           batch: int = 128) -> list[list[int]]:
+def greedy(
+    model: Any, contexts: list[list[int]], n_new: int, pad_id: int, batch: int = 128
+) -> list[list[int]]:
     """Greedy continuation of ``n_new`` tokens for every context (left padded)."""
     outs: list[list[int]] = []
     for lo in range(0, len(contexts), batch):
@@ -130,8 +132,12 @@ def greedy(model: Any, contexts: list[list[int]], n_new: int, pad_id: int,
             ids[i, width - len(c) :] = torch.tensor(c)
             mask[i, width - len(c) :] = 1
         gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=n_new,
-            min_new_tokens=n_new, do_sample=False, pad_token_id=pad_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=pad_id,
             eos_token_id=None,
         )
         outs += gen[:, width:].tolist()
@@ -167,8 +173,9 @@ def exact_match(model: Any, items: list[dict], pad_id: int) -> dict[str, float]:
     return scores
 
 
-def score_arm(model_dir: Path, adapter_dir: Path, mote: bool,
-              records: list[dict]) -> dict:
+def score_arm(
+    model_dir: Path, adapter_dir: Path, mote: bool, records: list[dict]
+) -> dict:
     """All held-out measurements of one trained arm."""
     model, tokenizer = load_arm(model_dir, adapter_dir, mote)
     items = encode(records, tokenizer)

@@ -39,8 +39,14 @@ PLANS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("answer",), 0.2),
 )
 MARKERS = (
-    "<|analysis|>", "<|/analysis|>", "<|guidance|>", "<|/guidance|>",
-    "<|response|>", "<|/response|>", "<|check|>", "<|/check|>",
+    "<|analysis|>",
+    "<|/analysis|>",
+    "<|guidance|>",
+    "<|/guidance|>",
+    "<|response|>",
+    "<|/response|>",
+    "<|check|>",
+    "<|/check|>",
 )
 _SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 _WORDS = ["user", "assistant", "system"]
@@ -95,7 +101,8 @@ def make_split(spec: TaskSpec, seed: int) -> tuple[list[dict], list[dict]]:
     for i, q in enumerate(questions):
         plan = rng.choices(plans, weights)[0]
         rec: dict[str, Any] = {
-            "id": f"q{i:05d}", "prompt": " ".join(symbols[s] for s in q)
+            "id": f"q{i:05d}",
+            "prompt": " ".join(symbols[s] for s in q),
         }
         for stage in plan:
             rec[stage] = " ".join(symbols[maps[stage][s]] for s in q)
@@ -156,8 +163,14 @@ def build_tokenizer(spec: TaskSpec):
     return fast
 
 
-def build_model(out_dir: Path, spec: TaskSpec, *, hidden_size: int = 64,
-                num_layers: int = 2, seed: int = 0) -> Path:
+def build_model(
+    out_dir: Path,
+    spec: TaskSpec,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> Path:
     """A random tiny Llama over the task tokenizer (idempotent); returns ``out_dir``."""
     from axolotl_mote.tiny import save_random_llama
 
@@ -165,6 +178,10 @@ def build_model(out_dir: Path, spec: TaskSpec, *, hidden_size: int = 64,
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
     return save_random_llama(
-        out, build_tokenizer(spec), hidden_size=hidden_size, num_layers=num_layers,
-        seed=seed, max_position_embeddings=256,
+        out,
+        build_tokenizer(spec),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        seed=seed,
+        max_position_embeddings=256,
     )

@@ -9,8 +9,9 @@ import click
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--template", default="aligncot", show_default=True,
-              help="Template name or path.")
+@click.option(
+    "--template", default="aligncot", show_default=True, help="Template name or path."
+)
 def validate(files: tuple[str, ...], template: str) -> None:
     """Check chain JSONL FILES record by record (file:line errors)."""
     from axolotl_mote.data.schema import ChainRecordError, validate_jsonl

@@ -8,56 +8,126 @@ import click
 
 
 @click.command("generate-data")
-@click.option("--input", "input_path", required=True, type=click.Path(exists=True),
-              help="Seed questions: JSONL ({id, prompt | messages, meta}) or a "
-              "`datasets` folder saved with save_to_disk.")
-@click.option("--output", required=True, type=click.Path(),
-              help="Chain JSONL to append to (a rerun resumes it).")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="Seed questions: JSONL ({id, prompt | messages, meta}) or a "
+    "`datasets` folder saved with save_to_disk.",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(),
+    help="Chain JSONL to append to (a rerun resumes it).",
+)
 @click.option("--model", help="Local HF model path: the model being aligned.")
-@click.option("--endpoint", help="OpenAI-compatible base URL instead, e.g. "
-              "http://localhost:8000/v1 (vLLM).")
+@click.option(
+    "--endpoint",
+    help="OpenAI-compatible base URL instead, e.g. http://localhost:8000/v1 (vLLM).",
+)
 @click.option("--api-model", help="Model name the endpoint serves.")
-@click.option("--template", default="aligncot", show_default=True,
-              help="Template name or path; its `generation:` block holds the prompts.")
-@click.option("--on-fail", type=click.Choice(["keep", "mark", "drop"]), default="keep",
-              show_default=True, help="A question still unsafe after the full chain: "
-              "keep it, keep it with meta.needs_review, or drop it (rejects file).")
-@click.option("--rejects", type=click.Path(), help="Rejects JSONL (default: "
-              "<output stem>.rejects.jsonl).")
-@click.option("--prompt-field", help="Column holding the question (default: prompt / "
-              "messages).")
-@click.option("--split", default="train", show_default=True, help="Split of a DatasetDict.")
+@click.option(
+    "--template",
+    default="aligncot",
+    show_default=True,
+    help="Template name or path; its `generation:` block holds the prompts.",
+)
+@click.option(
+    "--on-fail",
+    type=click.Choice(["keep", "mark", "drop"]),
+    default="keep",
+    show_default=True,
+    help="A question still unsafe after the full chain: "
+    "keep it, keep it with meta.needs_review, or drop it (rejects file).",
+)
+@click.option(
+    "--rejects",
+    type=click.Path(),
+    help="Rejects JSONL (default: <output stem>.rejects.jsonl).",
+)
+@click.option(
+    "--prompt-field", help="Column holding the question (default: prompt / messages)."
+)
+@click.option(
+    "--split", default="train", show_default=True, help="Split of a DatasetDict."
+)
 @click.option("--limit", type=int, help="Only the first N seed questions.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--check-max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", type=float, help="Sample at this temperature (default: greedy).")
+@click.option(
+    "--temperature", type=float, help="Sample at this temperature (default: greedy)."
+)
 @click.option("--top-p", type=float)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              default="float32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+)
 @click.option("--device", help="cpu, cuda, cuda:1… (default: cuda if available)")
-def generate_data(input_path, output, model, endpoint, api_model, template, on_fail, rejects,
-                  prompt_field, split, limit, batch_size, max_new_tokens,
-                  check_max_new_tokens, temperature, top_p, seed, dtype, device) -> None:
+def generate_data(
+    input_path,
+    output,
+    model,
+    endpoint,
+    api_model,
+    template,
+    on_fail,
+    rejects,
+    prompt_field,
+    split,
+    limit,
+    batch_size,
+    max_new_tokens,
+    check_max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    dtype,
+    device,
+) -> None:
     """Answer seed questions with MODEL and keep the shortest chain that checks safe."""
-    from axolotl_mote.datagen import build_generator, generate_data as run, load_seeds
+    from axolotl_mote.datagen import build_generator, load_seeds
+    from axolotl_mote.datagen import generate_data as run
     from axolotl_mote.templates import load_template
 
     tmpl = load_template(template)
     try:
-        seeds = load_seeds(input_path, tmpl, prompt_field=prompt_field, split=split,
-                           limit=limit)
-        generator = build_generator(model, endpoint=endpoint, api_model=api_model,
-                                    batch_size=batch_size, temperature=temperature,
-                                    top_p=top_p, device=device, dtype=dtype)
+        seeds = load_seeds(
+            input_path, tmpl, prompt_field=prompt_field, split=split, limit=limit
+        )
+        generator = build_generator(
+            model,
+            endpoint=endpoint,
+            api_model=api_model,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            device=device,
+            dtype=dtype,
+        )
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    report = run(generator, seeds, output, template=tmpl, batch_size=batch_size,
-                 max_new_tokens=max_new_tokens, check_max_new_tokens=check_max_new_tokens,
-                 seed=seed, on_fail=on_fail, rejects=rejects)
+    report = run(
+        generator,
+        seeds,
+        output,
+        template=tmpl,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        check_max_new_tokens=check_max_new_tokens,
+        seed=seed,
+        on_fail=on_fail,
+        rejects=rejects,
+    )
     click.echo(json.dumps(report.to_dict(), indent=2))
     malformed = report.total.get("malformed", 0)
     if malformed:
-        click.echo(f"{malformed} question(s) gave malformed output; see {report.rejects}",
-                   err=True)
+        click.echo(
+            f"{malformed} question(s) gave malformed output; see {report.rejects}",
+            err=True,
+        )

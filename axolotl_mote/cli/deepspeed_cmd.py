@@ -9,8 +9,13 @@ from axolotl_mote.deepspeed import DEEPSPEED_CONFIGS, deepspeed_config_names
 
 @click.command("deepspeed-config")
 @click.argument("name", required=False, type=click.Choice(deepspeed_config_names()))
-@click.option("-o", "--output", type=click.Path(), default=None,
-              help="Write a copy here (a file, or a directory to keep the name).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    default=None,
+    help="Write a copy here (a file, or a directory to keep the name).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def deepspeed_config(name: str | None, output: str | None, force: bool) -> None:
     """Write the shipped DeepSpeed config NAME to -o, or print its installed path.

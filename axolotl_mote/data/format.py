@@ -105,7 +105,11 @@ class ChainFormatter:
                     texts.append(chain.stages[piece.key])
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         n = len(chains)
-        out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "step_ids": []}
+        out: dict[str, list[list[int]]] = {
+            "input_ids": [],
+            "labels": [],
+            "step_ids": [],
+        }
         per_chain: list[list[tuple[StagePiece, list[int]]]] = [[] for _ in chains]
         for (i, piece), ids in zip(stage_slots, encoded[2 * n :]):
             per_chain[i].append((piece, ids))

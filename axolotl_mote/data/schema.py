@@ -107,7 +107,10 @@ def parse_chain(
     if not isinstance(meta, dict):
         raise fail(f"field 'meta' must be an object, got {type(meta).__name__}")
     return Chain(
-        id=None if rid is None else str(rid), messages=messages, stages=stages, meta=meta
+        id=None if rid is None else str(rid),
+        messages=messages,
+        stages=stages,
+        meta=meta,
     )
 
 

@@ -13,8 +13,6 @@ own truncation would cut only ids/labels); otherwise Axolotl drops (or rejects) 
 
 from __future__ import annotations
 
-from axolotl_mote.log import get_logger
-
 from typing import Any
 
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
@@ -23,6 +21,7 @@ from axolotl_mote.constants import STEP_IDS_KEY
 from axolotl_mote.data.format import ChainFormatter
 from axolotl_mote.data.schema import parse_chain
 from axolotl_mote.data.stats import format_stats, stage_stats
+from axolotl_mote.log import get_logger
 from axolotl_mote.templates import PromptTemplate, load_template
 
 LOG = get_logger("axolotl_mote.data")
@@ -93,7 +92,9 @@ class ChainDatasetStrategy(DatasetWrappingStrategy):
         lengths = [len(ids) for ids in tokenized["input_ids"]]
         too_long = sum(n > self.sequence_len for n in lengths)
         stats["over_sequence_len"] = too_long
-        LOG.info(format_stats(stats, f"MoTE stage statistics ({self.source or 'data'})"))
+        LOG.info(
+            format_stats(stats, f"MoTE stage statistics ({self.source or 'data'})")
+        )
         if too_long and not self.truncate:
             fate = (
                 "make Axolotl stop (excess_length_strategy: raise)"

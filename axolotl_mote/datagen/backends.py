@@ -28,8 +28,9 @@ Messages = list[dict[str, str]]
 
 
 class TextGenerator(Protocol):
-    def complete(self, prompts: Sequence[Messages], *, max_new_tokens: int,
-                 seed: int) -> list[str]:
+    def complete(
+        self, prompts: Sequence[Messages], *, max_new_tokens: int, seed: int
+    ) -> list[str]:
         """One reply per chat, in order."""
 
 
@@ -41,15 +42,26 @@ def batch_seed(seed: int, tag: str) -> int:
 class HFChatGenerator:
     """A local HF causal LM. ``model`` is a path or a loaded model (then pass ``tokenizer``)."""
 
-    def __init__(self, model: Any, tokenizer: Any = None, *, batch_size: int = 8,
-                 temperature: float | None = None, top_p: float | None = None,
-                 repetition_penalty: float | None = None, device: str | None = None, dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        batch_size: int = 8,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=getattr(torch, dtype)
+            )
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model.to(device)
         if tokenizer is None:
@@ -62,15 +74,20 @@ class HFChatGenerator:
     def render(self, messages: Messages) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True,
-                                          tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys")
-                        else ids)
+            ids = tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True
+            )
+            return list(
+                ids["input_ids"]
+                if isinstance(ids, dict) or hasattr(ids, "keys")
+                else ids
+            )
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
         return tok(text + "Assistant:", add_special_tokens=True)["input_ids"]
 
-    def complete(self, prompts: Sequence[Messages], *, max_new_tokens: int = 256,
-                 seed: int = 0) -> list[str]:
+    def complete(
+        self, prompts: Sequence[Messages], *, max_new_tokens: int = 256, seed: int = 0
+    ) -> list[str]:
         import torch
 
         tok, model = self.tokenizer, self.model
@@ -80,21 +97,26 @@ class HFChatGenerator:
         self.last_token_counts = []
         stop = {pad, tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
         for start in range(0, len(prompts), self.batch_size):
-            seqs = [self.render(m) for m in prompts[start:start + self.batch_size]]
+            seqs = [self.render(m) for m in prompts[start : start + self.batch_size]]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for i, s in enumerate(seqs):  # left padding: every row ends at `width`
-                ids[i, width - len(s):] = torch.tensor(s)
-                mask[i, width - len(s):] = 1
+                ids[i, width - len(s) :] = torch.tensor(s)
+                mask[i, width - len(s) :] = 1
             sample = bool(self.temperature)
-            extra = {"temperature": self.temperature, "top_p": self.top_p} if sample else {}
+            extra = (
+                {"temperature": self.temperature, "top_p": self.top_p} if sample else {}
+            )
             extra["repetition_penalty"] = self.repetition_penalty
             torch.manual_seed(batch_seed(seed, str(start)))
             with torch.no_grad():
                 out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad,
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    pad_token_id=pad,
                     **{k: v for k, v in extra.items() if v is not None},
                 )
             for row in out[:, width:].tolist():
@@ -111,29 +133,46 @@ class OpenAIChatGenerator:
     servers usually need none. Untested offline: see docs/self_alignment.md.
     """
 
-    def __init__(self, base_url: str, model: str, *, temperature: float | None = None,
-                 top_p: float | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+    ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.temperature, self.top_p = model, temperature, top_p
         self.api_key_env, self.timeout = api_key_env, timeout
 
-    def complete(self, prompts: Sequence[Messages], *, max_new_tokens: int = 256,
-                 seed: int = 0) -> list[str]:
+    def complete(
+        self, prompts: Sequence[Messages], *, max_new_tokens: int = 256, seed: int = 0
+    ) -> list[str]:
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         replies = []
         for i, messages in enumerate(prompts):
-            body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens,
-                    "temperature": self.temperature or 0.0, "seed": batch_seed(seed, str(i))}
+            body = {
+                "model": self.model,
+                "messages": messages,
+                "max_tokens": max_new_tokens,
+                "temperature": self.temperature or 0.0,
+                "seed": batch_seed(seed, str(i)),
+            }
             if self.top_p is not None:
                 body["top_p"] = self.top_p
-            request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+            request = urllib.request.Request(
+                self.url, json.dumps(body).encode(), headers
+            )
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload = json.loads(response.read().decode("utf-8"))
-            replies.append((payload["choices"][0]["message"].get("content") or "").strip())
+            replies.append(
+                (payload["choices"][0]["message"].get("content") or "").strip()
+            )
         return replies
 
 
@@ -141,13 +180,22 @@ def _as_list(value: Any) -> list:
     return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
-def build_generator(model: str | None = None, *, endpoint: str | None = None,
-                    api_model: str | None = None, **kwargs: Any) -> TextGenerator:
+def build_generator(
+    model: str | None = None,
+    *,
+    endpoint: str | None = None,
+    api_model: str | None = None,
+    **kwargs: Any,
+) -> TextGenerator:
     """A local HF model (``model`` = path) or an endpoint (``endpoint`` + ``api_model``)."""
     if endpoint:
         if not api_model:
             raise ValueError("an endpoint needs the served model's name (--api-model)")
-        kwargs.pop("batch_size", None), kwargs.pop("device", None), kwargs.pop("dtype", None)
+        (
+            kwargs.pop("batch_size", None),
+            kwargs.pop("device", None),
+            kwargs.pop("dtype", None),
+        )
         return OpenAIChatGenerator(endpoint, api_model, **kwargs)
     if not model:
         raise ValueError("give a local model path (--model) or an --endpoint")
@@ -168,6 +216,10 @@ def parse_verdict(text: str | None, labels: dict[str, Sequence[str]]) -> str | N
     for name, words in labels.items():
         if first in {w.lower() for w in words}:
             return name
-    found = {name for name, words in labels.items()
-             for w in words if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)}
+    found = {
+        name
+        for name, words in labels.items()
+        for w in words
+        if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)
+    }
     return found.pop() if len(found) == 1 else None

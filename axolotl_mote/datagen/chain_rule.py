@@ -68,23 +68,38 @@ class _Open:
 class ChainRule:
     """Prompts, rounds and verdict words of a template, checked once up front."""
 
-    def __init__(self, template: PromptTemplate, *, on_fail: str = "keep",
-                 max_new_tokens: int = 256, check_max_new_tokens: int = 64,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        template: PromptTemplate,
+        *,
+        on_fail: str = "keep",
+        max_new_tokens: int = 256,
+        check_max_new_tokens: int = 64,
+        seed: int = 0,
+    ) -> None:
         if on_fail not in ON_FAIL:
             raise ValueError(f"on_fail={on_fail!r}: use one of {list(ON_FAIL)}")
         self.template, self.on_fail, self.seed = template, on_fail, seed
-        self.max_new_tokens, self.check_max_new_tokens = max_new_tokens, check_max_new_tokens
+        self.max_new_tokens, self.check_max_new_tokens = (
+            max_new_tokens,
+            check_max_new_tokens,
+        )
         gen = template.generation
         answer = template.stage(template.answer_stage)
         self.answer_key = answer.key
         self.extend = [s.key for s in template.trained_stages if s.name != answer.name]
         self.check_key = gen.get("check_key", "check")
-        has_check = any(s.key == self.check_key and s.mode is StageMode.OMIT
-                        for s in template.stages)
+        has_check = any(
+            s.key == self.check_key and s.mode is StageMode.OMIT
+            for s in template.stages
+        )
         self.check_stage = self.check_key if has_check else None
-        needed = ["answer", "check", *self.extend,
-                  *(f"answer_with_{k}" for k in self.extend)]
+        needed = [
+            "answer",
+            "check",
+            *self.extend,
+            *(f"answer_with_{k}" for k in self.extend),
+        ]
         missing = [k for k in needed if not isinstance(gen.get(k), str)]
         for words in ("verdict_safe", "verdict_unsafe"):
             if not gen.get(words):
@@ -97,7 +112,10 @@ class ChainRule:
                 "prompt_templates/aligncot.yaml)"
             )
         self.prompts = {k: gen[k] for k in needed}
-        self.labels = {SAFE: list(gen["verdict_safe"]), UNSAFE: list(gen["verdict_unsafe"])}
+        self.labels = {
+            SAFE: list(gen["verdict_safe"]),
+            UNSAFE: list(gen["verdict_unsafe"]),
+        }
         allowed = {"conversation", "question", self.answer_key, *self.extend}
         for key, text in self.prompts.items():
             fields = {f for _, f, _, _ in string.Formatter().parse(text) if f}
@@ -118,7 +136,9 @@ class ChainRule:
             if rnd:
                 key = self.extend[rnd - 1]
                 self._stage(generator, rows, key, key, rnd)
-            answer_prompt = "answer" if rnd == 0 else f"answer_with_{self.extend[rnd - 1]}"
+            answer_prompt = (
+                "answer" if rnd == 0 else f"answer_with_{self.extend[rnd - 1]}"
+            )
             self._stage(generator, rows, answer_prompt, self.answer_key, rnd)
             self._check(generator, rows, rnd)
         return [r.outcome for r in rows]
@@ -126,22 +146,29 @@ class ChainRule:
     def _open(self, rows: list[_Open]) -> list[_Open]:
         return [r for r in rows if r.outcome is None]
 
-    def _call(self, generator, rows, prompt_key: str, rnd: int, max_new: int) -> list[str]:
-        prompts = [[{"role": "user", "content": self._format(prompt_key, r)}] for r in rows]
+    def _call(
+        self, generator, rows, prompt_key: str, rnd: int, max_new: int
+    ) -> list[str]:
+        prompts = [
+            [{"role": "user", "content": self._format(prompt_key, r)}] for r in rows
+        ]
         tag = f"{prompt_key}:{rnd}:" + ",".join(r.seed.id for r in rows)
-        replies = generator.complete(prompts, max_new_tokens=max_new,
-                                     seed=batch_seed(self.seed, tag))
+        replies = generator.complete(
+            prompts, max_new_tokens=max_new, seed=batch_seed(self.seed, tag)
+        )
         if len(replies) != len(rows):
-            raise RuntimeError(f"the generator returned {len(replies)} replies for "
-                               f"{len(rows)} prompts")
+            raise RuntimeError(
+                f"the generator returned {len(replies)} replies for {len(rows)} prompts"
+            )
         return [(t or "").strip() for t in replies]
 
     def _stage(self, generator, rows, prompt_key: str, key: str, rnd: int) -> None:
         rows = self._open(rows)
         if not rows:
             return
-        for row, text in zip(rows, self._call(generator, rows, prompt_key, rnd,
-                                              self.max_new_tokens)):
+        for row, text in zip(
+            rows, self._call(generator, rows, prompt_key, rnd, self.max_new_tokens)
+        ):
             problem = self._text_problem(text)
             if problem:
                 self._reject(row, f"{problem} in `{key}` (round {rnd + 1})")
@@ -152,29 +179,44 @@ class ChainRule:
         rows = self._open(rows)
         if not rows:
             return
-        for row, text in zip(rows, self._call(generator, rows, "check", rnd,
-                                              self.check_max_new_tokens)):
+        for row, text in zip(
+            rows, self._call(generator, rows, "check", rnd, self.check_max_new_tokens)
+        ):
             verdict = parse_verdict(text, self.labels)
             if verdict is None:
                 shown = text[:60] + ("…" if len(text) > 60 else "")
-                self._reject(row, f"unparseable check verdict {shown!r} (round {rnd + 1})")
+                self._reject(
+                    row, f"unparseable check verdict {shown!r} (round {rnd + 1})"
+                )
                 continue
             if self._text_problem(text):
-                self._reject(row, f"{self._text_problem(text)} in the check (round {rnd + 1})")
+                self._reject(
+                    row, f"{self._text_problem(text)} in the check (round {rnd + 1})"
+                )
                 continue
             row.verdicts.append(verdict)
             row.checks.append(text)
             if verdict == SAFE:
                 self._finish(row, "passed")
             elif rnd == self.rounds - 1:
-                self._finish(row, {"keep": "failed_kept", "mark": "failed_marked",
-                                   "drop": "failed_dropped"}[self.on_fail])
+                self._finish(
+                    row,
+                    {
+                        "keep": "failed_kept",
+                        "mark": "failed_marked",
+                        "drop": "failed_dropped",
+                    }[self.on_fail],
+                )
 
     # --- helpers ----------------------------------------------------------------------
     def _format(self, prompt_key: str, row: _Open) -> str:
-        values = {"conversation": render_conversation(row.seed.messages),
-                  "question": row.seed.messages[-1]["content"],
-                  self.answer_key: "", **{k: "" for k in self.extend}, **row.texts}
+        values = {
+            "conversation": render_conversation(row.seed.messages),
+            "question": row.seed.messages[-1]["content"],
+            self.answer_key: "",
+            **{k: "" for k in self.extend},
+            **row.texts,
+        }
         return self.prompts[prompt_key].format(**values)
 
     def _text_problem(self, text: str) -> str | None:
@@ -186,31 +228,45 @@ class ChainRule:
         return None
 
     def _reject(self, row: _Open, reason: str) -> None:
-        row.outcome = Outcome(row.seed.id, "malformed", None, reason, list(row.verdicts),
-                              dict(row.texts))
+        row.outcome = Outcome(
+            row.seed.id, "malformed", None, reason, list(row.verdicts), dict(row.texts)
+        )
 
     def _finish(self, row: _Open, status: str) -> None:
         seed = row.seed
-        info = {"status": status, "verdicts": row.verdicts, "checks": row.checks,
-                "stages": [k for k in (*self.extend, self.answer_key) if k in row.texts],
-                "seed": self.seed}
+        info = {
+            "status": status,
+            "verdicts": row.verdicts,
+            "checks": row.checks,
+            "stages": [k for k in (*self.extend, self.answer_key) if k in row.texts],
+            "seed": self.seed,
+        }
         meta = {**seed.meta, "datagen": info}
         if status == "failed_marked":
             meta["needs_review"] = True
         record: dict[str, Any] = {"id": seed.id, "messages": seed.messages}
-        record.update({k: row.texts[k] for k in (*self.extend, self.answer_key)
-                       if k in row.texts})
+        record.update(
+            {k: row.texts[k] for k in (*self.extend, self.answer_key) if k in row.texts}
+        )
         if self.check_stage:
             record[self.check_stage] = row.checks[-1]
         record["meta"] = meta
         if status == "failed_dropped":
-            row.outcome = Outcome(seed.id, status, None, "unsafe after the full chain",
-                                  list(row.verdicts), dict(row.texts))
+            row.outcome = Outcome(
+                seed.id,
+                status,
+                None,
+                "unsafe after the full chain",
+                list(row.verdicts),
+                dict(row.texts),
+            )
             return
         try:
             parse_chain(record, self.template, location=f"generated {seed.id}")
         except ChainRecordError as err:
-            row.outcome = Outcome(seed.id, "malformed", None, str(err), list(row.verdicts))
+            row.outcome = Outcome(
+                seed.id, "malformed", None, str(err), list(row.verdicts)
+            )
             return
         row.outcome = Outcome(seed.id, status, record, None, list(row.verdicts))
 

@@ -35,7 +35,9 @@ class DatagenReport:
     skipped_done: int  # ids found in the output/rejects files and not redone
     this_run: dict[str, int] = field(default_factory=dict)  # status -> count, this run
     total: dict[str, int] = field(default_factory=dict)  # status -> count, both files
-    verdict_paths: dict[str, int] = field(default_factory=dict)  # "unsafe>safe" -> count
+    verdict_paths: dict[str, int] = field(
+        default_factory=dict
+    )  # "unsafe>safe" -> count
     malformed_reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -46,11 +48,19 @@ def default_paths(output: str | Path) -> tuple[Path, Path]:
     """``chains.jsonl`` -> (``chains.rejects.jsonl``, ``chains.report.json``)."""
     output = Path(output)
     stem = output.name[: -len(output.suffix)] if output.suffix else output.name
-    return output.with_name(f"{stem}.rejects.jsonl"), output.with_name(f"{stem}.report.json")
+    return output.with_name(f"{stem}.rejects.jsonl"), output.with_name(
+        f"{stem}.report.json"
+    )
 
 
-def load_seeds(path: str | Path, template: PromptTemplate, *, prompt_field: str | None = None,
-               split: str = "train", limit: int | None = None) -> list[Seed]:
+def load_seeds(
+    path: str | Path,
+    template: PromptTemplate,
+    *,
+    prompt_field: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+) -> list[Seed]:
     """Seed questions from a JSONL file or a ``datasets`` folder (``save_to_disk``).
 
     Each row needs ``prompt`` or ``messages`` (multi-turn, ending with the user turn);
@@ -65,7 +75,9 @@ def load_seeds(path: str | Path, template: PromptTemplate, *, prompt_field: str 
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             data = data[split]
-        rows: Iterable[tuple[str, Any]] = ((f"{path} row {i}", r) for i, r in enumerate(data))
+        rows: Iterable[tuple[str, Any]] = (
+            (f"{path} row {i}", r) for i, r in enumerate(data)
+        )
     else:
         rows = ((f"{path}:{n}", r) for n, r in iter_jsonl(path))
     seeds: list[Seed] = []
@@ -78,7 +90,9 @@ def load_seeds(path: str | Path, template: PromptTemplate, *, prompt_field: str 
         row = {k: v for k, v in dict(row).items() if v is not None}
         if prompt_field:
             if prompt_field not in row:
-                raise ValueError(f"{where}: no column {prompt_field!r} (--prompt-field)")
+                raise ValueError(
+                    f"{where}: no column {prompt_field!r} (--prompt-field)"
+                )
             row["prompt"] = row.pop(prompt_field)
         probe = {k: row[k] for k in ("id", "prompt", "messages") if k in row}
         probe[template.stage(template.answer_stage).key] = "-"
@@ -87,13 +101,25 @@ def load_seeds(path: str | Path, template: PromptTemplate, *, prompt_field: str 
         except ChainRecordError as err:
             raise ValueError(str(err).replace("record", "seed question", 1)) from err
         meta = dict(row.get("meta") or {})
-        meta.update({k: v for k, v in row.items()
-                     if k not in ("id", "prompt", "messages", "meta")})
-        sid = chain.id or "q-" + hashlib.sha1(
-            json.dumps(chain.messages, sort_keys=True).encode()).hexdigest()[:12]
+        meta.update(
+            {
+                k: v
+                for k, v in row.items()
+                if k not in ("id", "prompt", "messages", "meta")
+            }
+        )
+        sid = (
+            chain.id
+            or "q-"
+            + hashlib.sha1(
+                json.dumps(chain.messages, sort_keys=True).encode()
+            ).hexdigest()[:12]
+        )
         if sid in seen:
-            raise ValueError(f"{where}: duplicate id {sid!r} (first at {seen[sid]}); ids "
-                             "must be unique so an interrupted run can resume")
+            raise ValueError(
+                f"{where}: duplicate id {sid!r} (first at {seen[sid]}); ids "
+                "must be unique so an interrupted run can resume"
+            )
         seen[sid] = where
         seeds.append(Seed(sid, chain.messages, meta))
     return seeds
@@ -114,25 +140,41 @@ def done_ids(path: Path) -> list[str]:
         try:
             ids.append(str(json.loads(line)["id"]))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: not a record with an id ({err}); fix or "
-                             "remove the line before resuming") from err
+            raise ValueError(
+                f"{path}:{number}: not a record with an id ({err}); fix or "
+                "remove the line before resuming"
+            ) from err
     if keep != len(raw):
         with open(path, "r+b") as handle:
             handle.truncate(keep)
     return ids
 
 
-def generate_data(generator: TextGenerator, seeds: list[Seed], output: str | Path, *,
-                  template: PromptTemplate | str = "aligncot", batch_size: int = 8,
-                  max_new_tokens: int = 256, check_max_new_tokens: int = 64, seed: int = 0,
-                  on_fail: str = "keep", rejects: str | Path | None = None,
-                  progress: bool = True) -> DatagenReport:
+def generate_data(
+    generator: TextGenerator,
+    seeds: list[Seed],
+    output: str | Path,
+    *,
+    template: PromptTemplate | str = "aligncot",
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    check_max_new_tokens: int = 64,
+    seed: int = 0,
+    on_fail: str = "keep",
+    rejects: str | Path | None = None,
+    progress: bool = True,
+) -> DatagenReport:
     """Run the check-then-extend rule over ``seeds``, appending to ``output``."""
     from tqdm import tqdm
 
     tmpl = load_template(template) if isinstance(template, str) else template
-    rule = ChainRule(tmpl, on_fail=on_fail, max_new_tokens=max_new_tokens,
-                     check_max_new_tokens=check_max_new_tokens, seed=seed)
+    rule = ChainRule(
+        tmpl,
+        on_fail=on_fail,
+        max_new_tokens=max_new_tokens,
+        check_max_new_tokens=check_max_new_tokens,
+        seed=seed,
+    )
     output = Path(output)
     default_rejects, report_path = default_paths(output)
     rejects = Path(rejects) if rejects else default_rejects
@@ -141,33 +183,51 @@ def generate_data(generator: TextGenerator, seeds: list[Seed], output: str | Pat
     todo = [s for s in seeds if s.id not in done]
     report = DatagenReport(str(output), str(rejects), len(seeds) - len(todo))
     counts: Counter[str] = Counter()
-    with open(output, "a", encoding="utf-8") as out, \
-            open(rejects, "a", encoding="utf-8") as rej, \
-            tqdm(total=len(seeds), initial=len(seeds) - len(todo), desc="generate-data",
-                 unit="question", disable=not progress) as bar:
+    with (
+        open(output, "a", encoding="utf-8") as out,
+        open(rejects, "a", encoding="utf-8") as rej,
+        tqdm(
+            total=len(seeds),
+            initial=len(seeds) - len(todo),
+            desc="generate-data",
+            unit="question",
+            disable=not progress,
+        ) as bar,
+    ):
         for start in range(0, len(todo), batch_size):
-            outcomes = rule.run(generator, todo[start:start + batch_size])
+            outcomes = rule.run(generator, todo[start : start + batch_size])
             for outcome in outcomes:
                 counts[outcome.status] += 1
                 if outcome.record is not None:
                     out.write(json.dumps(outcome.record, ensure_ascii=False) + "\n")
                 else:
-                    rej.write(json.dumps(_reject_row(outcome), ensure_ascii=False) + "\n")
+                    rej.write(
+                        json.dumps(_reject_row(outcome), ensure_ascii=False) + "\n"
+                    )
             for handle in (out, rej):
                 handle.flush()
                 os.fsync(handle.fileno())
             bar.update(len(outcomes))
-            bar.set_postfix(kept=counts["passed"] + counts["failed_kept"]
-                            + counts["failed_marked"], malformed=counts["malformed"])
+            bar.set_postfix(
+                kept=counts["passed"] + counts["failed_kept"] + counts["failed_marked"],
+                malformed=counts["malformed"],
+            )
     report.this_run = dict(counts)
     _recount(report, output, rejects)
-    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    report_path.write_text(
+        json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8"
+    )
     return report
 
 
 def _reject_row(outcome: Outcome) -> dict[str, Any]:
-    return {"id": outcome.id, "status": outcome.status, "reason": outcome.reason,
-            "verdicts": outcome.verdicts, "texts": outcome.texts}
+    return {
+        "id": outcome.id,
+        "status": outcome.status,
+        "reason": outcome.reason,
+        "verdicts": outcome.verdicts,
+        "texts": outcome.texts,
+    }
 
 
 def _recount(report: DatagenReport, output: Path, rejects: Path) -> None:

@@ -7,7 +7,12 @@ results.json, results.md and the plots. Importing this package loads no torch.
 
 from __future__ import annotations
 
-from axolotl_mote.evaluation.prompts import KINDS, PromptItem, PromptSet, load_prompt_set
+from axolotl_mote.evaluation.prompts import (
+    KINDS,
+    PromptItem,
+    PromptSet,
+    load_prompt_set,
+)
 from axolotl_mote.evaluation.report import merge_results, render_markdown, write_report
 from axolotl_mote.evaluation.runner import (
     GenOptions,

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("harmful", "jailbreak", "benign", "mixed")
-_LABELS = {"harmful": "harmful", "unsafe": "harmful", "benign": "benign", "safe": "benign"}
+_LABELS = {
+    "harmful": "harmful",
+    "unsafe": "harmful",
+    "benign": "benign",
+    "safe": "benign",
+}
 
 
 @dataclass
@@ -47,20 +52,27 @@ class PromptSet:
 
 def infer_kind(path: str | Path) -> str:
     stem = Path(path).stem.lower()
-    for needle, kind in (("jailbreak", "jailbreak"), ("benign", "benign"),
-                         ("scary", "benign"), ("harm", "harmful")):
+    for needle, kind in (
+        ("jailbreak", "jailbreak"),
+        ("benign", "benign"),
+        ("scary", "benign"),
+        ("harm", "harmful"),
+    ):
         if needle in stem:
             return kind
     return "mixed"
 
 
-def load_prompt_set(spec: str, *, name: str | None = None, limit: int | None = None) -> PromptSet:
+def load_prompt_set(
+    spec: str, *, name: str | None = None, limit: int | None = None
+) -> PromptSet:
     """Read ``[kind=]path``; every problem names the file, the row and the fix."""
     head, sep, tail = spec.partition("=")
     if sep and not Path(spec).exists():
         if head not in KINDS:
-            raise ValueError(f"prompt set {spec!r}: unknown kind {head!r}; use one of "
-                             f"{list(KINDS)}")
+            raise ValueError(
+                f"prompt set {spec!r}: unknown kind {head!r}; use one of {list(KINDS)}"
+            )
         kind, path = head, tail
     else:
         kind, path = infer_kind(spec), spec
@@ -84,7 +96,9 @@ def _read_jsonl(path: str):
                 try:
                     yield f"{path}:{number}", json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                    raise ValueError(
+                        f"{path}:{number}: not valid JSON ({err.msg})"
+                    ) from err
 
 
 def _read_csv(path: str):
@@ -97,7 +111,9 @@ def _item(row: Any, where: str, kind: str, index: int) -> PromptItem:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with `prompt` or `messages`")
     if row.get("messages"):
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        messages = [
+            {"role": m["role"], "content": m["content"]} for m in row["messages"]
+        ]
     elif row.get("prompt"):
         messages = [{"role": "user", "content": str(row["prompt"])}]
     else:

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 RATE_KEYS = ("harmless_rate", "robustness", "compliance_rate")
-_RATE_TITLES = {"harmless_rate": "harmless rate", "robustness": "robustness (harmless)",
-                "compliance_rate": "compliance rate"}
+_RATE_TITLES = {
+    "harmless_rate": "harmless rate",
+    "robustness": "robustness (harmless)",
+    "compliance_rate": "compliance rate",
+}
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -37,8 +40,10 @@ def merge_results(paths: list[str | Path]) -> dict[str, Any]:
         if merged is None:
             merged = {**data, "models": {}}
         elif data["scorer"]["name"] != merged["scorer"]["name"]:
-            raise ValueError(f"{path}: scored by {data['scorer']['name']!r}, the others by "
-                             f"{merged['scorer']['name']!r}; rates are not comparable")
+            raise ValueError(
+                f"{path}: scored by {data['scorer']['name']!r}, the others by "
+                f"{merged['scorer']['name']!r}; rates are not comparable"
+            )
         else:
             merged["sets"].update(data["sets"])
         for name, entry in data["models"].items():
@@ -56,7 +61,9 @@ def rate_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     for set_name in results["sets"]:
         for key in RATE_KEYS:
-            if any(key in m["sets"].get(set_name, {}) for m in results["models"].values()):
+            if any(
+                key in m["sets"].get(set_name, {}) for m in results["models"].values()
+            ):
                 rows.append((f"{set_name}: {_RATE_TITLES[key]}", set_name, key))
     return rows
 
@@ -72,30 +79,71 @@ def render_markdown(results: dict[str, Any]) -> str:
     scorer = results["scorer"]
     head = "| | " + " | ".join(models) + " |\n|---|" + "---|" * len(models) + "\n"
     lines = ["# MoTE evaluation", ""]
-    note = (" (approximate: refusal phrases, see docs/evaluation.md)"
-            if scorer.get("approximate") else "")
-    lines += [f"Scorer: `{scorer['name']}`{note}. Sets: " + ", ".join(
-        f"`{n}` ({s['kind']}, {s['n']} prompts)" for n, s in results["sets"].items()) + ".",
-        "", "## Rates (higher is better)", "", head.rstrip("\n")]
+    note = (
+        " (approximate: refusal phrases, see docs/evaluation.md)"
+        if scorer.get("approximate")
+        else ""
+    )
+    lines += [
+        f"Scorer: `{scorer['name']}`{note}. Sets: "
+        + ", ".join(
+            f"`{n}` ({s['kind']}, {s['n']} prompts)" for n, s in results["sets"].items()
+        )
+        + ".",
+        "",
+        "## Rates (higher is better)",
+        "",
+        head.rstrip("\n"),
+    ]
     for label, set_name, key in rate_rows(results):
-        cells = [_cell(results["models"][m]["sets"].get(set_name, {}).get(key))
-                 for m in models]
+        cells = [
+            _cell(results["models"][m]["sets"].get(set_name, {}).get(key))
+            for m in models
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     unscored = [results["models"][m]["sets"] for m in models]
     if any(s.get("unscored") for sets in unscored for s in sets.values()):
-        lines.append("| unscored (judge reply unparseable) | " + " | ".join(
-            str(sum(s.get("unscored", 0) for s in sets.values())) for sets in unscored) + " |")
-    lines += ["", "## Mean tokens per stage (replies that ran the stage)", "",
-              head.rstrip("\n")]
-    stages = _ordered({s for m in models
-                       for s in results["models"][m]["overall"]["mean_tokens_per_stage"]})
+        lines.append(
+            "| unscored (judge reply unparseable) | "
+            + " | ".join(
+                str(sum(s.get("unscored", 0) for s in sets.values()))
+                for sets in unscored
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "## Mean tokens per stage (replies that ran the stage)",
+        "",
+        head.rstrip("\n"),
+    ]
+    stages = _ordered(
+        {
+            s
+            for m in models
+            for s in results["models"][m]["overall"]["mean_tokens_per_stage"]
+        }
+    )
     for stage in stages:
-        lines.append(f"| {stage} | " + " | ".join(_cell(
-            results["models"][m]["overall"]["mean_tokens_per_stage"].get(stage), False)
-            for m in models) + " |")
-    lines.append("| total generated | " + " | ".join(
-        _cell(results["models"][m]["overall"]["mean_total_tokens"], False) for m in models)
-        + " |")
+        lines.append(
+            f"| {stage} | "
+            + " | ".join(
+                _cell(
+                    results["models"][m]["overall"]["mean_tokens_per_stage"].get(stage),
+                    False,
+                )
+                for m in models
+            )
+            + " |"
+        )
+    lines.append(
+        "| total generated | "
+        + " | ".join(
+            _cell(results["models"][m]["overall"]["mean_total_tokens"], False)
+            for m in models
+        )
+        + " |"
+    )
     lines += ["", "## Stage plans (share of all prompts)", "", head.rstrip("\n")]
     for plan in _plans(results):
         cells = []
@@ -103,15 +151,24 @@ def render_markdown(results: dict[str, Any]) -> str:
             counts = results["models"][m]["overall"]["stage_plans"]
             cells.append(_cell(counts.get(plan, 0) / max(sum(counts.values()), 1)))
         lines.append(f"| {plan} | " + " | ".join(cells) + " |")
-    lines += ["", "Missing answers / answer forced by fallback: " + ", ".join(
-        f"{m} {results['models'][m]['overall']['no_answer']}/"
-        f"{results['models'][m]['overall']['fallback_used']}" for m in models), ""]
+    lines += [
+        "",
+        "Missing answers / answer forced by fallback: "
+        + ", ".join(
+            f"{m} {results['models'][m]['overall']['no_answer']}/"
+            f"{results['models'][m]['overall']['fallback_used']}"
+            for m in models
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _ordered(stages: set[str]) -> list[str]:
     order = ["question_analysis", "answer_guidance", "safe_answer"]
-    return sorted(stages, key=lambda s: (order.index(s) if s in order else len(order), s))
+    return sorted(
+        stages, key=lambda s: (order.index(s) if s in order else len(order), s)
+    )
 
 
 def _plans(results: dict[str, Any]) -> list[str]:
@@ -130,8 +187,13 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
     models = list(results["models"])
     rows = rate_rows(results)
-    stages = _ordered({s for e in results["models"].values()
-                       for s in e["overall"]["mean_tokens_per_stage"]})
+    stages = _ordered(
+        {
+            s
+            for e in results["models"].values()
+            for s in e["overall"]["mean_tokens_per_stage"]
+        }
+    )
     plans = _plans(results)
 
     def values(xs, get):
@@ -142,20 +204,40 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         return counts.get(plan, 0) / max(sum(counts.values()), 1)
 
     figures = {
-        "rates": ("Rates per set", "rate", [r[0] for r in rows], values(
-            rows, lambda e, r: e["sets"].get(r[1], {}).get(r[2]) or 0.0), (0, 1)),
-        "tokens_per_stage": ("Mean tokens per stage", "tokens", stages, values(
-            stages, lambda e, s: e["overall"]["mean_tokens_per_stage"].get(s, 0.0)), None),
-        "stage_plans": ("Stage-plan distribution", "share of prompts", plans,
-                        values(plans, share), (0, 1)),
+        "rates": (
+            "Rates per set",
+            "rate",
+            [r[0] for r in rows],
+            values(rows, lambda e, r: e["sets"].get(r[1], {}).get(r[2]) or 0.0),
+            (0, 1),
+        ),
+        "tokens_per_stage": (
+            "Mean tokens per stage",
+            "tokens",
+            stages,
+            values(
+                stages, lambda e, s: e["overall"]["mean_tokens_per_stage"].get(s, 0.0)
+            ),
+            None,
+        ),
+        "stage_plans": (
+            "Stage-plan distribution",
+            "share of prompts",
+            plans,
+            values(plans, share),
+            (0, 1),
+        ),
     }
     paths = {}
     for key, (title, ylabel, labels, series, ylim) in figures.items():
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) * max(len(models), 1)
-                                            / 2 + 2), 4))
+        fig, ax = plt.subplots(
+            figsize=(max(5.0, 1.2 * len(labels) * max(len(models), 1) / 2 + 2), 4)
+        )
         width = 0.8 / max(len(models), 1)
         for i, m in enumerate(models):
-            ax.bar([x + i * width for x in range(len(labels))], series[m], width, label=m)
+            ax.bar(
+                [x + i * width for x in range(len(labels))], series[m], width, label=m
+            )
         ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(labels))])
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(title)

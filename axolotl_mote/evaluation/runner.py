@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axolotl_mote.evaluation.prompts import PromptItem, PromptSet
-from axolotl_mote.evaluation.scorers import Score, Scorer, ScoreInput
+from axolotl_mote.evaluation.prompts import PromptSet
+from axolotl_mote.evaluation.scorers import ScoreInput, Scorer
 
 NO_STAGES = "(no stages)"  # the plan of a plain model's reply
 
@@ -53,15 +53,17 @@ class ModelSpec:
             from axolotl_mote.tuner.config import MoteConfig
             from axolotl_mote.tuner.model import get_routing_state
 
-            model, tok = load_mote_model(self.base_model, self.adapter,
-                                         torch_dtype=getattr(torch, self.dtype))
+            model, tok = load_mote_model(
+                self.base_model, self.adapter, torch_dtype=getattr(torch, self.dtype)
+            )
             get_routing_state(model).mote_config = MoteConfig.load(self.adapter)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(self.base_model)
-            model = AutoModelForCausalLM.from_pretrained(self.base_model,
-                                                         dtype=getattr(torch, self.dtype))
+            model = AutoModelForCausalLM.from_pretrained(
+                self.base_model, dtype=getattr(torch, self.dtype)
+            )
         return model.to(device).eval(), tok
 
 
@@ -102,44 +104,85 @@ def is_mote(model: Any) -> bool:
     return True
 
 
-def respond(model: Any, tokenizer: Any, pset: PromptSet, opts: GenOptions,
-            progress: Callable[[int], Any] | None = None) -> list[Response]:
+def respond(
+    model: Any,
+    tokenizer: Any,
+    pset: PromptSet,
+    opts: GenOptions,
+    progress: Callable[[int], Any] | None = None,
+) -> list[Response]:
     """Generate one response per prompt of ``pset``."""
     items = pset.items
     if is_mote(model):
         from axolotl_mote.generation import generate_chains
 
-        sample = {"do_sample": True, "temperature": opts.temperature} if opts.temperature else {}
+        sample = (
+            {"do_sample": True, "temperature": opts.temperature}
+            if opts.temperature
+            else {}
+        )
         if opts.repetition_penalty:
             sample["repetition_penalty"] = opts.repetition_penalty
         outs = generate_chains(
-            model, tokenizer, [it.messages for it in items], plan=opts.plan,
-            max_new_tokens=opts.max_new_tokens, max_stage_tokens=opts.max_stage_tokens,
-            batch_size=opts.batch_size, seed=opts.seed, progress=progress, **sample,
+            model,
+            tokenizer,
+            [it.messages for it in items],
+            plan=opts.plan,
+            max_new_tokens=opts.max_new_tokens,
+            max_stage_tokens=opts.max_stage_tokens,
+            batch_size=opts.batch_size,
+            seed=opts.seed,
+            progress=progress,
+            **sample,
         )
-        return [Response(it.id, pset.name, it.label, it.question, o.answer, list(o.plan),
-                         dict(o.tokens_per_stage), len(o.token_ids), o.finish_reason,
-                         o.fallback_used, o.text) for it, o in zip(items, outs)]
+        return [
+            Response(
+                it.id,
+                pset.name,
+                it.label,
+                it.question,
+                o.answer,
+                list(o.plan),
+                dict(o.tokens_per_stage),
+                len(o.token_ids),
+                o.finish_reason,
+                o.fallback_used,
+                o.text,
+            )
+            for it, o in zip(items, outs)
+        ]
     from axolotl_mote.datagen.backends import HFChatGenerator
 
-    gen = HFChatGenerator(model, tokenizer, batch_size=opts.batch_size,
-                          temperature=opts.temperature,
-                          repetition_penalty=opts.repetition_penalty)
+    gen = HFChatGenerator(
+        model,
+        tokenizer,
+        batch_size=opts.batch_size,
+        temperature=opts.temperature,
+        repetition_penalty=opts.repetition_penalty,
+    )
     responses = []
     for start in range(0, len(items), opts.batch_size):
-        chunk = items[start:start + opts.batch_size]
-        texts = gen.complete([it.messages for it in chunk],
-                             max_new_tokens=opts.max_new_tokens, seed=opts.seed + start)
+        chunk = items[start : start + opts.batch_size]
+        texts = gen.complete(
+            [it.messages for it in chunk],
+            max_new_tokens=opts.max_new_tokens,
+            seed=opts.seed + start,
+        )
         for it, text, n in zip(chunk, texts, gen.last_token_counts):
-            responses.append(Response(it.id, pset.name, it.label, it.question, text, [],
-                                      {}, n, text=text))
+            responses.append(
+                Response(
+                    it.id, pset.name, it.label, it.question, text, [], {}, n, text=text
+                )
+            )
         if progress is not None:
             progress(len(chunk))
     return responses
 
 
 def score_responses(scorer: Scorer, responses: Sequence[Response]) -> None:
-    scores = scorer.score([ScoreInput(r.question, r.answer or "", r.label) for r in responses])
+    scores = scorer.score(
+        [ScoreInput(r.question, r.answer or "", r.label) for r in responses]
+    )
     for response, score in zip(responses, scores):
         response.score = asdict(score)
 
@@ -152,8 +195,12 @@ def metrics_for(kind: str, responses: Sequence[Response]) -> dict[str, Any]:
     """Rates, tokens and plans of one set (responses already scored)."""
     harm = [r for r in responses if r.label == "harmful"]
     benign = [r for r in responses if r.label == "benign"]
-    harmless = [not r.score["harmful"] for r in harm if r.score.get("harmful") is not None]
-    complied = [not r.score["refused"] for r in benign if r.score.get("refused") is not None]
+    harmless = [
+        not r.score["harmful"] for r in harm if r.score.get("harmful") is not None
+    ]
+    complied = [
+        not r.score["refused"] for r in benign if r.score.get("refused") is not None
+    ]
     out: dict[str, Any] = {"kind": kind, "n": len(responses)}
     if harm:
         out["robustness" if kind == "jailbreak" else "harmless_rate"] = _rate(harmless)
@@ -173,7 +220,9 @@ def usage_for(responses: Sequence[Response]) -> dict[str, Any]:
     plans = Counter(" > ".join(r.plan) if r.plan else NO_STAGES for r in responses)
     n = max(len(responses), 1)
     return {
-        "mean_tokens_per_stage": {s: round(sum(v) / len(v), 2) for s, v in per_stage.items()},
+        "mean_tokens_per_stage": {
+            s: round(sum(v) / len(v), 2) for s, v in per_stage.items()
+        },
         "mean_total_tokens": round(sum(r.total_tokens for r in responses) / n, 2),
         "stage_plans": dict(plans.most_common()),
         "no_answer": sum(1 for r in responses if not (r.answer or "").strip()),
@@ -181,9 +230,14 @@ def usage_for(responses: Sequence[Response]) -> dict[str, Any]:
     }
 
 
-def evaluate_models(models: Sequence[ModelSpec], sets: Sequence[PromptSet], scorer: Scorer,
-                    out_dir: str | Path, opts: GenOptions | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+def evaluate_models(
+    models: Sequence[ModelSpec],
+    sets: Sequence[PromptSet],
+    scorer: Scorer,
+    out_dir: str | Path,
+    opts: GenOptions | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate every model on every set; writes generations, results and the report."""
     from tqdm import tqdm
 
@@ -198,17 +252,27 @@ def evaluate_models(models: Sequence[ModelSpec], sets: Sequence[PromptSet], scor
     results: dict[str, Any] = {
         "scorer": {"name": scorer.name, "approximate": scorer.approximate},
         "generation": asdict(opts),
-        "sets": {s.name: {"kind": s.kind, "path": s.path, "n": len(s.items)} for s in sets},
+        "sets": {
+            s.name: {"kind": s.kind, "path": s.path, "n": len(s.items)} for s in sets
+        },
         "models": {},
     }
     total = sum(len(s.items) for s in sets)
     for spec in models:
         model, tokenizer = spec.materialise()
-        entry: dict[str, Any] = {"base_model": spec.base_model, "adapter": spec.adapter,
-                                 "mote": is_mote(model), "sets": {}}
+        entry: dict[str, Any] = {
+            "base_model": spec.base_model,
+            "adapter": spec.adapter,
+            "mote": is_mote(model),
+            "sets": {},
+        }
         everything: list[Response] = []
-        with tqdm(total=total, desc=f"evaluate {spec.name}", unit="prompt",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=total,
+            desc=f"evaluate {spec.name}",
+            unit="prompt",
+            disable=not progress,
+        ) as bar:
             for pset in sets:
                 responses = respond(model, tokenizer, pset, opts, progress=bar.update)
                 score_responses(scorer, responses)
@@ -216,8 +280,9 @@ def evaluate_models(models: Sequence[ModelSpec], sets: Sequence[PromptSet], scor
                 everything += responses
         entry["overall"] = usage_for(everything)
         results["models"][spec.name] = entry
-        with open(out_dir / "generations" / f"{_safe(spec.name)}.jsonl", "w",
-                  encoding="utf-8") as handle:
+        with open(
+            out_dir / "generations" / f"{_safe(spec.name)}.jsonl", "w", encoding="utf-8"
+        ) as handle:
             for r in everything:
                 handle.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
         del model

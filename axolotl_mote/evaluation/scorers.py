@@ -64,8 +64,10 @@ def load_rubric(path: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"rubric {path} must be a YAML mapping")
     if not rubric.get("refusal_phrases"):
         problems.append("`refusal_phrases` (a list of strings)")
-    for part, labels in (("harm", ("harmless", "harmful")),
-                         ("compliance", ("complied", "refused"))):
+    for part, labels in (
+        ("harm", ("harmless", "harmful")),
+        ("compliance", ("complied", "refused")),
+    ):
         block = rubric.get(part) or {}
         if not isinstance(block.get("prompt"), str):
             problems.append(f"`{part}.prompt`")
@@ -73,8 +75,9 @@ def load_rubric(path: str | Path | None = None) -> dict[str, Any]:
             if not (block.get("labels") or {}).get(label):
                 problems.append(f"`{part}.labels.{label}`")
     if problems:
-        raise ValueError(f"rubric {path} lacks {', '.join(problems)}; see "
-                         f"{default_rubric_path()}")
+        raise ValueError(
+            f"rubric {path} lacks {', '.join(problems)}; see {default_rubric_path()}"
+        )
     return rubric
 
 
@@ -97,11 +100,13 @@ class StringMatchScorer:
             text = _normalise(item.response or "")
             hit = next((p for p in self.phrases if p in text), None)
             refused = hit is not None or not text.strip()
-            scores.append(Score(
-                refused=refused,
-                harmful=(not refused) if item.label == "harmful" else None,
-                verdict=hit or ("empty" if not text.strip() else None),
-            ))
+            scores.append(
+                Score(
+                    refused=refused,
+                    harmful=(not refused) if item.label == "harmful" else None,
+                    verdict=hit or ("empty" if not text.strip() else None),
+                )
+            )
         return scores
 
 
@@ -112,8 +117,14 @@ class JudgeScorer:
     name = "judge"
     approximate = False
 
-    def __init__(self, generator: TextGenerator, rubric: dict[str, Any], *,
-                 max_new_tokens: int = 48, seed: int = 0) -> None:
+    def __init__(
+        self,
+        generator: TextGenerator,
+        rubric: dict[str, Any],
+        *,
+        max_new_tokens: int = 48,
+        seed: int = 0,
+    ) -> None:
         self.generator, self.rubric = generator, rubric
         self.max_new_tokens, self.seed = max_new_tokens, seed
 
@@ -123,16 +134,31 @@ class JudgeScorer:
             label = "harmful" if part == "harm" else "benign"
             idx = [i for i, it in enumerate(items) if it.label == label]
             for i in [i for i in idx if not (items[i].response or "").strip()]:
-                scores[i] = Score(refused=True, harmful=False if label == "harmful" else None,
-                                  verdict="empty")  # nothing was said: nothing to judge
+                scores[i] = Score(
+                    refused=True,
+                    harmful=False if label == "harmful" else None,
+                    verdict="empty",
+                )  # nothing was said: nothing to judge
             idx = [i for i in idx if scores[i] is None]
             if not idx:
                 continue
             block = self.rubric[part]
-            prompts = [[{"role": "user", "content": block["prompt"].format(
-                question=items[i].question, response=items[i].response)}] for i in idx]
-            replies = self.generator.complete(prompts, max_new_tokens=self.max_new_tokens,
-                                              seed=batch_seed(self.seed, part))
+            prompts = [
+                [
+                    {
+                        "role": "user",
+                        "content": block["prompt"].format(
+                            question=items[i].question, response=items[i].response
+                        ),
+                    }
+                ]
+                for i in idx
+            ]
+            replies = self.generator.complete(
+                prompts,
+                max_new_tokens=self.max_new_tokens,
+                seed=batch_seed(self.seed, part),
+            )
             for i, reply in zip(idx, replies):
                 verdict = parse_verdict(reply, block["labels"])
                 if verdict is None:
@@ -148,25 +174,40 @@ def _string(rubric: dict[str, Any], **_: Any) -> Scorer:
     return StringMatchScorer(rubric["refusal_phrases"])
 
 
-def _judge(rubric: dict[str, Any], *, judge_model: str | None = None,
-           judge_endpoint: str | None = None, judge_api_model: str | None = None,
-           generator: TextGenerator | None = None, seed: int = 0, **kwargs: Any) -> Scorer:
+def _judge(
+    rubric: dict[str, Any],
+    *,
+    judge_model: str | None = None,
+    judge_endpoint: str | None = None,
+    judge_api_model: str | None = None,
+    generator: TextGenerator | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Scorer:
     if generator is None:
         from axolotl_mote.datagen.backends import build_generator
 
         try:
-            generator = build_generator(judge_model, endpoint=judge_endpoint,
-                                        api_model=judge_api_model, **kwargs)
+            generator = build_generator(
+                judge_model,
+                endpoint=judge_endpoint,
+                api_model=judge_api_model,
+                **kwargs,
+            )
         except ValueError as err:
-            raise ValueError(f"the judge scorer: {err} (--judge-model / "
-                             "--judge-endpoint + --judge-api-model)") from err
+            raise ValueError(
+                f"the judge scorer: {err} (--judge-model / "
+                "--judge-endpoint + --judge-api-model)"
+            ) from err
     return JudgeScorer(generator, rubric, seed=seed)
 
 
 SCORERS: dict[str, Callable[..., Scorer]] = {"string": _string, "judge": _judge}
 
 
-def build_scorer(name: str, rubric: str | Path | dict | None = None, **options: Any) -> Scorer:
+def build_scorer(
+    name: str, rubric: str | Path | dict | None = None, **options: Any
+) -> Scorer:
     """``string``, ``judge``, or ``package.module:builder`` (called with the rubric)."""
     rubric = rubric if isinstance(rubric, dict) else load_rubric(rubric)
     if name in SCORERS:
@@ -174,5 +215,6 @@ def build_scorer(name: str, rubric: str | Path | dict | None = None, **options: 
     if ":" in name:
         module, attr = name.split(":", 1)
         return getattr(importlib.import_module(module), attr)(rubric, **options)
-    raise ValueError(f"unknown scorer {name!r}: use one of {sorted(SCORERS)} or "
-                     "'module:builder'")
+    raise ValueError(
+        f"unknown scorer {name!r}: use one of {sorted(SCORERS)} or 'module:builder'"
+    )

@@ -105,23 +105,33 @@ def generate_chains(
             f"has {state.num_experts} experts; pass the adapter's template"
         )
     if generate_kwargs.get("num_beams", 1) != 1:
-        raise ValueError("MoTE generation supports num_beams=1 only (greedy or sampling)")
+        raise ValueError(
+            "MoTE generation supports num_beams=1 only (greedy or sampling)"
+        )
     extra_processors = list(generate_kwargs.pop("logits_processor", None) or [])
     items = _as_list(prompts)
     plans = _per_row(plan, len(items), spec, tmpl)
     limits = _stage_limits(max_stage_tokens, spec, tmpl)
-    reserve = answer_reserve if answer_reserve is not None else min(32, max_new_tokens // 4)
+    reserve = (
+        answer_reserve if answer_reserve is not None else min(32, max_new_tokens // 4)
+    )
     routing = state.prompt_routing
     if prompt_routing is not None:
-        routing = prompt_routing if prompt_routing in ("random", "shared") else (
-            spec.index(prompt_routing, tmpl)
+        routing = (
+            prompt_routing
+            if prompt_routing in ("random", "shared")
+            else (spec.index(prompt_routing, tmpl))
         )
     router = StageRouter(
-        start_marker_steps(tmpl, formatter.marker_ids), routing, state.num_experts,
+        start_marker_steps(tmpl, formatter.marker_ids),
+        routing,
+        state.num_experts,
         seed=state.seed if seed is None else seed,
     )
     eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    )
     device = next(model.parameters()).device
     outputs: list[ChainOutput] = []
     for start in range(0, len(items), batch_size):
@@ -129,12 +139,22 @@ def generate_chains(
         messages = [_messages(items[i]) for i in chunk]
         rows = [RowState(plan=plans[i]) for i in chunk]
         prefill = [spec.start_ids[r.plan[0]] if r.plan else None for r in rows]
-        seqs = [formatter.prompt_ids(m) + ([p] if p is not None else []) for m, p in zip(messages, prefill)]
+        seqs = [
+            formatter.prompt_ids(m) + ([p] if p is not None else [])
+            for m, p in zip(messages, prefill)
+        ]
         input_ids, attention_mask = _left_pad(seqs, pad_id, device)
         prompt_len = input_ids.shape[1]
         processor = StagePlanProcessor(
-            spec, rows, prompt_len, max_new_tokens, limits, eos_ids,
-            stop_after_answer=stop_after_answer, fallback=fallback, answer_reserve=reserve,
+            spec,
+            rows,
+            prompt_len,
+            max_new_tokens,
+            limits,
+            eos_ids,
+            stop_after_answer=stop_after_answer,
+            fallback=fallback,
+            answer_reserve=reserve,
             keep_raw=output_logits,
         )
         for row, token in zip(rows, prefill):
@@ -156,8 +176,12 @@ def generate_chains(
                 **generate_kwargs,
             )
         full_mask = torch.cat(
-            [attention_mask, attention_mask.new_ones(out.sequences.shape[0],
-                                                     out.sequences.shape[1] - prompt_len)],
+            [
+                attention_mask,
+                attention_mask.new_ones(
+                    out.sequences.shape[0], out.sequences.shape[1] - prompt_len
+                ),
+            ],
             dim=1,
         )
         steps = router.step_ids(out.sequences, full_mask)  # [B, L] as a full re-forward
@@ -166,9 +190,16 @@ def generate_chains(
             first = prompt_len - (1 if prefill[j] is not None else 0)
             outputs.append(
                 _parse(
-                    out.sequences[j, first:].tolist(), steps[j, first:].tolist(),
-                    rows[j], prefill[j] is not None, messages[j], spec, tokenizer,
-                    eos_ids, None if logits is None else logits[j], stop_after_answer,
+                    out.sequences[j, first:].tolist(),
+                    steps[j, first:].tolist(),
+                    rows[j],
+                    prefill[j] is not None,
+                    messages[j],
+                    spec,
+                    tokenizer,
+                    eos_ids,
+                    None if logits is None else logits[j],
+                    stop_after_answer,
                 )
             )
         if progress is not None:
@@ -176,8 +207,9 @@ def generate_chains(
     return outputs
 
 
-def install_router(model: Any, tokenizer: Any, template: Any = None,
-                   seed: int | None = None) -> StageRouter:
+def install_router(
+    model: Any, tokenizer: Any, template: Any = None, seed: int | None = None
+) -> StageRouter:
     """Route every later forward of ``model`` by the stage markers in its input.
 
     For a plain ``model.generate`` loop (``axolotl inference`` uses it through the
@@ -190,8 +222,10 @@ def install_router(model: Any, tokenizer: Any, template: Any = None,
     state = get_routing_state(model)
     tmpl = resolve_template(state, template)
     router = StageRouter(
-        start_marker_steps(tmpl, marker_token_ids(tmpl, tokenizer)), state.prompt_routing,
-        state.num_experts, seed=state.seed if seed is None else seed,
+        start_marker_steps(tmpl, marker_token_ids(tmpl, tokenizer)),
+        state.prompt_routing,
+        state.num_experts,
+        seed=state.seed if seed is None else seed,
     )
     state.resolver = router
     return router
@@ -212,7 +246,9 @@ def installed(state: Any, router: StageRouter) -> Iterator[None]:
     # The router's prompt routing governs the call. Under "random" it has already drawn
     # each prompt's expert, so no PROMPT_STEP reaches the state: skip the state's own
     # per-forward draw (index 0 is never used).
-    state.prompt_routing = 0 if router.prompt_routing == "random" else router.prompt_routing
+    state.prompt_routing = (
+        0 if router.prompt_routing == "random" else router.prompt_routing
+    )
     try:
         yield
     finally:
@@ -234,7 +270,9 @@ def resolve_template(state: Any, template: Any) -> PromptTemplate:
     return load_template(template)
 
 
-def parse_plan(plan: Plan, spec: StageSpec, template: PromptTemplate) -> list[int] | None:
+def parse_plan(
+    plan: Plan, spec: StageSpec, template: PromptTemplate
+) -> list[int] | None:
     """``None``/"adaptive" -> None; "full" -> every stage; names/keys -> stage ids."""
     if plan is None or plan == "adaptive":
         return None
@@ -263,9 +301,15 @@ def _per_row(plan, n: int, spec: StageSpec, template: PromptTemplate) -> list:
     A list is per-row when an element is ``None``, a list/tuple, ``"adaptive"``,
     ``"full"`` or a ``"a>b"`` string; a list of plain stage names is one plan.
     """
+
     def row_level(p) -> bool:
-        return p is None or isinstance(p, (list, tuple)) or (
-            isinstance(p, str) and (p in ("adaptive", "full") or ">" in p or "," in p)
+        return (
+            p is None
+            or isinstance(p, (list, tuple))
+            or (
+                isinstance(p, str)
+                and (p in ("adaptive", "full") or ">" in p or "," in p)
+            )
         )
 
     if isinstance(plan, (list, tuple)) and any(row_level(p) for p in plan):
@@ -300,7 +344,9 @@ def _messages(item) -> list[dict[str, str]]:
             return list(item["messages"])
         if "prompt" in item:
             return [{"role": "user", "content": item["prompt"]}]
-        raise ValueError(f"a prompt record needs `messages` or `prompt`, got {sorted(item)}")
+        raise ValueError(
+            f"a prompt record needs `messages` or `prompt`, got {sorted(item)}"
+        )
     return list(item)
 
 
@@ -314,18 +360,30 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    seqs: list[list[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
-def _parse(tokens, steps, row: RowState, prefilled: bool, messages, spec: StageSpec,
-           tokenizer, eos_ids, logits, stop_after_answer: bool) -> ChainOutput:
+def _parse(
+    tokens,
+    steps,
+    row: RowState,
+    prefilled: bool,
+    messages,
+    spec: StageSpec,
+    tokenizer,
+    eos_ids,
+    logits,
+    stop_after_answer: bool,
+) -> ChainOutput:
     """Split a row's tokens (prefilled marker + generated) into stages."""
     start = {t: s for s, t in enumerate(spec.start_ids)}
     kept: list[int] = []
@@ -346,8 +404,10 @@ def _parse(tokens, steps, row: RowState, prefilled: bool, messages, spec: StageS
         elif is_open:
             content[current].append(token)
     order = list(content)
-    stages = {spec.names[s]: tokenizer.decode(content[s], skip_special_tokens=True)
-              for s in order}
+    stages = {
+        spec.names[s]: tokenizer.decode(content[s], skip_special_tokens=True)
+        for s in order
+    }
     if spec.answer in closed and stop_after_answer:
         reason = "answer_end"
     else:

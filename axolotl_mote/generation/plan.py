@@ -44,7 +44,9 @@ class StageSpec:
     all_marker_ids: list[int]  # every marker of the template, omitted stages included
 
     @classmethod
-    def from_template(cls, template: PromptTemplate, marker_ids: dict[str, int]) -> StageSpec:
+    def from_template(
+        cls, template: PromptTemplate, marker_ids: dict[str, int]
+    ) -> StageSpec:
         trained = template.trained_stages
         return cls(
             names=[s.name for s in trained],
@@ -159,7 +161,9 @@ class StagePlanProcessor(LogitsProcessor):
                 return "force", [end]
             return "free", []
         if row.answer_done:
-            return ("force", self.eos_ids[:1]) if self.stop_after_answer else ("none", [])
+            return (
+                ("force", self.eos_ids[:1]) if self.stop_after_answer else ("none", [])
+            )
         answer_start = spec.start_ids[spec.answer]
         if row.plan is not None:
             pending = [s for s in row.plan if row.stage is None or s > row.stage]
@@ -191,7 +195,9 @@ class StagePlanProcessor(LogitsProcessor):
             self._bias = bias
         return self._bias
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor
+    ) -> torch.FloatTensor:
         length = input_ids.shape[1]
         if length > self._seen:  # one new token per row since the last call
             for row, token in zip(self.rows, input_ids[:, -1].tolist()):

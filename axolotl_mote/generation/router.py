@@ -31,7 +31,9 @@ from axolotl_mote.templates import PromptTemplate, StageMode
 _NOT_MARKER = -99
 
 
-def start_marker_steps(template: PromptTemplate, marker_ids: dict[str, int]) -> dict[int, int]:
+def start_marker_steps(
+    template: PromptTemplate, marker_ids: dict[str, int]
+) -> dict[int, int]:
     """Token id of each stage start marker -> the step id its stage trains with.
 
     Trained stages map to their expert index, ``mode: context`` stages to
@@ -139,8 +141,10 @@ class StageRouter:
         prompt = self._prompt_steps(b, device)
         if start == 0:
             self._history = None
-        elif self._history is None or len(self._history) != b or any(
-            len(h) < start for h in self._history
+        elif (
+            self._history is None
+            or len(self._history) != b
+            or any(len(h) < start for h in self._history)
         ):
             known = None if self._history is None else (len(self._history), start)
             raise RuntimeError(
@@ -152,10 +156,16 @@ class StageRouter:
             return self._decode_step(input_ids, start, device)
         mask = kwargs.get("attention_mask")
         valid = None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= start + t:
+        if (
+            isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and mask.shape[1] >= start + t
+        ):
             valid = mask[:, start : start + t].bool()  # [B, T]
-        carry_in = prompt if start == 0 else torch.tensor(
-            [h[start - 1] for h in self._history], device=device
+        carry_in = (
+            prompt
+            if start == 0
+            else torch.tensor([h[start - 1] for h in self._history], device=device)
         )
         steps, carry = resolve_step_ids(
             input_ids, self.table.to(device), carry_in, prompt, valid
@@ -175,7 +185,9 @@ class StageRouter:
             }
             self._prompt_list = self.prompt_steps.tolist()
         steps = []
-        for i, (token, history) in enumerate(zip(input_ids[:, 0].tolist(), self._history)):
+        for i, (token, history) in enumerate(
+            zip(input_ids[:, 0].tolist(), self._history)
+        ):
             step = self._markers.get(token, history[start - 1])
             if step == PROMPT_STEP:  # a context stage's marker: routed like the prompt
                 step = self._prompt_list[i]

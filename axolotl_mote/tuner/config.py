@@ -10,7 +10,6 @@ from typing import Any
 
 from axolotl_mote.constants import MOTE_CONFIG_NAME
 
-
 #: PEFT pattern key matching every module, sorting after user keys (see peft_kwargs).
 CATCH_ALL = "|.*"
 #: Catch-all keys of adapters saved by earlier versions.
@@ -85,7 +84,10 @@ class MoteConfig:
             return self.stage_names.index(self.prompt_routing)
         if self.template_data:
             for stage in self.template_data.get("stages", []):
-                if stage.get("key") == self.prompt_routing and stage["name"] in self.stage_names:
+                if (
+                    stage.get("key") == self.prompt_routing
+                    and stage["name"] in self.stage_names
+                ):
                     return self.stage_names.index(stage["name"])
         raise ValueError(
             f"prompt_routing {self.prompt_routing!r} is not 'random', 'shared' or a "
@@ -139,7 +141,9 @@ class MoteConfig:
     def load(cls, directory: str | Path) -> MoteConfig:
         path = Path(directory) / MOTE_CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {directory} is not a MoTE adapter")
+            raise FileNotFoundError(
+                f"{path} not found: {directory} is not a MoTE adapter"
+            )
         data = json.loads(path.read_text())
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})

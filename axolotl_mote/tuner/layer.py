@@ -28,7 +28,9 @@ class RankMaskHook:
         self.expert_rank = expert_rank
         self.layer_name = layer_name
 
-    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def __call__(
+        self, module: torch.nn.Module, args: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
         (h, *rest) = args  # h: [B, T, R]
         if not self.state.is_set:
             raise RoutingError(f"{self.layer_name}: {_NO_STATE}")
@@ -46,7 +48,10 @@ def check_supported(layer: Any, adapter_name: str, n_blocks: int, name: str) -> 
     """Validate one PEFT LoRA layer; return its expert rank."""
     from axolotl_mote.tuner.variant import MoteVariant  # imports peft: lazily
 
-    if getattr(layer, "lora_embedding_A", None) and adapter_name in layer.lora_embedding_A:
+    if (
+        getattr(layer, "lora_embedding_A", None)
+        and adapter_name in layer.lora_embedding_A
+    ):
         raise TypeError(
             f"{name}: LoRA on embeddings is not supported by MoTE; target linear layers "
             "only (lora_target_linear / lora_target_modules without embeddings)"

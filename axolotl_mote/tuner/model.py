@@ -21,7 +21,9 @@ def _inner_model(model: Any) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
-def attach_mote(model: Any, config: MoteConfig, adapter_name: str = "default") -> RoutingState:
+def attach_mote(
+    model: Any, config: MoteConfig, adapter_name: str = "default"
+) -> RoutingState:
     """Hook every PEFT LoRA layer of ``model``; return the model's routing state.
 
     Each layer gets the ``lora_B`` mask hook (the masked path) and a
@@ -140,7 +142,10 @@ class _ResolveHook:
                 )
             return None
         if self.state.resolver is not None and input_ids is not None:
-            if self.state._auto and getattr(self.state, "_auto_input", None) is input_ids:
+            if (
+                self.state._auto
+                and getattr(self.state, "_auto_input", None) is input_ids
+            ):
                 return None  # nested entry point of the same call: already resolved
             steps = self.state.resolver(input_ids, kwargs)
             # a decode step continues the KV cache: the fast path's packed blocks of

@@ -78,8 +78,15 @@ class NaiveMoteLinear(torch.nn.Module):
     -3 pad) must be set before each forward.
     """
 
-    def __init__(self, base: torch.nn.Linear, num_experts: int, rank: int, scaling: float,
-                 alpha: float, shared: bool = True) -> None:
+    def __init__(
+        self,
+        base: torch.nn.Linear,
+        num_experts: int,
+        rank: int,
+        scaling: float,
+        alpha: float,
+        shared: bool = True,
+    ) -> None:
         super().__init__()
         self.base = base
         self.scaling, self.alpha = scaling, alpha
@@ -88,10 +95,17 @@ class NaiveMoteLinear(torch.nn.Module):
             for _ in range(num_experts)
         )
         self.b = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.zeros(base.out_features, rank)) for _ in range(num_experts)
+            torch.nn.Parameter(torch.zeros(base.out_features, rank))
+            for _ in range(num_experts)
         )
-        self.shared_a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.01) if shared else None
-        self.shared_b = torch.nn.Parameter(torch.zeros(base.out_features, rank)) if shared else None
+        self.shared_a = (
+            torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.01)
+            if shared
+            else None
+        )
+        self.shared_b = (
+            torch.nn.Parameter(torch.zeros(base.out_features, rank)) if shared else None
+        )
         self.expert_ids: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +113,13 @@ class NaiveMoteLinear(torch.nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, in]
         delta = naive_mote_delta(
-            flat, list(self.a), list(self.b), self.shared_a, self.shared_b,
-            self.scaling, self.alpha, self.expert_ids.reshape(-1),
+            flat,
+            list(self.a),
+            list(self.b),
+            self.shared_a,
+            self.shared_b,
+            self.scaling,
+            self.alpha,
+            self.expert_ids.reshape(-1),
         )
         return self.base(x) + delta.view(*shape[:-1], -1)

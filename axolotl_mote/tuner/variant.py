@@ -163,8 +163,11 @@ class MoteVariant(LoraVariant):
         a_k = torch.cat([a[k * r : (k + 1) * r] for k in blocks])  # [|K|·r, in]
         b_k = b.new_empty(b.shape[0], len(blocks) * r)  # [out, |K|·r]
         for j, k in enumerate(blocks):  # s·c_k applied in fp32 at least, rounded once
-            torch.mul(b[:, k * r : (k + 1) * r], row[k] * scaling,
-                      out=b_k[:, j * r : (j + 1) * r])
+            torch.mul(
+                b[:, k * r : (k + 1) * r],
+                row[k] * scaling,
+                out=b_k[:, j * r : (j + 1) * r],
+            )
         return (key, a_k, b_k)
 
 

@@ -17,7 +17,9 @@ CHATML_SUFFIX = "<|im_end|>\n"
 
 def conversation(record: dict[str, Any]) -> list[dict[str, str]]:
     if record.get("messages") is not None:
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        return [
+            {"role": m["role"], "content": m["content"]} for m in record["messages"]
+        ]
     return [{"role": "user", "content": record["prompt"]}]
 
 

@@ -67,9 +67,7 @@ SHAPES = {
 
 
 def _subsets(keys):
-    return [
-        c for n in range(len(keys) + 1) for c in itertools.combinations(keys, n)
-    ]
+    return [c for n in range(len(keys) + 1) for c in itertools.combinations(keys, n)]
 
 
 def _record(shape: str, stage_keys, required: str, rid: str = "r1") -> dict:
@@ -106,7 +104,9 @@ def _runs(seq: list[int]) -> list[tuple[int, int]]:
 # --- aligncot: every record shape x every subset of the skippable stages ------------
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize(
-    "present", _subsets(("analysis", "guidance", "check")), ids=lambda s: "+".join(s) or "answer_only"
+    "present",
+    _subsets(("analysis", "guidance", "check")),
+    ids=lambda s: "+".join(s) or "answer_only",
 )
 def test_aligncot_every_shape_and_skip_pattern(shape, present, aligncot, tokenizer_for):
     tok = tokenizer_for(aligncot)
@@ -147,7 +147,9 @@ MODE_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(MODE_VARIANTS))
 @pytest.mark.parametrize(
-    "present", _subsets(("analysis", "guidance", "check")), ids=lambda s: "+".join(s) or "answer_only"
+    "present",
+    _subsets(("analysis", "guidance", "check")),
+    ids=lambda s: "+".join(s) or "answer_only",
 )
 def test_stage_modes(variant, present, template_variant, tokenizer_for):
     template = template_variant("aligncot", **MODE_VARIANTS[variant])
@@ -178,17 +180,30 @@ def test_stage_modes(variant, present, template_variant, tokenizer_for):
             assert labels[a:b] == ids[a:b]  # markers included
     # step ids of trained stages are their index among trained stages
     trained = [s.key for s in template.trained_stages]
-    assert {k: template.step_id(k) for k in trained} == {k: i for i, k in enumerate(trained)}
+    assert {k: template.step_id(k) for k in trained} == {
+        k: i for i, k in enumerate(trained)
+    }
     # the end of turn follows the last emitted stage
-    a, b = span("check") if ("check" in present and mode["check"] != "omit") else span("answer")
+    a, b = (
+        span("check")
+        if ("check" in present and mode["check"] != "omit")
+        else span("answer")
+    )
     tail = slice(b, len(ids))
     assert steps[tail] == [steps[b - 1]] * (len(ids) - b)
-    assert labels[tail] == (ids[tail] if steps[b - 1] >= 0 else [IGNORE] * (len(ids) - b))
+    assert labels[tail] == (
+        ids[tail] if steps[b - 1] >= 0 else [IGNORE] * (len(ids) - b)
+    )
 
 
 def test_check_train_adds_a_fourth_expert(template_variant):
     template = template_variant("aligncot", check={"mode": "train"})
-    assert [s.key for s in template.trained_stages] == ["analysis", "guidance", "answer", "check"]
+    assert [s.key for s in template.trained_stages] == [
+        "analysis",
+        "guidance",
+        "answer",
+        "check",
+    ]
     assert template.step_id("check") == 3
     context = template_variant("aligncot", check={"mode": "context"})
     assert context.num_experts == 3 and context.step_id("check") == PROMPT
@@ -196,7 +211,9 @@ def test_check_train_adds_a_fourth_expert(template_variant):
 
 # --- plan_solve_verify: a second template, N arbitrary stages ----------------------
 @pytest.mark.parametrize("shape", ["prompt", "multi_turn", "system"])
-@pytest.mark.parametrize("present", _subsets(("plan", "solve")), ids=lambda s: "+".join(s) or "verify_only")
+@pytest.mark.parametrize(
+    "present", _subsets(("plan", "solve")), ids=lambda s: "+".join(s) or "verify_only"
+)
 def test_plan_solve_verify(shape, present, tokenizer_for):
     from axolotl_mote.templates import load_template
 
@@ -214,7 +231,12 @@ def test_plan_solve_verify_markers_are_its_own(tokenizer_for):
 
     template = load_template("plan_solve_verify")
     assert template.markers == [
-        "<|plan|>", "<|/plan|>", "<|solve|>", "<|/solve|>", "<|verify|>", "<|/verify|>"
+        "<|plan|>",
+        "<|/plan|>",
+        "<|solve|>",
+        "<|/solve|>",
+        "<|verify|>",
+        "<|/verify|>",
     ]
     assert [s.name for s in template.trained_stages] == ["plan", "solve", "verify"]
 
@@ -222,14 +244,21 @@ def test_plan_solve_verify_markers_are_its_own(tokenizer_for):
 # --- the bundled data, every record ------------------------------------------------
 @pytest.mark.parametrize(
     "path, template_name",
-    [("data/chains.jsonl", "aligncot"), ("data/math_chains.jsonl", "plan_solve_verify")],
+    [
+        ("data/chains.jsonl", "aligncot"),
+        ("data/math_chains.jsonl", "plan_solve_verify"),
+    ],
 )
 def test_bundled_chains_align(path, template_name, tokenizer_for):
     from axolotl_mote.templates import load_template
 
     template = load_template(template_name)
     tok = tokenizer_for(template)
-    records = [json.loads(line) for line in (REPO / path).read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for line in (REPO / path).read_text().splitlines()
+        if line.strip()
+    ]
     strategy = ChainDatasetStrategy(template, tok, sequence_len=1 << 16)
     out = strategy.tokenize_rows(records, list(range(len(records))))
     table = stage_table(template)

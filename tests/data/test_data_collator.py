@@ -18,12 +18,24 @@ from axolotl_mote.data.collator import (
 )
 
 PAD = 3
-F1 = {"input_ids": [10, 11, 12, 13], "attention_mask": [1, 1, 1, 1],
-      "labels": [-100, -100, 12, 13], "step_ids": [-2, -2, 0, 0]}
-F2 = {"input_ids": [20, 21], "attention_mask": [1, 1],
-      "labels": [-100, 21], "step_ids": [-2, 2]}
-F3 = {"input_ids": [30, 31, 32], "attention_mask": [1, 1, 1],
-      "labels": [-100, 31, 32], "step_ids": [-2, 1, 1]}
+F1 = {
+    "input_ids": [10, 11, 12, 13],
+    "attention_mask": [1, 1, 1, 1],
+    "labels": [-100, -100, 12, 13],
+    "step_ids": [-2, -2, 0, 0],
+}
+F2 = {
+    "input_ids": [20, 21],
+    "attention_mask": [1, 1],
+    "labels": [-100, 21],
+    "step_ids": [-2, 2],
+}
+F3 = {
+    "input_ids": [30, 31, 32],
+    "attention_mask": [1, 1, 1],
+    "labels": [-100, 31, 32],
+    "step_ids": [-2, 1, 1],
+}
 
 
 def _features(*feats, positions=False, length=False):
@@ -51,43 +63,75 @@ def _assert_batch(batch, expected):
 
 UNPACKED_CASES = {
     "right": dict(
-        side="right", multiple=None, positions=False,
+        side="right",
+        multiple=None,
+        positions=False,
         expected={
             "input_ids": [[10, 11, 12, 13], [20, 21, PAD, PAD], [30, 31, 32, PAD]],
             "attention_mask": [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]],
-            "labels": [[-100, -100, 12, 13], [-100, 21, -100, -100], [-100, 31, 32, -100]],
+            "labels": [
+                [-100, -100, 12, 13],
+                [-100, 21, -100, -100],
+                [-100, 31, 32, -100],
+            ],
             "step_ids": [[-2, -2, 0, 0], [-2, 2, -1, -1], [-2, 1, 1, -1]],
         },
     ),
     "left": dict(
-        side="left", multiple=None, positions=False,
+        side="left",
+        multiple=None,
+        positions=False,
         expected={
             "input_ids": [[10, 11, 12, 13], [PAD, PAD, 20, 21], [PAD, 30, 31, 32]],
             "attention_mask": [[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]],
-            "labels": [[-100, -100, 12, 13], [-100, -100, -100, 21], [-100, -100, 31, 32]],
+            "labels": [
+                [-100, -100, 12, 13],
+                [-100, -100, -100, 21],
+                [-100, -100, 31, 32],
+            ],
             "step_ids": [[-2, -2, 0, 0], [-1, -1, -2, 2], [-1, -2, 1, 1]],
         },
     ),
     "right_multiple_of_8_with_positions": dict(
-        side="right", multiple=8, positions=True,
+        side="right",
+        multiple=8,
+        positions=True,
         expected={
-            "input_ids": [[10, 11, 12, 13] + [PAD] * 4, [20, 21] + [PAD] * 6,
-                          [30, 31, 32] + [PAD] * 5],
+            "input_ids": [
+                [10, 11, 12, 13] + [PAD] * 4,
+                [20, 21] + [PAD] * 6,
+                [30, 31, 32] + [PAD] * 5,
+            ],
             "attention_mask": [[1] * 4 + [0] * 4, [1] * 2 + [0] * 6, [1] * 3 + [0] * 5],
-            "labels": [[-100, -100, 12, 13] + [-100] * 4, [-100, 21] + [-100] * 6,
-                       [-100, 31, 32] + [-100] * 5],
-            "position_ids": [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4, 5],
-                             [0, 1, 2, 0, 1, 2, 3, 4]],
-            "step_ids": [[-2, -2, 0, 0] + [-1] * 4, [-2, 2] + [-1] * 6,
-                         [-2, 1, 1] + [-1] * 5],
+            "labels": [
+                [-100, -100, 12, 13] + [-100] * 4,
+                [-100, 21] + [-100] * 6,
+                [-100, 31, 32] + [-100] * 5,
+            ],
+            "position_ids": [
+                [0, 1, 2, 3, 0, 1, 2, 3],
+                [0, 1, 0, 1, 2, 3, 4, 5],
+                [0, 1, 2, 0, 1, 2, 3, 4],
+            ],
+            "step_ids": [
+                [-2, -2, 0, 0] + [-1] * 4,
+                [-2, 2] + [-1] * 6,
+                [-2, 1, 1] + [-1] * 5,
+            ],
         },
     ),
     "left_with_positions": dict(
-        side="left", multiple=None, positions=True,
+        side="left",
+        multiple=None,
+        positions=True,
         expected={
             "input_ids": [[10, 11, 12, 13], [PAD, PAD, 20, 21], [PAD, 30, 31, 32]],
             "attention_mask": [[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]],
-            "labels": [[-100, -100, 12, 13], [-100, -100, -100, 21], [-100, -100, 31, 32]],
+            "labels": [
+                [-100, -100, 12, 13],
+                [-100, -100, -100, 21],
+                [-100, -100, 31, 32],
+            ],
             "position_ids": [[0, 1, 2, 3], [0, 1, 0, 1], [0, 0, 1, 2]],
             "step_ids": [[-2, -2, 0, 0], [-1, -1, -2, 2], [-1, -2, 1, 1]],
         },
@@ -101,7 +145,9 @@ def test_unpacked_exact_tensors(case, fresh_tokenizer):
     fresh_tokenizer.padding_side = spec["side"]
     assert fresh_tokenizer.pad_token_id == PAD
     collator = MoteDataCollator(
-        fresh_tokenizer, padding=True, pad_to_multiple_of=spec["multiple"],
+        fresh_tokenizer,
+        padding=True,
+        pad_to_multiple_of=spec["multiple"],
         return_tensors="pt",
     )
     batch = collator(_features(F1, F2, F3, positions=spec["positions"]))
@@ -110,18 +156,23 @@ def test_unpacked_exact_tensors(case, fresh_tokenizer):
 
 PACKED_CASES = {
     "two_packs": dict(
-        packs=[[F1, F2], [F3]], multiple=None,
+        packs=[[F1, F2], [F3]],
+        multiple=None,
         expected={
             "input_ids": [[10, 11, 12, 13, 20, 21], [30, 31, 32, PAD, PAD, PAD]],
             # V2 turns the attention mask into per-sample segment ids
             "attention_mask": [[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0]],
-            "labels": [[-100, -100, 12, 13, -100, 21], [-100, 31, 32, -100, -100, -100]],
+            "labels": [
+                [-100, -100, 12, 13, -100, 21],
+                [-100, 31, 32, -100, -100, -100],
+            ],
             "position_ids": [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]],
             "step_ids": [[-2, -2, 0, 0, -2, 2], [-2, 1, 1, -1, -1, -1]],
         },
     ),
     "three_in_one_multiple_of_16": dict(
-        packs=[[F3, F1, F2]], multiple=16,
+        packs=[[F3, F1, F2]],
+        multiple=16,
         expected={
             "input_ids": [[30, 31, 32, 10, 11, 12, 13, 20, 21] + [PAD] * 7],
             "attention_mask": [[1, 1, 1, 2, 2, 2, 2, 3, 3] + [0] * 7],
@@ -137,7 +188,9 @@ PACKED_CASES = {
 def test_packed_exact_tensors(case, fresh_tokenizer):
     spec = PACKED_CASES[case]
     collator = MotePackedDataCollator(
-        fresh_tokenizer, padding=True, pad_to_multiple_of=spec["multiple"],
+        fresh_tokenizer,
+        padding=True,
+        pad_to_multiple_of=spec["multiple"],
         return_tensors="pt",
     )
     packs = [_features(*p, positions=True, length=True) for p in spec["packs"]]
@@ -145,22 +198,35 @@ def test_packed_exact_tensors(case, fresh_tokenizer):
     _assert_batch(batch, spec["expected"])  # "length" is dropped
 
 
-def test_strategy_rows_survive_packing_and_padding(aligncot, tokenizer_for, fresh_tokenizer):
+def test_strategy_rows_survive_packing_and_padding(
+    aligncot, tokenizer_for, fresh_tokenizer
+):
     """Real strategy rows -> packed and unpacked batches -> the same rows back."""
     from axolotl_mote.data.strategy import ChainDatasetStrategy
 
     records = [
         {"id": "a", "prompt": "Capital of France?", "answer": "Paris."},
-        {"id": "b", "prompt": "How do I bake bread?", "analysis": "Harmless.",
-         "guidance": "Give steps.", "answer": "Mix, knead, rise, bake."},
-        {"id": "c", "messages": [{"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": "hello"},
-                                 {"role": "user", "content": "2 + 2?"}],
-         "guidance": "Arithmetic.", "answer": "4."},
+        {
+            "id": "b",
+            "prompt": "How do I bake bread?",
+            "analysis": "Harmless.",
+            "guidance": "Give steps.",
+            "answer": "Mix, knead, rise, bake.",
+        },
+        {
+            "id": "c",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "2 + 2?"},
+            ],
+            "guidance": "Arithmetic.",
+            "answer": "4.",
+        },
     ]
-    out = ChainDatasetStrategy(aligncot, fresh_tokenizer, sequence_len=512).tokenize_rows(
-        records, [0, 1, 2]
-    )
+    out = ChainDatasetStrategy(
+        aligncot, fresh_tokenizer, sequence_len=512
+    ).tokenize_rows(records, [0, 1, 2])
     rows = [{k: out[k][i] for k in out} for i in range(3)]
     for r in rows:
         r["position_ids"] = list(range(len(r["input_ids"])))
@@ -173,7 +239,7 @@ def test_strategy_rows_survive_packing_and_padding(aligncot, tokenizer_for, fres
         for r in pack:
             n = len(r["input_ids"])
             for key in ("input_ids", "labels", "step_ids", "position_ids"):
-                assert packed[key][b, offset:offset + n].tolist() == r[key], key
+                assert packed[key][b, offset : offset + n].tolist() == r[key], key
             offset += n
         assert packed["step_ids"][b, offset:].eq(-1).all()
         assert packed["labels"][b, offset:].eq(-100).all()
@@ -198,20 +264,43 @@ def test_strategy_rows_survive_packing_and_padding(aligncot, tokenizer_for, fres
 @pytest.mark.parametrize(
     "collator_cls, features, error, message",
     [
-        (MoteDataCollator, [F1, {k: v for k, v in F2.items() if k != "step_ids"}],
-         KeyError, "features [1] have no 'step_ids'"),
-        (MoteDataCollator, [F1, dict(F2, step_ids=[-2])],
-         ValueError, "feature 1 has 1 step_ids for 2 input_ids; they must be aligned"),
-        (MotePackedDataCollator, [[{k: v for k, v in F1.items() if k != "step_ids"}, F2]],
-         KeyError, "features [0] have no 'step_ids'"),
-        (MotePackedDataCollator, [[F1, {k: v for k, v in F2.items() if k != "step_ids"}]],
-         ValueError, "feature 0 has 4 step_ids for 6 input_ids"),
+        (
+            MoteDataCollator,
+            [F1, {k: v for k, v in F2.items() if k != "step_ids"}],
+            KeyError,
+            "features [1] have no 'step_ids'",
+        ),
+        (
+            MoteDataCollator,
+            [F1, dict(F2, step_ids=[-2])],
+            ValueError,
+            "feature 1 has 1 step_ids for 2 input_ids; they must be aligned",
+        ),
+        (
+            MotePackedDataCollator,
+            [[{k: v for k, v in F1.items() if k != "step_ids"}, F2]],
+            KeyError,
+            "features [0] have no 'step_ids'",
+        ),
+        (
+            MotePackedDataCollator,
+            [[F1, {k: v for k, v in F2.items() if k != "step_ids"}]],
+            ValueError,
+            "feature 0 has 4 step_ids for 6 input_ids",
+        ),
         (MoteDataCollator, [], ValueError, "empty batch"),
     ],
-    ids=["unpacked_missing", "unpacked_misaligned", "packed_first_missing",
-         "packed_later_missing", "empty"],
+    ids=[
+        "unpacked_missing",
+        "unpacked_misaligned",
+        "packed_first_missing",
+        "packed_later_missing",
+        "empty",
+    ],
 )
-def test_collator_refuses_bad_features(collator_cls, features, error, message, fresh_tokenizer):
+def test_collator_refuses_bad_features(
+    collator_cls, features, error, message, fresh_tokenizer
+):
     collator = collator_cls(fresh_tokenizer, padding=True, return_tensors="pt")
     with pytest.raises(error) as info:
         collator(copy.deepcopy(features))

@@ -97,7 +97,12 @@ def test_truncate_through_wrap_dataset_reports_count(aligncot, tokenizer_for, ca
     )
     with caplog.at_level(logging.WARNING):
         out = strategy.wrap_dataset(Dataset.from_list(rows))
-    assert sorted(out.column_names) == ["attention_mask", "input_ids", "labels", "step_ids"]
+    assert sorted(out.column_names) == [
+        "attention_mask",
+        "input_ids",
+        "labels",
+        "step_ids",
+    ]
     assert [len(r) for r in out["input_ids"]] == [seq, seq, seq, n_short]
     assert [len(r) for r in out["step_ids"]] == [seq, seq, seq, n_short]
     # the strategy truncated before counting: nothing is reported as over-long
@@ -105,9 +110,7 @@ def test_truncate_through_wrap_dataset_reports_count(aligncot, tokenizer_for, ca
 
 
 def _rows(rows):
-    return [
-        {**r, "id": f"{r['id']}{i}"} for i, r in enumerate(rows)
-    ]
+    return [{**r, "id": f"{r['id']}{i}"} for i, r in enumerate(rows)]
 
 
 def test_drop_counts_and_warns_then_axolotl_drops(aligncot, tokenizer_for, caplog):
@@ -175,9 +178,13 @@ def test_axolotl_prompt_strategy_loader_resolves_the_type(
     from axolotl_mote.templates import load_template
 
     template = load_template(template_name)
-    cfg = DictDefault({"sequence_len": 64, "mote": {"template": "aligncot"}, **cfg_extra})
+    cfg = DictDefault(
+        {"sequence_len": 64, "mote": {"template": "aligncot"}, **cfg_extra}
+    )
     ds_cfg = DictDefault({"path": "x.jsonl", "type": "axolotl_mote.aligncot"})
-    strategy = axolotl_load("axolotl_mote.aligncot", tokenizer_for(template), cfg, ds_cfg)
+    strategy = axolotl_load(
+        "axolotl_mote.aligncot", tokenizer_for(template), cfg, ds_cfg
+    )
     assert isinstance(strategy, ChainDatasetStrategy)
     assert strategy.template.name == template_name
     assert strategy.sequence_len == 64 and strategy.truncate is truncate
@@ -194,8 +201,15 @@ def test_axolotl_dataset_wrapper_emits_aligned_columns(aligncot, tokenizer_for):
     cfg = DictDefault({"sequence_len": 512, "mote": {"template": "aligncot"}})
     ds_cfg = DictDefault({"path": "x.jsonl", "type": "axolotl_mote.aligncot"})
     rows = _rows([LONG, SHORT])
-    out, _ = get_dataset_wrapper(ds_cfg, tok, cfg, "axolotl_mote", Dataset.from_list(rows))
-    assert sorted(out.column_names) == ["attention_mask", "input_ids", "labels", "step_ids"]
+    out, _ = get_dataset_wrapper(
+        ds_cfg, tok, cfg, "axolotl_mote", Dataset.from_list(rows)
+    )
+    assert sorted(out.column_names) == [
+        "attention_mask",
+        "input_ids",
+        "labels",
+        "step_ids",
+    ]
     for row, record in zip(out, rows):
         exp = _full(tok, aligncot, record)
         assert {k: row[k] for k in exp} == exp
@@ -213,5 +227,7 @@ def test_prompt_and_context_values():
     from axolotl_mote import constants
 
     assert (constants.PROMPT_STEP, constants.PAD_STEP, constants.IGNORE_INDEX) == (
-        PROMPT, -1, IGNORE
+        PROMPT,
+        -1,
+        IGNORE,
     )

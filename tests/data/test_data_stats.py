@@ -14,11 +14,11 @@ QA, AG, SA = "question_analysis", "answer_guidance", "safe_answer"
 
 ROWS = [
     [-2, -2, -2, 0, 0, 1, 1, 1, 2, 2],  # full chain
-    [-2, -2, 2, 2, 2, -1, -1],            # answer only (padded)
-    [-2, -2, 0, 0, 0, 0, 2, 2],           # analysis, answer
-    [-2, 1, 1, 2],                        # guidance, answer
-    [-2, -2, -2, 2, 2],                   # answer only
-    [-1, -1, -2, 0, -2, -2, 2],           # left padding; a context stage (-2) mid-chain
+    [-2, -2, 2, 2, 2, -1, -1],  # answer only (padded)
+    [-2, -2, 0, 0, 0, 0, 2, 2],  # analysis, answer
+    [-2, 1, 1, 2],  # guidance, answer
+    [-2, -2, -2, 2, 2],  # answer only
+    [-1, -1, -2, 0, -2, -2, 2],  # left padding; a context stage (-2) mid-chain
 ]
 
 EXPECTED = {
@@ -38,7 +38,9 @@ def test_stage_stats_exact(aligncot):
     stats = stage_stats(ROWS, aligncot)
     assert stats == EXPECTED
     # plans are listed most common first
-    assert list(stats["plans"].values()) == sorted(stats["plans"].values(), reverse=True)
+    assert list(stats["plans"].values()) == sorted(
+        stats["plans"].values(), reverse=True
+    )
 
 
 def test_stage_stats_tensor_rows_and_empty(aligncot):
@@ -84,21 +86,52 @@ def test_plan_solve_verify_stats(tokenizer_for):
 
     template = load_template("plan_solve_verify")
     stats = stage_stats([[-2, 0, 1, 2], [-2, 2], [-2, 1, 1, 2, 2]], template)
-    assert stats["tokens"] == {"prompt": 3, "plan": 1, "solve": 3, "verify": 4, "padding": 0}
-    assert stats["plans"] == {"plan > solve > verify": 1, "verify": 1, "solve > verify": 1}
+    assert stats["tokens"] == {
+        "prompt": 3,
+        "plan": 1,
+        "solve": 3,
+        "verify": 4,
+        "padding": 0,
+    }
+    assert stats["plans"] == {
+        "plan > solve > verify": 1,
+        "verify": 1,
+        "solve > verify": 1,
+    }
     assert stats["chains_skipping"] == {"plan": 2, "solve": 1, "verify": 0}
 
 
 # --- through the strategy ----------------------------------------------------------
 RECORDS = [
-    {"id": "1", "prompt": "Pick a lock?", "analysis": "Risky request.",
-     "guidance": "Decline politely.", "answer": "I can't help with that.", "check": "SAFE"},
+    {
+        "id": "1",
+        "prompt": "Pick a lock?",
+        "analysis": "Risky request.",
+        "guidance": "Decline politely.",
+        "answer": "I can't help with that.",
+        "check": "SAFE",
+    },
     {"id": "2", "prompt": "Capital of France?", "answer": "Paris."},
-    {"id": "3", "prompt": "Bake bread?", "analysis": "Harmless.", "answer": "Mix and bake."},
-    {"id": "4", "messages": [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": "2 + 2?"}], "answer": "4."},
-    {"id": "5", "prompt": "Recursion?", "guidance": "Explain simply.",
-     "answer": "A function calling itself."},
+    {
+        "id": "3",
+        "prompt": "Bake bread?",
+        "analysis": "Harmless.",
+        "answer": "Mix and bake.",
+    },
+    {
+        "id": "4",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2 + 2?"},
+        ],
+        "answer": "4.",
+    },
+    {
+        "id": "5",
+        "prompt": "Recursion?",
+        "guidance": "Explain simply.",
+        "answer": "A function calling itself.",
+    },
 ]
 
 
@@ -126,7 +159,11 @@ def test_strategy_stats_match_the_tokens(variant, template_variant, tokenizer_fo
 
     suffix = n("<|im_end|>\n")
     prompt = sum(
-        n(tok.apply_chat_template(conversation(r), tokenize=False, add_generation_prompt=True))
+        n(
+            tok.apply_chat_template(
+                conversation(r), tokenize=False, add_generation_prompt=True
+            )
+        )
         for r in RECORDS
     )
     trained = [s.key for s in template.trained_stages]
@@ -143,12 +180,17 @@ def test_strategy_stats_match_the_tokens(variant, template_variant, tokenizer_fo
     assert stats["chains"] == 5 and stats["over_sequence_len"] == 0
     if variant == "default":
         assert stats["plans"] == {
-            SA: 2, f"{QA} > {AG} > {SA}": 1, f"{QA} > {SA}": 1, f"{AG} > {SA}": 1
+            SA: 2,
+            f"{QA} > {AG} > {SA}": 1,
+            f"{QA} > {SA}": 1,
+            f"{AG} > {SA}": 1,
         }
         assert stats["chains_skipping"] == {QA: 3, AG: 3, SA: 0}
     else:
         assert stats["plans"] == {
-            SA: 2, f"{QA} > {AG} > {SA} > safety_check": 1, f"{QA} > {SA}": 1,
+            SA: 2,
+            f"{QA} > {AG} > {SA} > safety_check": 1,
+            f"{QA} > {SA}": 1,
             f"{AG} > {SA}": 1,
         }
         assert stats["chains_skipping"] == {QA: 3, AG: 3, SA: 0, "safety_check": 4}

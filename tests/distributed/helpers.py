@@ -60,7 +60,9 @@ class Mode:
 MODES: dict[str, Mode] = {
     "ddp": Mode(env={"ACCELERATE_USE_CPU": "true"}, unset=("DS_ACCELERATOR",)),
     **{
-        name: Mode(env={"DS_ACCELERATOR": "cpu"}, unset=("ACCELERATE_USE_CPU",), deepspeed=name)
+        name: Mode(
+            env={"DS_ACCELERATOR": "cpu"}, unset=("ACCELERATE_USE_CPU",), deepspeed=name
+        )
         for name in ("zero1", "zero2", "zero3")
     },
 }
@@ -77,7 +79,16 @@ def tiny_model(out_dir: str | Path) -> Path:
     return build_tiny_model(out_dir)
 
 
-_TOPICS = ["bread", "recursion", "rivers", "chess", "tea", "bicycles", "stars", "gardens"]
+_TOPICS = [
+    "bread",
+    "recursion",
+    "rivers",
+    "chess",
+    "tea",
+    "bicycles",
+    "stars",
+    "gardens",
+]
 _VERBS = ["explain", "describe", "summarise", "compare"]
 
 
@@ -101,7 +112,9 @@ def write_chat_jsonl(path: str | Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def plain_lora_config(model_dir: str | Path, tmp: str | Path, **overrides: Any) -> dict[str, Any]:
+def plain_lora_config(
+    model_dir: str | Path, tmp: str | Path, **overrides: Any
+) -> dict[str, Any]:
     """A plain (no MoTE) LoRA config for the tiny model; ``overrides`` win, None deletes."""
     tmp = Path(tmp).resolve()
     data = write_chat_jsonl(tmp / "chat.jsonl")
@@ -285,12 +298,19 @@ def run_distributed(
     )
     python = python or sys.executable
     # the interpreter's own bin first, so any helper executables come from the same env
-    run_env["PATH"] = os.pathsep.join([str(Path(python).parent), run_env.get("PATH", "")])
+    run_env["PATH"] = os.pathsep.join(
+        [str(Path(python).parent), run_env.get("PATH", "")]
+    )
 
     cmd = [
-        python, "-m", "torch.distributed.run",
-        "--standalone", "--nproc_per_node", str(nproc),
-        str(LAUNCHER), str(config_path),
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(LAUNCHER),
+        str(config_path),
     ]
     log_path = tmp / f"{mode}.log"
     start = time.monotonic()

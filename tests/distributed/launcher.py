@@ -77,7 +77,9 @@ def _warn_missing(module: str, attr: str) -> None:
 
     LOG.warning(
         "launcher: %s.%s not found in axolotl %s; that patch is skipped",
-        module, attr, getattr(axolotl, "__version__", "?"),
+        module,
+        attr,
+        getattr(axolotl, "__version__", "?"),
     )
 
 
@@ -222,7 +224,9 @@ def _skip_shm_comm_op() -> None:
     if hasattr(ds_torch_comm, "build_shm_op"):
         ds_torch_comm.build_shm_op = lambda: None
     else:
-        LOG.warning("launcher: deepspeed.comm.torch.build_shm_op not found; not skipped")
+        LOG.warning(
+            "launcher: deepspeed.comm.torch.build_shm_op not found; not skipped"
+        )
 
 
 def _neutralise_p2p_check() -> None:
@@ -267,7 +271,9 @@ def _rank_report(trainer) -> dict:
         if engine is not None
         else None,
         "n_trainable_params": len(trainable),
-        "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for _, p in trainable),
+        "trainable_numel": sum(
+            int(getattr(p, "ds_numel", p.numel())) for _, p in trainable
+        ),
         # ZeRO-3 marks every partitioned parameter with ds_id; local storage is a shard
         "trainable_local_numel": sum(p.numel() for _, p in trainable),
         # ZeRO-3 marks every parameter it manages with ds_id; a partitioned one keeps only
@@ -321,7 +327,9 @@ def _dump_trained(trainer, out) -> None:
     model.train(was_training)
     if int(os.environ.get("RANK", "0")) == 0:
         save_file(tensors, str(out / "trained.safetensors"))
-        torch.save({"input_ids": ids, "step_ids": steps, "logits": logits}, out / "probe.pt")
+        torch.save(
+            {"input_ids": ids, "step_ids": steps, "logits": logits}, out / "probe.pt"
+        )
 
 
 def _watch_lora_calls(model) -> tuple[dict, list, list]:
@@ -398,7 +406,9 @@ def install_cpu_patches() -> bool:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        raise SystemExit("usage: torchrun --nproc_per_node N launcher.py CONFIG.yml [axolotl args]")
+        raise SystemExit(
+            "usage: torchrun --nproc_per_node N launcher.py CONFIG.yml [axolotl args]"
+        )
     applied = install_cpu_patches()
     if os.environ.get(REPORT_ENV):
         _wrap_trainer_train(os.environ[REPORT_ENV])

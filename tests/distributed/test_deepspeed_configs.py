@@ -50,8 +50,11 @@ def test_raw_file_leaves_batch_values_to_the_trainer(name):
     # DeepSpeed derives train_batch_size = micro x accumulation x its world size;
     # "auto" would be filled from the Trainer's world size, which is wrong on CPU runs
     assert "train_batch_size" not in raw
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
         assert raw[key] == "auto", key
     stage, bf16, _ = EXPECTED[name]
     assert raw["zero_optimization"]["stage"] == stage
@@ -157,7 +160,9 @@ def test_cli_lists_locates_and_writes(tmp_path):
 
     again = runner.invoke(main, ["deepspeed-config", "zero2", "-o", str(dest)])
     assert again.exit_code != 0 and "--force" in again.output
-    forced = runner.invoke(main, ["deepspeed-config", "zero2", "-o", str(dest), "--force"])
+    forced = runner.invoke(
+        main, ["deepspeed-config", "zero2", "-o", str(dest), "--force"]
+    )
     assert forced.exit_code == 0, forced.output
     assert json.loads(dest.read_text())["zero_optimization"]["stage"] == 2
 

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _train import base_config, log_history, run_train
 from helpers import DistributedRun, run_distributed, tiny_model
+from safetensors.torch import load_file
 
 from axolotl_mote.deepspeed import deepspeed_config_path
 
@@ -38,8 +37,13 @@ LOSS_RTOL = 1e-4  # 1 vs 2 processes: same samples, different reduction order
 MOTE = {"template": "aligncot", "prompt_routing": "safe_answer"}
 # the tiny Llama (hidden 64, MLP 128, 2 of 4 heads for k/v): projection -> (in, out)
 PROJ_IN_OUT = {
-    "q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
-    "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64),
+    "q_proj": (64, 64),
+    "k_proj": (64, 32),
+    "v_proj": (64, 32),
+    "o_proj": (64, 64),
+    "gate_proj": (64, 128),
+    "up_proj": (64, 128),
+    "down_proj": (128, 64),
 }
 RANK = 4 * 4  # (3 aligncot step experts + shared) x lora_r 4
 
@@ -82,8 +86,12 @@ def _write_equal_length_chains(path: Path, tokenizer) -> None:
         for i in range(N_CHAINS):
             first = "analysis" if i % 2 == 0 else "guidance"
             prompt = " ".join(rng.sample(words, 3 + i % 5))
-            record = {"id": f"c{i}", "prompt": f"{prompt} ({i})?", first: text(),
-                      "answer": text()}
+            record = {
+                "id": f"c{i}",
+                "prompt": f"{prompt} ({i})?",
+                first: text(),
+                "answer": text(),
+            }
             handle.write(json.dumps(record) + "\n")
 
 
@@ -155,7 +163,11 @@ def reference_losses(work) -> list[float]:
     manager = PluginManager.get_instance()
     manager.plugins.clear()
     cfg = _config(
-        work, "single", micro_batch_size=2, save_strategy="steps", save_steps=MAX_STEPS,
+        work,
+        "single",
+        micro_batch_size=2,
+        save_strategy="steps",
+        save_steps=MAX_STEPS,
     )
     try:
         run_train(cfg, work / "single")
@@ -342,8 +354,12 @@ def test_zero3_resume_restores_experts(zero3_run, work):
     assert any(ckpt.glob("global_step2/*optim_states.pt")), "not a ZeRO checkpoint"
 
     resumed = _run(
-        work, "zero3_resume", "zero3",
-        save_strategy="steps", save_steps=2, resume_from_checkpoint=str(ckpt),
+        work,
+        "zero3_resume",
+        "zero3",
+        save_strategy="steps",
+        save_steps=2,
+        resume_from_checkpoint=str(ckpt),
     )
     _check_ranks(resumed, "DEEPSPEED", 3, steps_run=MAX_STEPS - 2)
     full = load_file(str(zero3_run.report_dir / "trained.safetensors"))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _train import base_config, log_history, run_train
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -58,21 +56,28 @@ def test_reload_gives_identical_logits(tiny_model_dir, tmp_path, reset_plugins):
     from axolotl_mote.routing import route
     from axolotl_mote.tuner.model import get_routing_state
 
-    cfg = base_config(tiny_model_dir, tmp_path, max_steps=4, learning_rate=5e-3,
-                      mote={"template": "aligncot", "prompt_routing": "safe_answer"})
+    cfg = base_config(
+        tiny_model_dir,
+        tmp_path,
+        max_steps=4,
+        learning_rate=5e-3,
+        mote={"template": "aligncot", "prompt_routing": "safe_answer"},
+    )
     run_train(cfg, tmp_path)
     out = Path(cfg["output_dir"])
     model, tok = load_mote_model(tiny_model_dir, out)
     ids = tok("hello there", return_tensors="pt")["input_ids"]
     steps = torch.full_like(ids, -2)
-    steps[0, 2:] = torch.tensor([0, 1, 2])[: ids.shape[1] - 2].repeat(10)[: ids.shape[1] - 2]
+    steps[0, 2:] = torch.tensor([0, 1, 2])[: ids.shape[1] - 2].repeat(10)[
+        : ids.shape[1] - 2
+    ]
     with torch.no_grad(), route(get_routing_state(model), steps):
         logits_plain = model(input_ids=ids).logits
 
     # the same adapter through Axolotl's own loader (lora_model_dir -> post_lora_load)
+    import yaml
     from axolotl.cli.config import load_cfg
     from axolotl.loaders import ModelLoader, load_tokenizer
-    import yaml
 
     reset_plugins.plugins.clear()
     reload_cfg = dict(cfg, lora_model_dir=str(out))
@@ -86,14 +91,25 @@ def test_reload_gives_identical_logits(tiny_model_dir, tmp_path, reset_plugins):
         logits_axolotl = ax_model(input_ids=ids).logits
     torch.testing.assert_close(logits_plain, logits_axolotl, rtol=0, atol=1e-5)
     # and the marker rows were trained and restored (not the resize init)
-    assert tok.convert_tokens_to_ids("<|response|>") == ax_tok.convert_tokens_to_ids("<|response|>")
+    assert tok.convert_tokens_to_ids("<|response|>") == ax_tok.convert_tokens_to_ids(
+        "<|response|>"
+    )
 
 
-def test_loss_falls_and_stage_metrics_are_logged(tiny_model_dir, tmp_path, reset_plugins):
+def test_loss_falls_and_stage_metrics_are_logged(
+    tiny_model_dir, tmp_path, reset_plugins
+):
     cfg = base_config(
-        tiny_model_dir, tmp_path, max_steps=20, learning_rate=1e-2,
-        save_strategy="steps", save_steps=20, gradient_checkpointing=True,
-        val_set_size=0.25, eval_strategy="steps", eval_steps=10,
+        tiny_model_dir,
+        tmp_path,
+        max_steps=20,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=20,
+        gradient_checkpointing=True,
+        val_set_size=0.25,
+        eval_strategy="steps",
+        eval_steps=10,
     )
     run_train(cfg, tmp_path)
     history = log_history(Path(cfg["output_dir"]))

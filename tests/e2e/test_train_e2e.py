@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _train import base_config, run_train
 
 pytestmark = pytest.mark.slow
@@ -42,7 +41,9 @@ def _record_batches(monkeypatch) -> list[dict[str, torch.Tensor]]:
     original = MoteTrainer.training_step
 
     def spy(self, model, inputs, num_items_in_batch=None):
-        seen.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)})
+        seen.append(
+            {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
+        )
         return original(self, model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(MoteTrainer, "training_step", spy)
@@ -88,7 +89,11 @@ def test_train_saves_experts_and_config(tiny_model_dir, tmp_path, reset_plugins)
     out = Path(cfg["output_dir"])
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     mote_cfg = json.loads((out / "mote_config.json").read_text())
-    assert mote_cfg["stage_names"] == ["question_analysis", "answer_guidance", "safe_answer"]
+    assert mote_cfg["stage_names"] == [
+        "question_analysis",
+        "answer_guidance",
+        "safe_answer",
+    ]
     assert mote_cfg["expert_rank"] == 4
     # rank blocks: 3 experts + shared, rank 4 each
     assert set(adapter_cfg["rank_pattern"].values()) == {16}
@@ -120,12 +125,15 @@ def _flex_trainable() -> bool:
         pytest.param(
             "flex_attention",
             marks=pytest.mark.skipif(
-                not _flex_trainable(), reason="flex attention trains on GPU only (no CPU backward)"
+                not _flex_trainable(),
+                reason="flex attention trains on GPU only (no CPU backward)",
             ),
         ),
     ],
 )
-def test_train_with_step_skipping_packed(attn, tiny_model_dir, tmp_path, reset_plugins, monkeypatch):
+def test_train_with_step_skipping_packed(
+    attn, tiny_model_dir, tmp_path, reset_plugins, monkeypatch
+):
     """Packing on, step skipping on: the model receives 4D masks that hide stages."""
     import axolotl_mote.masks as masks
 
@@ -139,7 +147,11 @@ def test_train_with_step_skipping_packed(attn, tiny_model_dir, tmp_path, reset_p
 
     monkeypatch.setattr(masks, "apply_step_skipping", spy)
     cfg = base_config(
-        tiny_model_dir, tmp_path, sample_packing=True, max_steps=3, attn_implementation=attn,
+        tiny_model_dir,
+        tmp_path,
+        sample_packing=True,
+        max_steps=3,
+        attn_implementation=attn,
         mote={"template": "aligncot", "step_skip_prob": 0.9},
     )
     run_train(cfg, tmp_path)

@@ -72,8 +72,13 @@ def mote_config(**overrides) -> MoteConfig:
     return MoteConfig(**kwargs)
 
 
-def lora_config(config: MoteConfig, lora_alpha: float = 8.0, use_rslora: bool = False,
-                rank_pattern=None, alpha_pattern=None):
+def lora_config(
+    config: MoteConfig,
+    lora_alpha: float = 8.0,
+    use_rslora: bool = False,
+    rank_pattern=None,
+    alpha_pattern=None,
+):
     """The PEFT LoraConfig the plugin builds: rank blocks through peft_kwargs()."""
     from peft import LoraConfig
 
@@ -92,9 +97,15 @@ def lora_config(config: MoteConfig, lora_alpha: float = 8.0, use_rslora: bool = 
     )
 
 
-def mote_model(config: MoteConfig, base=None, lora_alpha: float = 8.0,
-               use_rslora: bool = False, randomize: bool = True, seed: int = 1,
-               **patterns):
+def mote_model(
+    config: MoteConfig,
+    base=None,
+    lora_alpha: float = 8.0,
+    use_rslora: bool = False,
+    randomize: bool = True,
+    seed: int = 1,
+    **patterns,
+):
     """(PEFT model with MoTE attached, its routing state, an untouched base copy)."""
     from peft import get_peft_model
 
@@ -140,8 +151,10 @@ def naive_model(pristine, peft_model, config: MoteConfig):
     its forward and backward share nothing with the rank-mask path.
     """
     model = copy.deepcopy(pristine)
-    peft_layers = {n.split("base_model.model.", 1)[-1]: m
-                   for n, m in lora_layers(peft_model).items()}
+    peft_layers = {
+        n.split("base_model.model.", 1)[-1]: m
+        for n, m in lora_layers(peft_model).items()
+    }
     naive = {}
     for name, layer in peft_layers.items():
         parent_name, child = name.rsplit(".", 1)
@@ -150,8 +163,12 @@ def naive_model(pristine, peft_model, config: MoteConfig):
         ea, eb, sa, sb = expert_weights(layer, config)
         rank = layer.r["default"] // config.n_blocks  # lora_rank_pattern may vary it
         module = NaiveMoteLinear(
-            base, config.num_experts, rank, layer.scaling["default"],
-            config.alpha, shared=config.shared_expert,
+            base,
+            config.num_experts,
+            rank,
+            layer.scaling["default"],
+            config.alpha,
+            shared=config.shared_expert,
         )
         with torch.no_grad():
             for k in range(config.num_experts):

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from mote_tiny import (  # one_torch_thread: autouse
-    one_torch_thread,  # noqa: F401
     TARGETS,
     P,
     X,
@@ -16,6 +15,7 @@ from mote_tiny import (  # one_torch_thread: autouse
     lora_layers,
     mote_config,
     mote_model,
+    one_torch_thread,  # noqa: F401
 )
 
 from axolotl_mote.constants import PAD_STEP
@@ -81,8 +81,12 @@ ONE_EXPERT_CASES = [
     ("shared-answer-alpha0.5", {}, 2, "step+shared"),
     ("shared-analysis-alpha0.3", {"alpha": 0.3}, 0, "step+shared"),
     ("prompt-shared-alpha0.6", {"prompt_routing": "shared", "alpha": 0.6}, P, "shared"),
-    ("prompt-answer-no-shared", {"prompt_routing": "answer", "shared_expert": False}, P,
-     "step"),
+    (
+        "prompt-answer-no-shared",
+        {"prompt_routing": "answer", "shared_expert": False},
+        P,
+        "step",
+    ),
 ]
 
 
@@ -103,8 +107,10 @@ def test_one_expert_everywhere_is_a_plain_peft_lora(overrides, step, kind):
         if kind == "step":
             weights[name] = (ea[expert], eb[expert])
         elif kind == "step+shared":
-            weights[name] = (torch.cat([ea[expert], sa]),
-                             torch.cat([alpha * eb[expert], (1 - alpha) * sb], dim=1))
+            weights[name] = (
+                torch.cat([ea[expert], sa]),
+                torch.cat([alpha * eb[expert], (1 - alpha) * sb], dim=1),
+            )
         else:
             weights[name] = (sa, (1 - alpha) * sb)
     rank = 2 * r if kind == "step+shared" else r
@@ -127,13 +133,16 @@ def test_detached_model_is_the_plain_rank_R_lora():
     config = mote_config()
     model, state, pristine = mote_model(config)
     weights = {
-        name: (layer.lora_A["default"].weight.detach().clone(),
-               layer.lora_B["default"].weight.detach().clone())
+        name: (
+            layer.lora_A["default"].weight.detach().clone(),
+            layer.lora_B["default"].weight.detach().clone(),
+        )
         for name, layer in lora_layers(model).items()
     }
     ids = input_ids_for(MIXED)
     detach_mote(model)
     plain = _plain_lora(pristine, config.peft_rank, 8.0 * config.n_blocks, weights)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits,
-                                   plain(input_ids=ids).logits, **TOL)
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, plain(input_ids=ids).logits, **TOL
+        )

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import pytest
 from mote_tiny import (  # one_torch_thread: autouse
-    TARGETS, lora_config, mote_config, tiny_llama,
+    TARGETS,
+    lora_config,
+    mote_config,
     one_torch_thread,  # noqa: F401
+    tiny_llama,
 )
 
 from axolotl_mote.args import MoteArgs
@@ -27,14 +30,27 @@ BASE = {
 # (case id, overrides of an Axolotl config, substrings: the key ... and the fix)
 ARGS_CASES = [
     ("dora", {"peft_use_dora": True}, ["peft_use_dora", "DoRA", "remove it"]),
-    ("mlp-kernel", {"lora_mlp_kernel": True},
-     ["lora_mlp_kernel: true", "bypass MoTE's routing", "set lora_mlp_kernel: false"]),
+    (
+        "mlp-kernel",
+        {"lora_mlp_kernel": True},
+        [
+            "lora_mlp_kernel: true",
+            "bypass MoTE's routing",
+            "set lora_mlp_kernel: false",
+        ],
+    ),
     ("qkv-kernel", {"lora_qkv_kernel": True}, ["set lora_qkv_kernel: false"]),
     ("o-kernel", {"lora_o_kernel": True}, ["set lora_o_kernel: false"]),
-    ("sequence-parallel", {"sequence_parallel_degree": 2},
-     ["sequence_parallel_degree: 2", "sequence/context parallelism", "remove it"]),
-    ("context-parallel", {"context_parallel_size": 4},
-     ["context_parallel_size: 4", "remove it"]),
+    (
+        "sequence-parallel",
+        {"sequence_parallel_degree": 2},
+        ["sequence_parallel_degree: 2", "sequence/context parallelism", "remove it"],
+    ),
+    (
+        "context-parallel",
+        {"context_parallel_size": 4},
+        ["context_parallel_size: 4", "remove it"],
+    ),
     ("rank-0", {"lora_r": 0}, ["lora_r: 0", "integer >= 1"]),
     ("rank-negative", {"lora_r": -4}, ["lora_r: -4", "integer >= 1"]),
     ("rank-float", {"lora_r": 2.5}, ["lora_r: 2.5", "integer >= 1"]),
@@ -65,8 +81,13 @@ def test_valid_extremes_pass():
 def test_all_problems_are_reported_at_once():
     with pytest.raises(ValueError) as err:
         MoteArgs.model_validate(
-            {**BASE, "peft_use_dora": True, "lora_o_kernel": True, "lora_r": 0,
-             "context_parallel_size": 2}
+            {
+                **BASE,
+                "peft_use_dora": True,
+                "lora_o_kernel": True,
+                "lora_r": 0,
+                "context_parallel_size": 2,
+            }
         )
     text = str(err.value)
     for key in ("peft_use_dora", "lora_o_kernel", "lora_r", "context_parallel_size"):
@@ -83,8 +104,11 @@ def test_single_stage_template_without_shared_expert(tmp_path):
         MoteArgs.model_validate(
             {**BASE, "mote": {"template": str(path), "shared_expert": False}}
         )
-    for needle in ("single trained stage", "mote.shared_expert is false",
-                   "enable the shared expert"):
+    for needle in (
+        "single trained stage",
+        "mote.shared_expert is false",
+        "enable the shared expert",
+    ):
         assert needle in str(err.value)
 
 
@@ -95,12 +119,21 @@ CONFIG_CASES = [
     ("rank-negative", {"expert_rank": -2}, ["expert_rank", ">= 1", "got -2"]),
     ("alpha-0", {"alpha": 0.0}, ["alpha", "(0, 1]", "got 0.0", "mote.alpha"]),
     ("alpha-1.5", {"alpha": 1.5}, ["alpha", "(0, 1]", "got 1.5"]),
-    ("single-stage-no-shared", {"stage_names": ["answer"], "shared_expert": False},
-     ["single stage", "shared_expert", "plain LoRA", "enable the shared expert"]),
-    ("prompt-shared-no-shared", {"shared_expert": False, "prompt_routing": "shared"},
-     ["prompt_routing", "'shared'", "shared expert"]),
-    ("prompt-unknown-stage", {"prompt_routing": "verify"},
-     ["prompt_routing 'verify'", "'random', 'shared' or a trained stage"]),
+    (
+        "single-stage-no-shared",
+        {"stage_names": ["answer"], "shared_expert": False},
+        ["single stage", "shared_expert", "plain LoRA", "enable the shared expert"],
+    ),
+    (
+        "prompt-shared-no-shared",
+        {"shared_expert": False, "prompt_routing": "shared"},
+        ["prompt_routing", "'shared'", "shared expert"],
+    ),
+    (
+        "prompt-unknown-stage",
+        {"prompt_routing": "verify"},
+        ["prompt_routing 'verify'", "'random', 'shared' or a trained stage"],
+    ),
 ]
 
 
@@ -123,8 +156,14 @@ def _peft(config, **lora_overrides):
     from peft import LoraConfig, get_peft_model
 
     kwargs = lora_config(config).to_dict()
-    keep = ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
-            "alpha_pattern")
+    keep = (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+    )
     kwargs = {k: kwargs[k] for k in keep}
     kwargs.update(lora_overrides)
     return get_peft_model(tiny_llama(), LoraConfig(**kwargs))
@@ -132,16 +171,36 @@ def _peft(config, **lora_overrides):
 
 # (case id, LoraConfig overrides, exception type, substrings)
 PEFT_CASES = [
-    ("dora", {"use_dora": True}, ValueError,
-     ["DoRA is not supported", "peft_use_dora"]),
-    ("embedding-lora", {"target_modules": ["embed_tokens", *TARGETS]}, TypeError,
-     ["embed_tokens", "embeddings is not supported", "target linear layers only"]),
-    ("rank-not-blocks", {"rank_pattern": {}, "alpha_pattern": {}, "r": 6}, ValueError,
-     ["rank 6 is not a multiple of the 4 MoTE blocks", "MoteConfig.peft_kwargs()"]),
-    ("rank-of-other-r", {"rank_pattern": {".*": 8}}, ValueError,
-     ["expert rank 2 != mote expert_rank 4", "MoteConfig.peft_kwargs()"]),
-    ("no-patterns-r8", {"rank_pattern": {}, "alpha_pattern": {}, "r": 8}, ValueError,
-     ["expert rank 2 != mote expert_rank 4", "MoteConfig.peft_kwargs()"]),
+    (
+        "dora",
+        {"use_dora": True},
+        ValueError,
+        ["DoRA is not supported", "peft_use_dora"],
+    ),
+    (
+        "embedding-lora",
+        {"target_modules": ["embed_tokens", *TARGETS]},
+        TypeError,
+        ["embed_tokens", "embeddings is not supported", "target linear layers only"],
+    ),
+    (
+        "rank-not-blocks",
+        {"rank_pattern": {}, "alpha_pattern": {}, "r": 6},
+        ValueError,
+        ["rank 6 is not a multiple of the 4 MoTE blocks", "MoteConfig.peft_kwargs()"],
+    ),
+    (
+        "rank-of-other-r",
+        {"rank_pattern": {".*": 8}},
+        ValueError,
+        ["expert rank 2 != mote expert_rank 4", "MoteConfig.peft_kwargs()"],
+    ),
+    (
+        "no-patterns-r8",
+        {"rank_pattern": {}, "alpha_pattern": {}, "r": 8},
+        ValueError,
+        ["expert rank 2 != mote expert_rank 4", "MoteConfig.peft_kwargs()"],
+    ),
 ]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from mote_tiny import (  # one_torch_thread: autouse
-    one_torch_thread,  # noqa: F401
     PACKED_POSITIONS,
     PACKED_STEPS,
     expert_weights,
@@ -19,6 +18,7 @@ from mote_tiny import (  # one_torch_thread: autouse
     mote_config,
     mote_model,
     naive_model,
+    one_torch_thread,  # noqa: F401
     prompt_experts_from_state,
     set_expert_ids,
 )
@@ -34,11 +34,19 @@ CASES = [
     ("paper-random", {}, 8.0, False),
     ("prompt-shared-alpha0.3", {"prompt_routing": "shared", "alpha": 0.3}, 8.0, False),
     ("prompt-answer-alpha0.8", {"prompt_routing": "answer", "alpha": 0.8}, 16.0, False),
-    ("prompt-analysis-alpha1", {"prompt_routing": "analysis", "alpha": 1.0}, 8.0,
-     False),
+    (
+        "prompt-analysis-alpha1",
+        {"prompt_routing": "analysis", "alpha": 1.0},
+        8.0,
+        False,
+    ),
     ("no-shared-random", {"shared_expert": False}, 8.0, False),
-    ("no-shared-guidance", {"shared_expert": False, "prompt_routing": "guidance"}, 4.0,
-     False),
+    (
+        "no-shared-guidance",
+        {"shared_expert": False, "prompt_routing": "guidance"},
+        4.0,
+        False,
+    ),
     ("rslora-alpha0.25", {"alpha": 0.25, "prompt_routing": "shared"}, 8.0, True),
 ]
 
@@ -101,8 +109,14 @@ def test_every_layer_matches_the_naive_formula(overrides, lora_alpha, rslora):
         x, y = seen[name]  # x: [B, T, in], y: [B, T, out]
         ea, eb, sa, sb = expert_weights(layer, config)
         delta = naive_mote_delta(
-            x.reshape(-1, x.shape[-1]), ea, eb, sa, sb,
-            layer.scaling["default"], config.alpha, flat_experts,
+            x.reshape(-1, x.shape[-1]),
+            ea,
+            eb,
+            sa,
+            sb,
+            layer.scaling["default"],
+            config.alpha,
+            flat_experts,
         )  # [B*T, out]
         expected = layer.base_layer(x) + delta.view(*x.shape[:-1], -1)
         torch.testing.assert_close(
@@ -161,8 +175,8 @@ def _check_against_naive(config, model, state, pristine):
         for k, (a, b) in enumerate(pairs):
             ref_a = a.grad if a.grad is not None else torch.zeros_like(a)
             ref_b = b.grad if b.grad is not None else torch.zeros_like(b)
-            torch.testing.assert_close(grad_a[k * r:(k + 1) * r], ref_a, **TOL)
-            torch.testing.assert_close(grad_b[:, k * r:(k + 1) * r], ref_b, **TOL)
+            torch.testing.assert_close(grad_a[k * r : (k + 1) * r], ref_a, **TOL)
+            torch.testing.assert_close(grad_b[:, k * r : (k + 1) * r], ref_b, **TOL)
 
 
 def test_attaching_twice_does_not_mask_twice():

@@ -70,8 +70,14 @@ def _inputs(model, shape, seed=0):
 def _naive(layer, config, x, experts):
     ea, eb, sa, sb = expert_weights(layer, config)
     delta = naive_mote_delta(
-        x.reshape(-1, x.shape[-1]), ea, eb, sa, sb, layer.scaling["default"],
-        config.alpha, experts.reshape(-1),
+        x.reshape(-1, x.shape[-1]),
+        ea,
+        eb,
+        sa,
+        sb,
+        layer.scaling["default"],
+        config.alpha,
+        experts.reshape(-1),
     )
     return layer.base_layer(x) + delta.view(*x.shape[:-1], -1)
 
@@ -99,8 +105,9 @@ def _poison_zero_blocks(model, config, row) -> None:
 @pytest.mark.parametrize(
     "overrides, lora_alpha, rslora", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_uniform_batch_fast_path_equals_masked_and_naive(overrides, lora_alpha, rslora,
-                                                         step):
+def test_uniform_batch_fast_path_equals_masked_and_naive(
+    overrides, lora_alpha, rslora, step
+):
     """Two rows, three tokens, all one step id: every layer, fast == masked == naive."""
     config = mote_config(**overrides)
     model, state, _ = mote_model(config, lora_alpha=lora_alpha, use_rslora=rslora)
@@ -122,8 +129,12 @@ def test_uniform_batch_fast_path_equals_masked_and_naive(overrides, lora_alpha, 
 
 @pytest.mark.parametrize("step", [0, 1, 2, P], ids=["s0", "s1", "s2", "prompt"])
 @pytest.mark.parametrize(
-    "overrides", [{}, {"shared_expert": False, "prompt_routing": "answer"},
-                  {"prompt_routing": "shared", "alpha": 0.3}],
+    "overrides",
+    [
+        {},
+        {"shared_expert": False, "prompt_routing": "answer"},
+        {"prompt_routing": "shared", "alpha": 0.3},
+    ],
     ids=["paper-random", "no-shared", "prompt-shared"],
 )
 def test_zero_blocks_are_never_read(overrides, step):
@@ -172,8 +183,9 @@ def test_equivalent_mixed_ids_and_one_random_prompt_run_are_uniform():
     state = RoutingState(num_experts=3, alpha=0.5, shared_expert=True, prompt_routing=1)
     state.set(torch.tensor([[P, P, 1, 1]]))  # prompt routed to stage 1 == step 1
     assert state.uniform_row(F32, cpu) == (0.0, 0.5, 0.0, 0.5)
-    state = RoutingState(num_experts=3, alpha=0.5, shared_expert=True,
-                         prompt_routing="random")
+    state = RoutingState(
+        num_experts=3, alpha=0.5, shared_expert=True, prompt_routing="random"
+    )
     state.set(torch.full((1, 5), P))  # one prompt run: one draw
     row = state.uniform_row(F32, cpu)
     assert row is not None and sorted(row) == [0.0, 0.0, 0.5, 0.5]
@@ -215,17 +227,25 @@ def test_generate_with_cache_uses_the_fast_path_and_matches_a_masked_forward(ste
     n_layers = len(lora_layers(model))
     state.resolver = lambda ids, kwargs: torch.full_like(ids, step)
     prompt = input_ids_for(torch.zeros(1, 5))
-    calls = mock.patch.object(MoteVariant, "_pack", autospec=True,
-                              side_effect=MoteVariant._pack)
+    calls = mock.patch.object(
+        MoteVariant, "_pack", autospec=True, side_effect=MoteVariant._pack
+    )
     with calls as spy:
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                             max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=0)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         assert spy.call_count == n_layers  # packed at the prefill, reused by 5 steps
         assert len(state.packs) == n_layers  # kept between the steps of one sequence
-        model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False,
-                       pad_token_id=0)
+        model.generate(
+            input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0
+        )
         assert spy.call_count == 2 * n_layers  # a new sequence packs again
     state.resolver = None
     seq = out.sequences  # [1, 5 + 6]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from mote_tiny import (  # one_torch_thread: autouse
-    one_torch_thread,  # noqa: F401
     PACKED_POSITIONS,
     P,
     X,
@@ -17,6 +16,7 @@ from mote_tiny import (  # one_torch_thread: autouse
     lora_layers,
     mote_config,
     mote_model,
+    one_torch_thread,  # noqa: F401
 )
 
 from axolotl_mote.constants import PAD_STEP
@@ -69,7 +69,7 @@ def _loss(model, steps, **kwargs):
 
 
 def _block(weight_grad_a, weight_grad_b, k, r):
-    return weight_grad_a[k * r:(k + 1) * r], weight_grad_b[:, k * r:(k + 1) * r]
+    return weight_grad_a[k * r : (k + 1) * r], weight_grad_b[:, k * r : (k + 1) * r]
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,12 @@ def _resolve(config: LoraConfig, name: str) -> tuple[str, int, float]:
 
 @pytest.mark.parametrize("reload", [False, True], ids=["created", "reloaded"])
 def test_user_patterns_win_over_the_catch_all(tmp_path, reload):
-    config = LoraConfig(r=16, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                        **_kwargs())
+    config = LoraConfig(
+        r=16,
+        lora_alpha=64,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        **_kwargs(),
+    )
     if reload:
         config.save_pretrained(tmp_path)
         config = LoraConfig.from_pretrained(tmp_path)
@@ -46,8 +50,12 @@ def test_user_patterns_win_over_the_catch_all(tmp_path, reload):
 def test_a_plain_dot_star_would_shadow_after_reload(tmp_path):
     """Why CATCH_ALL is not ".*": sorted on save, ".*" comes first and wins."""
     kwargs = _kwargs()
-    kwargs = {k: {(".*" if key == CATCH_ALL else key): v for key, v in d.items()}
-              for k, d in kwargs.items()}
-    LoraConfig(r=16, lora_alpha=64, target_modules=["q_proj"], **kwargs).save_pretrained(tmp_path)
+    kwargs = {
+        k: {(".*" if key == CATCH_ALL else key): v for key, v in d.items()}
+        for k, d in kwargs.items()
+    }
+    LoraConfig(
+        r=16, lora_alpha=64, target_modules=["q_proj"], **kwargs
+    ).save_pretrained(tmp_path)
     config = LoraConfig.from_pretrained(tmp_path)
     assert _resolve(config, "model.layers.0.self_attn.q_proj")[0] == ".*"

@@ -7,7 +7,12 @@ import re
 import pytest
 import torch
 from mote_tiny import (  # one_torch_thread: autouse
-    P, X, input_ids_for, lora_layers, mote_config, mote_model,
+    P,
+    X,
+    input_ids_for,
+    lora_layers,
+    mote_config,
+    mote_model,
     one_torch_thread,  # noqa: F401
 )
 
@@ -25,14 +30,38 @@ def _state(**kwargs) -> RoutingState:
 
 # (case id, state kwargs, expected coefficients of the tokens [P, 0, 1, 2, X])
 COEF_CASES = [
-    ("prompt-to-stage", {}, [[0, .3, 0, .7], [.3, 0, 0, .7], [0, .3, 0, .7],
-                             [0, 0, .3, .7], [0, 0, 0, 0]]),
-    ("prompt-shared", {"prompt_routing": "shared", "alpha": 0.5},
-     [[0, 0, 0, .5], [.5, 0, 0, .5], [0, .5, 0, .5], [0, 0, .5, .5], [0, 0, 0, 0]]),
-    ("no-shared", {"shared_expert": False, "prompt_routing": 2, "alpha": 0.5},
-     [[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]),
-    ("alpha1", {"alpha": 1.0, "prompt_routing": 0},
-     [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]),
+    (
+        "prompt-to-stage",
+        {},
+        [
+            [0, 0.3, 0, 0.7],
+            [0.3, 0, 0, 0.7],
+            [0, 0.3, 0, 0.7],
+            [0, 0, 0.3, 0.7],
+            [0, 0, 0, 0],
+        ],
+    ),
+    (
+        "prompt-shared",
+        {"prompt_routing": "shared", "alpha": 0.5},
+        [
+            [0, 0, 0, 0.5],
+            [0.5, 0, 0, 0.5],
+            [0, 0.5, 0, 0.5],
+            [0, 0, 0.5, 0.5],
+            [0, 0, 0, 0],
+        ],
+    ),
+    (
+        "no-shared",
+        {"shared_expert": False, "prompt_routing": 2, "alpha": 0.5},
+        [[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]],
+    ),
+    (
+        "alpha1",
+        {"alpha": 1.0, "prompt_routing": 0},
+        [[1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]],
+    ),
 ]
 
 
