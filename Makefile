@@ -50,7 +50,7 @@ bench: install
 	$(PYTHON) benchmarks/decode.py
 
 docs: install
-	$(PYTHON) -m axolotl_mote.docgen > docs/configuration.md
+	$(PYTHON) -m scripts.docgen > docs/configuration.md
 
 clean:
 	rm -rf outputs .pytest_cache

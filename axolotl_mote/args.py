@@ -14,7 +14,14 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class SkipPositions(str, Enum):
@@ -34,7 +41,7 @@ class MarkerInit(str, Enum):
 class MoteOptions(BaseModel):
     """Options of the MoTE plugin (the ``mote:`` block)."""
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+    model_config = ConfigDict(extra="forbid", use_enum_values=True, frozen=True)
 
     template: str = Field(
         default="aligncot",
@@ -56,15 +63,20 @@ class MoteOptions(BaseModel):
     prompt_routing: str = Field(
         default="random",
         description="Expert for question (prompt) tokens: 'random' (the paper: one "
-        "randomly chosen step expert per sequence, reproducible from the seed), "
-        "'shared' (shared expert only), or a stage name/key such as 'answer'.",
+        "randomly chosen step expert per sequence, reproducible from the seed; at "
+        "inference one drawn per prompt, keyed by its tokens), 'expected' (every step "
+        "expert at alpha / E: the expected value of 'random'), 'shared' (shared "
+        "expert only), or a stage name/key such as 'answer'.",
     )
-    step_skip_prob: float = Field(
-        default=0.0,
+    step_skip_prob: float | None = Field(
+        default=None,
         description="Probability p (the paper's p_dropout) that, per example and per "
         "hideable earlier stage, every later stage is cut off from attending to it. "
-        "0 turns step skipping off and keeps plain causal attention. Needs "
-        "attn_implementation sdpa, eager or flex_attention.",
+        "Unset: 0.3 (step skipping on, as in the paper, which gives no value; 0.3 is "
+        "this project's choice) where the attention implementation can take step "
+        "masks (sdpa, eager, flex_attention), and 0 with a logged note under flash "
+        "attention. 0 turns it off: plain causal attention, the paper's '- step "
+        "skipping' variant.",
     )
     skip_stages: list[str] | None = Field(
         default=None,
@@ -115,67 +127,172 @@ class MoteOptions(BaseModel):
         "top-level `seed` (or 42).",
     )
 
-    @field_validator("alpha")
-    @classmethod
-    def _alpha_range(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError(
-                f"mote.alpha must be in (0, 1], got {value}; the paper uses 0.5"
-            )
-        return value
-
     @field_validator("step_skip_prob")
     @classmethod
-    def _prob_range(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
+    def _prob_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"mote.step_skip_prob must be in [0, 1], got {value}")
         return value
 
 
-_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
-_FLASH = ("flash_attention_2", "flash_attention_3", "flash")
+#: Axolotl's fused LoRA kernels read lora_A/lora_B directly and bypass routing.
+KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+#: Attention implementations that can take step-skipping masks.
+STEP_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+#: p when ``mote.step_skip_prob`` is unset and the attention can take step masks.
+DEFAULT_STEP_SKIP_PROB = 0.3
 
 
-def _cross_key_problems(data: dict[str, Any], opts: dict[str, Any]) -> list[str]:
+def attention_of(data: Any) -> str:
+    """The attention implementation an Axolotl config selects (default sdpa)."""
+    get = data.get if hasattr(data, "get") else lambda k: getattr(data, k, None)
+    if get("attn_implementation"):
+        return str(get("attn_implementation"))
+    for flag, name in (
+        ("flash_attention", "flash_attention_2"),
+        ("flex_attention", "flex_attention"),
+        ("sdp_attention", "sdpa"),
+        ("eager_attention", "eager"),
+        ("xformers_attention", "xformers"),
+    ):
+        if get(flag):
+            return name
+    return "sdpa"
+
+
+def step_skip_prob(options: MoteOptions, attention: str) -> tuple[float, str | None]:
+    """The p a run uses, and a note when the default had to turn step skipping off."""
+    if options.step_skip_prob is not None:
+        return float(options.step_skip_prob), None
+    if attention in STEP_MASK_ATTENTION:
+        return DEFAULT_STEP_SKIP_PROB, None
+    return 0.0, (
+        f"MoTE: step skipping is off: attn_implementation {attention} cannot take "
+        "step-skipping masks. Use attn_implementation: sdpa, eager or flex_attention "
+        "to train the paper's step skipping (set mote.step_skip_prob: 0 to silence "
+        "this note)"
+    )
+
+
+def _number(value: Any) -> float | None:
+    return (
+        value
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+        else None
+    )
+
+
+def _cross_key_problems(data: dict[str, Any], opts: MoteOptions | None) -> list[str]:
     """Rules between the mote: block and Axolotl's own keys; each names the fix."""
     problems: list[str] = []
     if data.get("adapter") not in ("lora", "qlora"):
         problems.append(
-            f"adapter: {data.get('adapter')!r} -> MoTE builds its experts on PEFT LoRA; "
-            "set `adapter: lora` (or qlora)"
+            f"adapter: {data.get('adapter')!r} -> MoTE builds its experts on PEFT "
+            "LoRA; set `adapter: lora` (or qlora)"
         )
     if data.get("peft_use_dora"):
         problems.append(
             "peft_use_dora: true -> DoRA is not supported by MoTE; remove it"
         )
-    for key in _KERNEL_KEYS:
+    for key in KERNEL_KEYS:
         if data.get(key):
             problems.append(
                 f"{key}: true -> Axolotl's fused LoRA kernels bypass MoTE's routing; "
                 f"set {key}: false (the plugin does so when the key is unset)"
             )
     for key in ("sequence_parallel_degree", "context_parallel_size"):
-        if (data.get(key) or 1) > 1:
+        value = data.get(key)
+        if value is not None and (_number(value) or 0) > 1:
             problems.append(
-                f"{key}: {data.get(key)} -> sequence/context parallelism would split "
-                "step_ids from their tokens; remove it"
+                f"{key}: {value} -> sequence/context parallelism would split step_ids "
+                "from their tokens; remove it"
             )
+    attention = attention_of(data)
+    if opts is not None and (opts.step_skip_prob or 0) > 0:
+        if attention not in STEP_MASK_ATTENTION:
+            problems.append(
+                f"attn_implementation: {attention} with mote.step_skip_prob > 0 -> "
+                f"{attention} cannot express step-skipping masks; use "
+                "attn_implementation: sdpa, eager or flex_attention, or set "
+                "mote.step_skip_prob: 0"
+            )
+    return problems
+
+
+def _misspelled_block(data: dict[str, Any], known: set[str]) -> list[str]:
+    """Unknown top-level keys that look like ``mote`` (Axolotl would drop them)."""
+    import difflib
+
+    out = []
+    for key in data:
+        if key == "mote" or key in known or not isinstance(key, str):
+            continue
+        lowered = key.lower()
+        if (
+            lowered.startswith("mote")
+            or difflib.SequenceMatcher(None, lowered, "mote").ratio() >= 0.75
+        ):
+            out.append(
+                f"{key}: is not a config key (Axolotl would drop it silently); did you "
+                "mean `mote:`?"
+            )
+    return out
+
+
+def _option_problems(raw: Any) -> tuple[MoteOptions | None, list[str]]:
+    """Parse the mote: block; every problem as ``mote.<key>: message``."""
+    if raw is None:
+        raw = {}
+    if isinstance(raw, MoteOptions):
+        return raw, []
+    if not isinstance(raw, dict):
+        return None, [
+            f"mote: must be a mapping of options, got {type(raw).__name__}; see "
+            "docs/configuration.md"
+        ]
+    try:
+        return MoteOptions.model_validate(raw), []
+    except ValidationError as err:
+        problems = []
+        for item in err.errors():
+            where = ".".join(str(p) for p in item["loc"]) or "(block)"
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = f"unknown key; valid keys: {sorted(MoteOptions.model_fields)}"
+            problems.append(f"mote.{where}: {message} (got {item.get('input')!r})")
+        return None, problems
+
+
+def _template_problems(data: dict[str, Any], opts: MoteOptions) -> list[str]:
+    """Rules that need the template: experts, stage names in routing and skip keys."""
+    from axolotl_mote.templates import load_template
+    from axolotl_mote.tuner.config import expert_rules
+
+    try:
+        template = load_template(opts.template)
+    except (ValueError, FileNotFoundError) as err:
+        return [str(err)]
+    problems = []
+
+    def stage_index(name: str) -> int | None:
+        try:
+            return template.trained_index(name)
+        except ValueError:
+            return None
+
     lora_r = data.get("lora_r")
-    if lora_r is not None and (not isinstance(lora_r, int) or lora_r < 1):
-        problems.append(
-            f"lora_r: {lora_r!r} -> the expert rank must be an integer >= 1"
-        )
-    attn = data.get("attn_implementation") or (
-        "flash_attention_2" if data.get("flash_attention") else None
+    problems += expert_rules(
+        [s.name for s in template.trained_stages],
+        8 if lora_r is None else lora_r,
+        opts.alpha,
+        opts.shared_expert,
+        opts.prompt_routing,
+        stage_index,
     )
-    if (opts.get("step_skip_prob") or 0) > 0 and attn in _FLASH:
-        problems.append(
-            f"attn_implementation: {attn} with mote.step_skip_prob > 0 -> flash "
-            "attention cannot express step-skipping masks; use attn_implementation: "
-            "sdpa, eager or flex_attention, or set mote.step_skip_prob: 0"
-        )
-    if data.get("excess_length_strategy") == "truncate" and data.get("sample_packing"):
-        pass  # the strategy truncates step_ids in sync itself; nothing to do
+    try:
+        template.hideable_steps(opts.skip_stages)
+    except ValueError as err:
+        problems.append(str(err))
     return problems
 
 
@@ -191,13 +308,14 @@ class MoteArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _check_axolotl_keys(cls, data: Any) -> Any:
+        """Every MoTE rule at once, before Axolotl's own validation of the block."""
         if not isinstance(data, dict) or not _plugin_enabled(data):
             return data
-        opts = data.get("mote") or {}
-        if not isinstance(opts, dict):
-            opts = dict(opts)
-        problems = _cross_key_problems(data, opts)
-        problems += _template_problems(opts)
+        opts, problems = _option_problems(data.get("mote"))
+        problems = _misspelled_block(data, set(cls.model_fields)) + problems
+        problems += _cross_key_problems(data, opts)
+        if opts is not None:
+            problems += _template_problems(data, opts)
         if problems:
             raise ValueError(
                 "axolotl-mote config errors:\n  - " + "\n  - ".join(problems)
@@ -208,48 +326,3 @@ class MoteArgs(BaseModel):
 def _plugin_enabled(data: dict[str, Any]) -> bool:
     plugins = data.get("plugins") or []
     return any("axolotl_mote" in str(p) for p in plugins)
-
-
-def _template_problems(opts: dict[str, Any]) -> list[str]:
-    """Rules that need the template: stage names in routing/skip keys, expert count."""
-    from axolotl_mote.templates import load_template
-
-    try:
-        template = load_template(opts.get("template") or "aligncot")
-    except (ValueError, FileNotFoundError) as err:
-        return [str(err)]
-    problems: list[str] = []
-    shared = opts.get("shared_expert", True)
-    routing = opts.get("prompt_routing", "random")
-    if template.num_experts < 2 and not shared:
-        problems.append(
-            f"template {template.name!r} has a single trained stage and "
-            "mote.shared_expert is false: that is a plain LoRA; use the template with "
-            "more stages, enable the shared expert, or drop the plugin"
-        )
-    if routing == "shared" and not shared:
-        problems.append(
-            "mote.prompt_routing: shared needs mote.shared_expert: true; use 'random' "
-            "or a stage name"
-        )
-    elif routing not in ("random", "shared"):
-        try:
-            stage = template.stage(routing)
-            if stage.mode != "train":
-                problems.append(
-                    f"mote.prompt_routing: {routing!r} is not a trained stage"
-                )
-        except KeyError:
-            problems.append(
-                f"mote.prompt_routing: {routing!r} is not 'random', 'shared' or a "
-                f"stage of {template.name!r} ({[s.name for s in template.stages]})"
-            )
-    for name in opts.get("skip_stages") or []:
-        try:
-            template.stage(name)
-        except KeyError:
-            problems.append(
-                f"mote.skip_stages: {name!r} is not a stage of {template.name!r} "
-                f"({[s.name for s in template.stages]})"
-            )
-    return problems

@@ -15,12 +15,25 @@ PAD_STEP = -1
 #: stages. How they are routed is decided by ``mote.prompt_routing``.
 PROMPT_STEP = -2
 
+#: Routing-only ``step_ids`` values (never in a dataset): generation resolves every
+#: prompt token to a concrete routing before the forward. ``SHARED_ONLY_STEP``: the
+#: shared expert alone. ``EXPECTED_STEP``: the expected value of random routing, every
+#: step expert at alpha / E plus the shared expert at 1 - alpha.
+SHARED_ONLY_STEP = -3
+EXPECTED_STEP = -4
+
+#: ``mote.prompt_routing`` values besides a stage name.
+PROMPT_ROUTINGS = ("random", "shared", "expected")
+
 #: Values ``>= 0`` index the trained stages in template order (expert ids).
 #: The shared expert is not a step id: it is active for every routed token.
 SHARED_EXPERT = "shared"
 
 #: File written next to every saved adapter / checkpoint that makes it self-describing.
 MOTE_CONFIG_NAME = "mote_config.json"
+
+#: Written beside each exported per-stage adapter (``axolotl-mote export``).
+EXPORT_INFO_NAME = "mote_export.json"
 
 #: Labels value ignored by the loss (matches transformers / axolotl).
 IGNORE_INDEX = -100

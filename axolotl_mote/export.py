@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from axolotl_mote.constants import MOTE_CONFIG_NAME
+from axolotl_mote.constants import EXPORT_INFO_NAME, MOTE_CONFIG_NAME
 from axolotl_mote.tuner.config import CATCH_ALL_KEYS
 
 _PREFIX = "base_model.model."
@@ -48,7 +48,6 @@ _TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-EXPORT_INFO_NAME = "mote_export.json"
 
 
 def layer_scaling(peft_config: dict[str, Any], module_key: str, rank: int) -> float:

@@ -1,21 +1,24 @@
 """``MotePlugin``: the switchboard between Axolotl's hooks and MoTE's modules.
 
-Each hook is a few lines that delegate to the module named for the job:
+Each hook is a few lines that delegate to the module named for the job
+(``axolotl_mote/integration/``):
 
-==========================  ==================================================
+==========================  =============================================================
 hook                        does
-==========================  ==================================================
-register                    defaults (LoRA kernels off, marker tokens), file checks
-pre_model_load              seed the embedding resize and expert init
-get_input_args              the ``mote:`` block (args.py)
-pre_lora_load               marker rows: init and training (tokens.py)
-get_lora_config_kwargs      rank blocks per expert (tuner/config.py)
-post_lora_load              attach routing to the PEFT LoRA layers (tuner/model.py)
-get_trainer_cls             MoteTrainer (trainer.py)
-get_collator_cls_and_kwargs step-id padding, packed or not (data/collator.py)
-add_callbacks_post_trainer  mote_config.json in checkpoints, stats (callbacks.py)
-post_train                  mote_config.json next to the final adapter
-==========================  ==================================================
+==========================  =============================================================
+get_input_args              the ``mote:`` block and every rule on it (``args.py``)
+register                    defaults, markers, data and merge checks (``config.py``)
+pre_model_load              seed the embedding resize and expert init (``model.py``)
+pre_lora_load               marker rows: init and training (``model.py``)
+get_lora_config_kwargs      rank blocks per expert (``model.py``)
+post_lora_load              attach routing to the PEFT LoRA layers (``model.py``)
+get_trainer_cls             routing around every step (``trainer.py``)
+get_collator_cls_and_kwargs step-id padding, packed or not (``data/collator.py``)
+add_callbacks_post_trainer  self-describing checkpoints, stats (``callbacks.py``)
+post_train                  ``mote_config.json`` and model card (``saving.py``)
+==========================  =============================================================
+
+The run's settings are resolved once (``settings.resolve_settings``) and shared.
 """
 
 from __future__ import annotations
@@ -24,59 +27,47 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from axolotl_mote.log import get_logger
-
-LOG = get_logger("axolotl_mote.plugin")
-
-_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
-
 
 class MotePlugin(BasePlugin):
     """Mixture of insighTful Experts: step-routed LoRA experts for Axolotl."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._lora_extra: dict[str, Any] = {}
+        self._marker_kwargs: dict[str, Any] = {}
 
     # --- config ----------------------------------------------------------------------
     def get_input_args(self) -> str:
         return "axolotl_mote.args.MoteArgs"
 
     def register(self, cfg: dict) -> None:
-        from axolotl_mote.integration import prepare_raw_config
+        from axolotl_mote.integration.config import prepare_raw_config
 
         prepare_raw_config(cfg)
 
     # --- model -----------------------------------------------------------------------
     def pre_model_load(self, cfg) -> None:
-        from axolotl_mote.integration import seed_model_init
+        from axolotl_mote.integration.model import seed_model_init
 
         seed_model_init(cfg)
 
     def pre_lora_load(self, cfg, model) -> None:
-        from axolotl_mote.integration import prepare_marker_rows
+        from axolotl_mote.integration.model import prepare_marker_rows
 
-        self._lora_extra = prepare_marker_rows(cfg, model)
+        self._marker_kwargs = prepare_marker_rows(cfg, model)
 
     def get_lora_config_kwargs(self, cfg) -> dict:
-        from axolotl_mote.runtime import build_mote_config
+        from axolotl_mote.integration.model import lora_config_kwargs
 
-        kwargs = build_mote_config(cfg).peft_kwargs(
-            lora_alpha=cfg.lora_alpha or cfg.lora_r or 8,
-            use_rslora=bool(cfg.peft_use_rslora),
-            rank_pattern=cfg.lora_rank_pattern,
-            alpha_pattern=cfg.lora_alpha_pattern,
-        )
-        return {**kwargs, **self._lora_extra}
+        return lora_config_kwargs(cfg, self._marker_kwargs)
 
     def post_lora_load(self, cfg, model) -> None:
-        from axolotl_mote.integration import attach_to_axolotl_model
+        from axolotl_mote.integration.model import attach_to_axolotl_model
 
         attach_to_axolotl_model(cfg, model)
 
     # --- training --------------------------------------------------------------------
     def get_trainer_cls(self, cfg):
-        from axolotl_mote.trainer import MoteTrainer
+        from axolotl_mote.integration.trainer import MoteTrainer
 
         return MoteTrainer
 
@@ -88,11 +79,14 @@ class MotePlugin(BasePlugin):
         return collator_for(bool(packed)), {}
 
     def add_callbacks_post_trainer(self, cfg, trainer) -> list:
-        from axolotl_mote.callbacks import MoteSaveCallback, StageStatsCallback
+        from axolotl_mote.integration.callbacks import (
+            MoteSaveCallback,
+            StageStatsCallback,
+        )
 
         return [MoteSaveCallback(cfg), StageStatsCallback(cfg, trainer)]
 
     def post_train(self, cfg, model) -> None:
-        from axolotl_mote.saving import write_mote_config
+        from axolotl_mote.integration.saving import write_mote_config
 
         write_mote_config(cfg, cfg.output_dir)

@@ -1,22 +1,31 @@
 """The routing state: per-token step ids for one micro-batch, read by every MoTE layer.
 
-One :class:`RoutingState` belongs to one model. The trainer sets it for a whole training
-step (forward, loss *and* backward, so gradient-checkpoint recomputation routes the same)
-with :func:`route`; generation installs a ``resolver`` that derives step ids from the input
-ids. When a MoTE layer runs with neither, it raises :class:`RoutingError`: MoTE never
-silently falls back to "no routing".
+One :class:`RoutingState` belongs to one model (``tuner.model.attach_mote`` creates it).
+The trainer sets it for a whole training step (forward, loss *and* backward, so
+gradient-checkpoint recomputation routes the same) with :func:`route`; generation sets
+it per forward from the emitted markers (``generation/auto.py``, through
+:meth:`RoutingState.set` with ``auto=True``). When a MoTE layer runs with neither, it
+raises :class:`RoutingError`: MoTE never silently falls back to "no routing".
 
-Coefficients per token, blocks ordered ``[step_0 .. step_{E-1}, shared]``:
+The state is closed (``__slots__``): its fields are declared here and changed only
+through its methods, never patched from outside.
 
-* step ``s >= 0``: block s = alpha, shared = 1 - alpha (no shared expert: block s = 1);
-* ``PROMPT_STEP``: per ``prompt_routing`` — a stage index (like that step), ``"shared"``
-  (shared block only, 1 - alpha), or ``"random"`` (each maximal run of prompt tokens in a
-  row draws one step expert, from a generator seeded by ``(seed, draw_key)``);
+Coefficients per token, blocks ordered ``[step_0 .. step_{E-1}, shared]``
+(``w = alpha`` with a shared expert, else 1):
+
+* step ``s >= 0``: block s = w, shared = 1 - alpha;
+* ``PROMPT_STEP``: per ``prompt_routing`` — a stage index (like that step),
+  ``"shared"`` (like ``SHARED_ONLY_STEP``), ``"expected"`` (like ``EXPECTED_STEP``) or
+  ``"random"`` (each maximal run of prompt tokens in a row draws one step expert, from a
+  generator seeded by ``(seed, draw_key)``);
+* ``SHARED_ONLY_STEP``: shared = 1 - alpha, no step expert;
+* ``EXPECTED_STEP``: every step block w / E, shared = 1 - alpha (the expected value of
+  a uniformly random step expert);
 * ``PAD_STEP``: all zeros.
 
 When every token of a forward has the same coefficients (decoding one row, or rows in
 the same stage), :meth:`RoutingState.uniform_row` returns them, so a layer can compute
-the few non-zero blocks alone (``tuner/variant.py``) instead of all of them masked. The
+the few non-zero blocks alone (``tuner/layer.py``) instead of all of them masked. The
 packed copies of those blocks live in :attr:`RoutingState.packs` for one generated
 sequence: forwards that continue a KV cache keep them, anything else drops them.
 """
@@ -24,12 +33,19 @@ sequence: forwards that continue a KV cache keep them, anything else drops them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
+from axolotl_mote.constants import (
+    EXPECTED_STEP,
+    PAD_STEP,
+    PROMPT_ROUTINGS,
+    PROMPT_STEP,
+    SHARED_ONLY_STEP,
+)
 
 
 class RoutingError(RuntimeError, ValueError):
@@ -40,10 +56,40 @@ class RoutingError(RuntimeError, ValueError):
 #: larger forwards compare the coefficient tensor (one host sync).
 _PY_TOKENS = 64
 _MISSING = object()
+_LOWEST = EXPECTED_STEP  # the smallest valid step id
+
+
+def draw_seed(*parts: int | str | bytes) -> int:
+    """A 63-bit seed from ``parts`` (stable across processes and Python versions).
+
+    ``hash(...) & (2**62)`` once kept a single bit, so every draw used one of two
+    seeds; a cryptographic digest cannot collapse like that.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        data = part if isinstance(part, bytes) else str(part).encode()
+        digest.update(len(data).to_bytes(4, "little") + data)
+    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
 class RoutingState:
     """Holds the current step ids and caches the masks built from them."""
+
+    __slots__ = (
+        "num_experts",
+        "alpha",
+        "shared_expert",
+        "prompt_routing",
+        "seed",
+        "config",
+        "fast_path",
+        "packs",
+        "handles",
+        "_step_ids",
+        "_draw_key",
+        "_auto",
+        "_cache",
+    )
 
     def __init__(
         self,
@@ -52,24 +98,32 @@ class RoutingState:
         shared_expert: bool,
         prompt_routing: int | str,
         seed: int = 42,
+        config: Any = None,
     ) -> None:
+        if not (isinstance(prompt_routing, int) or prompt_routing in PROMPT_ROUTINGS):
+            raise ValueError(
+                f"prompt_routing must be 'random', 'shared', 'expected' or an expert "
+                f"index, got {prompt_routing!r}"
+            )
         self.num_experts = num_experts
         self.alpha = float(alpha)
         self.shared_expert = shared_expert
         self.prompt_routing = prompt_routing
         self.seed = int(seed)
-        self.resolver: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = (
-            None
-        )
+        #: the MoteConfig the layers were attached with (template, stage names).
+        self.config = config
+        #: False forces the masked path everywhere (A/B benchmarks, debugging).
+        self.fast_path = True
+        #: fast-path blocks packed per layer and coefficient row (tuner/layer.py);
+        #: kept only while forwards continue one sequence.
+        self.packs: dict[tuple, Any] = {}
+        #: removable hook/variant handles (``.remove()``) of everything attached to the
+        #: model for this state; ``tuner.model.detach_mote`` removes them all.
+        self.handles: list[Any] = []
         self._step_ids: torch.Tensor | None = None
         self._draw_key = 0
         self._auto = False
         self._cache: dict[tuple, Any] = {}
-        # fast-path blocks packed per layer and coefficient row (tuner/variant.py); kept
-        # only while forwards continue one sequence, so weights cannot change under them
-        self.packs: dict[tuple, Any] = {}
-        #: False forces the masked path everywhere (A/B benchmarks, debugging).
-        self.fast_path = True
 
     @property
     def n_blocks(self) -> int:
@@ -78,6 +132,11 @@ class RoutingState:
     @property
     def is_set(self) -> bool:
         return self._step_ids is not None
+
+    @property
+    def is_auto(self) -> bool:
+        """The step ids were set by automatic (marker) routing for one forward."""
+        return self._auto
 
     @property
     def step_ids(self) -> torch.Tensor | None:
@@ -92,19 +151,24 @@ class RoutingState:
     ) -> None:
         """Route the next forward(s) by ``step_ids`` [B, T].
 
+        ``auto``: set by automatic routing for a single forward (cleared after it).
         ``same_sequence``: the forward continues the KV cache of the previous one (a
-        resolver's decode step), so the packed fast-path blocks stay valid.
+        decode step), so the packed fast-path blocks stay valid.
         """
         if step_ids.dim() != 2:
             raise RoutingError(
                 f"step_ids must be [batch, seq], got shape {tuple(step_ids.shape)}"
             )
-        bad = (step_ids < PROMPT_STEP) | (step_ids >= self.num_experts)
+        bad = (step_ids < _LOWEST) | (step_ids >= self.num_experts)
+        if not self.shared_expert:
+            bad |= step_ids == SHARED_ONLY_STEP
         if bool(bad.any()):
             value = int(step_ids[bad][0])
             raise RoutingError(
                 f"step id {value} is out of range: valid are {PROMPT_STEP} (prompt), "
-                f"{PAD_STEP} (padding) and 0..{self.num_experts - 1} (experts)"
+                f"{PAD_STEP} (padding), 0..{self.num_experts - 1} (experts), "
+                f"{EXPECTED_STEP} (expected value) and, with a shared expert, "
+                f"{SHARED_ONLY_STEP} (shared only)"
             )
         self._step_ids = step_ids.long()
         self._draw_key = int(draw_key)
@@ -121,6 +185,12 @@ class RoutingState:
         if end_sequence:
             self.packs.clear()
 
+    def require(self, where: str) -> torch.Tensor:
+        """The step ids, or a :class:`RoutingError` naming ``where`` and the fix."""
+        if self._step_ids is None:
+            raise RoutingError(f"{where}: {_NO_STATE}")
+        return self._step_ids
+
     # --- coefficient construction ------------------------------------------------------
     def _prompt_experts(self, steps: torch.Tensor) -> torch.Tensor:
         """Expert id per token for prompt tokens under random routing."""
@@ -130,43 +200,45 @@ class RoutingState:
         starts = is_prompt & ~prev  # first token of every prompt run
         run_id = torch.cumsum(starts.flatten(), 0).view_as(steps) - 1  # [B, T]
         n_runs = int(starts.sum())
-        # keep 63 bits of the hash (``& 2**62`` kept one bit: two possible seeds)
-        seed = hash((self.seed, self._draw_key)) & (2**63 - 1)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(draw_seed(self.seed, self._draw_key))
         draws = torch.randint(self.num_experts, (max(n_runs, 1),), generator=gen)
         return draws.to(steps.device)[run_id.clamp(min=0)]
+
+    def _resolve_prompt(self, steps: torch.Tensor) -> torch.Tensor:
+        """``PROMPT_STEP`` replaced by what ``prompt_routing`` makes of it."""
+        is_prompt = steps == PROMPT_STEP
+        routing = self.prompt_routing
+        if routing == "random":
+            value = self._prompt_experts(steps)
+        elif routing == "shared":
+            value = torch.full_like(steps, SHARED_ONLY_STEP)
+        elif routing == "expected":
+            value = torch.full_like(steps, EXPECTED_STEP)
+        else:
+            value = torch.full_like(steps, int(routing))
+        return torch.where(is_prompt, value, steps)
 
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Per-token block weights ``[B, T, n_blocks]``."""
         key = ("coef", dtype, device)
-        if key in self._cache:
-            return self._cache[key]
-        if self._step_ids is None:
-            raise RoutingError(_NO_STATE)
-        steps = self._step_ids.to(device)
-        expert = steps.clone()
-        is_prompt = steps == PROMPT_STEP
-        routing = self.prompt_routing
-        if routing == "random":
-            expert = torch.where(is_prompt, self._prompt_experts(steps), expert)
-        elif routing == "shared":
-            expert = torch.where(is_prompt, torch.full_like(steps, -1), expert)
-        else:
-            expert = torch.where(
-                is_prompt, torch.full_like(steps, int(routing)), expert
-            )
+        if key not in self._cache:
+            steps = self.require("coefficients").to(device)
+            self._cache[key] = self._coefficients_of(steps, dtype)
+        return self._cache[key]
+
+    def _coefficients_of(self, steps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        steps = self._resolve_prompt(steps)  # [B, T], no PROMPT_STEP left
         valid = steps != PAD_STEP  # [B, T]
-        coef = torch.zeros(*steps.shape, self.n_blocks, dtype=dtype, device=device)
         step_weight = self.alpha if self.shared_expert else 1.0
-        routed = (expert >= 0) & valid
-        onehot = torch.nn.functional.one_hot(expert.clamp(min=0), self.num_experts)
-        coef[..., : self.num_experts] = (onehot * routed[..., None]).to(
-            dtype
-        ) * step_weight
+        routed = steps >= 0  # [B, T]
+        onehot = torch.nn.functional.one_hot(steps.clamp(min=0), self.num_experts)
+        experts = (onehot * routed[..., None]).to(dtype) * step_weight  # [B, T, E]
+        expected = (steps == EXPECTED_STEP)[..., None].to(dtype)  # [B, T, 1]
+        experts = experts + expected * (step_weight / self.num_experts)
+        blocks = [experts]
         if self.shared_expert:
-            coef[..., -1] = valid.to(dtype) * (1.0 - self.alpha)
-        self._cache[key] = coef
-        return coef
+            blocks.append((valid.to(dtype) * (1.0 - self.alpha))[..., None])
+        return torch.cat(blocks, dim=-1)  # [B, T, n_blocks]
 
     def rank_mask(
         self, rank: int, dtype: torch.dtype, device: torch.device
@@ -200,9 +272,7 @@ class RoutingState:
     def _uniform_row(
         self, dtype: torch.dtype, device: torch.device
     ) -> tuple[float, ...] | None:
-        steps = self._step_ids
-        if steps is None:
-            raise RoutingError(_NO_STATE)
+        steps = self.require("uniform_row")
         if steps.numel() <= _PY_TOKENS:  # decode: a few ids, cheapest in Python
             ids = set(steps.flatten().tolist())
             if len(ids) == 1:
@@ -217,23 +287,14 @@ class RoutingState:
         return tuple(coef[0].tolist())
 
     def _row_of(self, step: int, dtype: torch.dtype) -> tuple[float, ...]:
-        """The coefficients of one step id (not a random-routed prompt), in Python."""
-        row = [0.0] * self.n_blocks
-        if step == PAD_STEP:
-            return tuple(row)
-        expert = step
-        if step == PROMPT_STEP:
-            expert = -1 if self.prompt_routing == "shared" else int(self.prompt_routing)
-        step_weight = self.alpha if self.shared_expert else 1.0
-        # round as coefficients() does: a dtype tensor times a Python float
-        step_weight, shared_weight = torch.tensor(
-            [step_weight, 1.0 - self.alpha], dtype=dtype
-        ).tolist()
-        if expert >= 0:
-            row[expert] = step_weight
-        if self.shared_expert:
-            row[-1] = shared_weight
-        return tuple(row)
+        """The coefficients of one step id (not a random-routed prompt).
+
+        Built by the same tensor operations as :meth:`coefficients`, so the values are
+        bit-identical.
+        """
+        return tuple(
+            self._coefficients_of(torch.tensor([[step]]), dtype)[0, 0].tolist()
+        )
 
 
 def start_position(kwargs: dict[str, Any]) -> int:

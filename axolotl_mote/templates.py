@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from enum import Enum
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from axolotl_mote.constants import PROMPT_STEP
+
+
+class UnknownStageError(ValueError, KeyError):
+    """A stage name or record key the template does not have (or cannot use there)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class StageMode(str, Enum):
@@ -152,10 +158,20 @@ class PromptTemplate(BaseModel):
         for stage in self.stages:
             if name_or_key in (stage.name, stage.key):
                 return stage
-        raise KeyError(
+        raise UnknownStageError(
             f"template {self.name!r} has no stage {name_or_key!r}; stages: "
-            f"{[s.name for s in self.stages]}"
+            f"{[s.name for s in self.stages]} (record keys {self.stage_keys})"
         )
+
+    def trained_index(self, name_or_key: str) -> int:
+        """Expert index (step id) of a trained stage, by name or record key."""
+        stage = self.stage(name_or_key)
+        if stage.mode is not StageMode.TRAIN:
+            raise UnknownStageError(
+                f"stage {stage.name!r} has mode {stage.mode.value}: only trained stages "
+                f"({[s.name for s in self.trained_stages]}) have an expert"
+            )
+        return self.trained_stages.index(stage)
 
     @property
     def trained_stages(self) -> list[Stage]:
@@ -176,6 +192,40 @@ class PromptTemplate(BaseModel):
             return PROMPT_STEP
         raise ValueError(f"stage {stage.name!r} has mode: omit and no step id")
 
+    def hideable_steps(self, names: list[str] | None = None) -> list[int]:
+        """Step ids step skipping may hide from later stages.
+
+        ``names`` (``mote.skip_stages``): stage names or record keys; None: every
+        trained stage marked ``skippable``. Only trained stages before the answer can
+        be hidden; anything else raises naming the stage and the choices.
+        """
+        trained = self.trained_stages
+        if names is None:
+            return [i for i, s in enumerate(trained) if s.skippable]
+        choices = [s.name for s in trained if s.name != self.answer_stage]
+        out = []
+        for name in names:
+            try:
+                stage = self.stage(name)
+            except UnknownStageError:
+                raise UnknownStageError(
+                    f"mote.skip_stages: {name!r} is not a stage of template "
+                    f"{self.name!r}; choose among {choices}"
+                ) from None
+            if stage.name == self.answer_stage:
+                raise UnknownStageError(
+                    f"mote.skip_stages: {name!r} is the answer stage, which later "
+                    f"stages never follow and which is never hidden; choose among "
+                    f"{choices}"
+                )
+            if stage.mode is not StageMode.TRAIN:
+                raise UnknownStageError(
+                    f"mote.skip_stages: {name!r} has mode {stage.mode.value} (no "
+                    f"expert, nothing to hide); choose among {choices}"
+                )
+            out.append(trained.index(stage))
+        return sorted(set(out))
+
     @property
     def markers(self) -> list[str]:
         """All marker strings, start then end, in stage order."""
@@ -188,7 +238,9 @@ class PromptTemplate(BaseModel):
 
 def template_dir() -> Path:
     """Directory of the templates shipped with the package."""
-    return Path(str(resources.files("axolotl_mote") / "prompt_templates"))
+    from axolotl_mote.resources import resource_dir
+
+    return resource_dir("prompt_templates")
 
 
 def available_templates() -> list[str]:

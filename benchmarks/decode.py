@@ -44,9 +44,9 @@ def build(args):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
     from axolotl_mote.tiny import build_tiny_tokenizer
-    from axolotl_mote.tokens import add_marker_tokens
     from axolotl_mote.tuner.config import MoteConfig
     from axolotl_mote.tuner.model import attach_mote
 
@@ -116,7 +116,8 @@ def main() -> None:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from axolotl_mote.data.format import ChainFormatter
-    from axolotl_mote.generation import StageRouter, generate_chains, installed
+    from axolotl_mote.generation import StageRouter, generate_chains
+    from axolotl_mote.generation.auto import routed_by
     from axolotl_mote.generation.router import start_marker_steps
     from axolotl_mote.tuner.model import get_routing_state
 
@@ -167,8 +168,8 @@ def main() -> None:
         )
 
     def run_route(clock):
-        router.begin(None)
-        with installed(state, router):
+        router.begin()
+        with routed_by(mote, router):
             run_plain(mote, clock)
 
     def run_chains(clock):

@@ -66,7 +66,7 @@ def conversation(rec: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def build_tokenizer(name: str, template):
-    from axolotl_mote.tokens import add_marker_tokens
+    from axolotl_mote.markers import add_marker_tokens
 
     if name == "tiny":
         from axolotl_mote.tiny import build_tiny_tokenizer

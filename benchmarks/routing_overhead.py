@@ -77,7 +77,7 @@ def build(variant: str, args: argparse.Namespace):
         for p in model.parameters():
             p.requires_grad_(False)
         naive_layers = []
-        for name, module in list(model.named_modules()):
+        for _name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if child_name in TARGETS and isinstance(child, torch.nn.Linear):
                     layer = NaiveMoteLinear(child, 3, r, scaling=2.0, alpha=0.5)

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks.ablation, when run as a script
+    sys.path.insert(0, str(REPO))
 EVAL_SETS = ("harmful", "jailbreak", "benign_scary", "heldout")
 ARMS = ("base", "lora", "mote")
 LABELS = {"base": "base", "lora": "single LoRA (answers)", "mote": "MoTE"}
@@ -183,7 +185,7 @@ def train(
     """``axolotl train`` in this process; reuses a finished run with the same config."""
     import yaml
 
-    from axolotl_mote.ablation.arms import train_arm
+    from benchmarks.ablation.arms import train_arm
 
     adapter = Path(cfg["output_dir"])
     text = yaml.safe_dump(cfg, sort_keys=False)

@@ -45,7 +45,7 @@ def tiny_tokenizer(tiny_model_dir, aligncot):
     """The tiny tokenizer with the aligncot markers added."""
     from transformers import AutoTokenizer
 
-    from axolotl_mote.tokens import add_marker_tokens
+    from axolotl_mote.markers import add_marker_tokens
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     add_marker_tokens(tok, aligncot)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_mote.ablation.task import (
+from benchmarks.ablation.task import (
     MARKERS,
     PLANS,
     STAGES,
@@ -54,8 +54,8 @@ def test_some_chains_skip_stages():
 
 
 def test_task_tokenizer_gives_markers_one_token(aligncot):
-    from axolotl_mote.ablation.task import build_tokenizer
-    from axolotl_mote.data.format import marker_token_ids
+    from axolotl_mote.markers import marker_token_ids
+    from benchmarks.ablation.task import build_tokenizer
 
     tok = build_tokenizer(TaskSpec())
     assert len(marker_token_ids(aligncot, tok)) == len(aligncot.markers)
@@ -77,7 +77,7 @@ def quick_run(tmp_path_factory):
     """All six arms in quick mode, once for this module: (work dir, results)."""
     from axolotl.integrations.base import PluginManager
 
-    from axolotl_mote.ablation.runner import QUICK, run
+    from benchmarks.ablation.runner import QUICK, run
 
     work = tmp_path_factory.mktemp("ablation") / "work"
     try:
@@ -89,9 +89,9 @@ def quick_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_quick_ablation_runs_every_arm(quick_run, tmp_path):
-    from axolotl_mote.ablation.arms import ARMS, LABELS
-    from axolotl_mote.ablation.report import write_docs
-    from axolotl_mote.ablation.runner import QUICK
+    from benchmarks.ablation.arms import ARMS, LABELS
+    from benchmarks.ablation.report import write_docs
+    from benchmarks.ablation.runner import QUICK
 
     work, results = quick_run
     assert sorted(r["arm"] for r in results) == sorted(ARMS)
@@ -122,9 +122,9 @@ def test_skipped_stage_scoring_equals_generate_chains(quick_run):
     """The scorer's answer-only decoding is what the generation API produces."""
     import torch
 
-    from axolotl_mote.ablation.runner import QUICK
-    from axolotl_mote.ablation.scoring import encode, greedy, load_arm
     from axolotl_mote.generation import generate_chains, install_router
+    from benchmarks.ablation.runner import QUICK
+    from benchmarks.ablation.scoring import encode, greedy, load_arm
 
     work, _ = quick_run
     _, held_out = make_split(QUICK.spec, 0)
@@ -133,9 +133,6 @@ def test_skipped_stage_scoring_equals_generate_chains(quick_run):
     n_new = QUICK.spec.length + 1
     contexts = [it["prompt"] + [it["stages"]["answer"][0]] for it in items]
     ours = greedy(model, contexts, n_new, tok.pad_token_id)
-    from axolotl_mote.tuner.model import get_routing_state
-
-    get_routing_state(model).resolver = None  # generate_chains installs its own router
     outs = generate_chains(
         model,
         tok,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from _train import REPO
 from pydantic import ValidationError
 
 from axolotl_mote.args import MoteArgs, MoteOptions
+from tests.helpers.train import REPO
 
 BASE = {"plugins": ["axolotl_mote.MotePlugin"], "adapter": "lora", "lora_r": 8}
 
@@ -33,7 +33,7 @@ def test_defaults_parse():
         ({"lora_o_kernel": True}, "lora_o_kernel"),
         ({"sequence_parallel_degree": 2}, "sequence/context parallelism"),
         ({"context_parallel_size": 2}, "sequence/context parallelism"),
-        ({"lora_r": 0}, "expert rank must be an integer >= 1"),
+        ({"lora_r": 0}, "must be an integer >= 1"),
         (
             {
                 "attn_implementation": "flash_attention_2",
@@ -45,7 +45,10 @@ def test_defaults_parse():
         ({"mote": {"alpha": 1.5}}, "mote.alpha must be in (0, 1]"),
         ({"mote": {"step_skip_prob": 2}}, "mote.step_skip_prob must be in [0, 1]"),
         ({"mote": {"template": "nope"}}, "unknown template 'nope'"),
-        ({"mote": {"prompt_routing": "bogus"}}, "is not 'random', 'shared' or a stage"),
+        (
+            {"mote": {"prompt_routing": "bogus"}},
+            "is not 'random', 'shared', 'expected' or a trained stage",
+        ),
         (
             {"mote": {"prompt_routing": "shared", "shared_expert": False}},
             "prompt_routing: shared needs mote.shared_expert: true",
@@ -84,7 +87,7 @@ def test_every_field_is_described():
 
 
 def test_configuration_doc_is_generated_from_args():
-    from axolotl_mote.docgen import render
+    from scripts.docgen import render
 
     assert (REPO / "docs" / "configuration.md").read_text() == render(), (
         "docs/configuration.md is stale: run `make docs`"

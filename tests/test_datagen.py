@@ -401,7 +401,7 @@ def test_cli_generate_data(tiny_model_dir, tmp_path):
         str(seeds),
         "--output",
         str(out),
-        "--model",
+        "--base-model",
         str(tiny_model_dir),
         "--max-new-tokens",
         "4",

@@ -1,7 +1,7 @@
 """evaluate: prompt sets, scorers on crafted outputs, metrics, report files, CLI.
 
 The generation runs the real stage-routed path on the tiny random MoTE model
-(``_mote_tiny.build_mote``) and the plain path on the tiny base model.
+(``tests.helpers.tiny.build_mote``) and the plain path on the tiny base model.
 """
 
 from __future__ import annotations
@@ -221,11 +221,11 @@ def test_prompt_sets(tmp_path):
 
 @pytest.fixture(scope="module")
 def mote(tiny_model_dir):
-    from _mote_tiny import build_mote
     from transformers import AutoTokenizer
 
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
-    from axolotl_mote.tokens import add_marker_tokens
+    from tests.helpers.tiny import build_mote
 
     template = load_template("aligncot")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -245,7 +245,7 @@ def test_evaluate_end_to_end_report(mote, tiny_model_dir, tmp_path):
     ]
     specs = [
         ModelSpec("mote", load=lambda: (model, tokenizer)),
-        ModelSpec("base", base_model=str(tiny_model_dir), device="cpu"),
+        ModelSpec("base", base_model=str(tiny_model_dir), loading={"device": "cpu"}),
     ]
     opts = GenOptions(max_new_tokens=16, max_stage_tokens=4, batch_size=4)
     results = evaluate_models(
@@ -327,7 +327,7 @@ def test_cli_evaluate_compare_and_judge(mote, tiny_model_dir, tmp_path):
             "--adapter",
             f"mote={adapter}",
             "--include-base",
-            "--out",
+            "--output",
             str(tmp_path / "a"),
             *common,
         ],
@@ -341,7 +341,7 @@ def test_cli_evaluate_compare_and_judge(mote, tiny_model_dir, tmp_path):
             "evaluate",
             "--adapter",
             str(adapter),
-            "--out",
+            "--output",
             str(tmp_path / "b"),
             "--scorer",
             "judge",
@@ -358,7 +358,7 @@ def test_cli_evaluate_compare_and_judge(mote, tiny_model_dir, tmp_path):
         main,
         [
             "evaluate",
-            "--out",
+            "--output",
             str(tmp_path / "c"),
             "--compare",
             str(tmp_path / "a" / "results.json"),
@@ -375,7 +375,7 @@ def test_cli_evaluate_compare_and_judge(mote, tiny_model_dir, tmp_path):
         main,
         [
             "evaluate",
-            "--out",
+            "--output",
             str(tmp_path / "d"),
             "--compare",
             str(tmp_path / "a" / "results.json"),

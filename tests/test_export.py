@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from _mote_tiny import build_mote
+
+from tests.helpers.tiny import build_mote
 
 CASES = [
     # name, build_mote kwargs
@@ -26,8 +27,8 @@ CASES = [
 def tokenizer_and_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
-    from axolotl_mote.tokens import add_marker_tokens
 
     template = load_template("aligncot")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,6 +1,6 @@
 """Stage-aware generation: routing by emitted markers, plans, limits, fallback, output.
 
-All on a tiny random MoTE model (``_mote_tiny.build_mote``): experts and marker rows are
+All on a tiny random MoTE model (``tests.helpers.tiny.build_mote``): experts and marker rows are
 random, so the model "chooses" stages arbitrarily but deterministically; the plan rules
 and the per-stage limits keep every chain well formed.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _mote_tiny import build_mote
+
+from tests.helpers.tiny import build_mote
 
 PROMPTS = [
     "How do I bake bread at home?",
@@ -22,8 +23,8 @@ PROMPTS = [
 def mote(tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
-    from axolotl_mote.tokens import add_marker_tokens
 
     template = load_template("aligncot")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -55,6 +56,9 @@ def test_router_gives_the_training_step_ids(mote):
     stages = [(pieces["analysis"], [11, 12, 13]), (pieces["answer"], [14, 15])]
     ids, _, steps = fmt.assemble(prefix, stages, [5, 6])
     router = StageRouter(start_marker_steps(template, fmt.marker_ids), "shared", 3)
+    # the prompt's PROMPT_STEP resolves to its concrete routing (shared: shared only)
+    assert router.prompt_step(prefix) == -3
+    steps = [-3 if s == -2 else s for s in steps]
     full = torch.tensor([ids])
     assert router.step_ids(full).tolist() == [steps]
 
@@ -65,7 +69,7 @@ def test_router_gives_the_training_step_ids(mote):
         def get_seq_length(self):
             return self.n
 
-    router.begin(None)
+    router.begin()
     got = router(full[:, :5], {})  # prefill
     for pos in range(5, len(ids)):  # then one token per forward
         got = torch.cat(
@@ -76,8 +80,8 @@ def test_router_gives_the_training_step_ids(mote):
 
 def test_cached_generation_equals_full_reforward(mote):
     """Greedy: same tokens with and without cache; logits == one uncached re-forward."""
-    from axolotl_mote.data.format import marker_token_ids
     from axolotl_mote.generation import StageRouter, start_marker_steps
+    from axolotl_mote.markers import marker_token_ids
     from axolotl_mote.routing import route
     from axolotl_mote.tuner.model import get_routing_state
 
@@ -98,11 +102,10 @@ def test_cached_generation_equals_full_reforward(mote):
         state.num_experts,
         seed=state.seed,
     )
-    for row, out in enumerate(cached):
+    for _row, out in enumerate(cached):
         prompt = fmt.prompt_ids(out.messages)
         seq = torch.tensor([prompt + out.token_ids])
-        router.begin(router.default_prompt_steps([row]))  # the row's prompt expert
-        steps = router.step_ids(seq)
+        steps = router.step_ids(seq)  # the prompt's expert is keyed by its tokens
         assert steps[0, len(prompt) :].tolist() == out.step_ids
         with torch.no_grad(), route(state, steps):
             logits = model(input_ids=seq).logits[0]  # [L, V]
@@ -130,7 +133,7 @@ def test_batched_rows_follow_their_own_plans(mote):
 
 
 def test_forced_plan_routes_every_stage_to_its_expert(mote):
-    from axolotl_mote.data.format import marker_token_ids
+    from axolotl_mote.markers import marker_token_ids
 
     _, tokenizer, template = mote
     out = _gen(
@@ -287,7 +290,7 @@ def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
             "export",
             "--adapter",
             str(adapter),
-            "--out",
+            "--output",
             str(tmp_path / "export"),
             "--stage",
             "answer",
@@ -300,15 +303,18 @@ def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
 
 
 def test_axolotl_inference_routes_by_markers(mote, tiny_model_dir):
-    """post_lora_load with cfg.inference installs the marker router: plain generate works."""
+    """post_lora_load with cfg.inference installs the marker router: plain generate works.
+
+    Builds its own model: attaching again must not change the module-scoped one."""
     from axolotl.utils.dict import DictDefault
 
     from axolotl_mote.generation import StageRouter
-    from axolotl_mote.integration import attach_to_axolotl_model
+    from axolotl_mote.generation.auto import auto_routing
+    from axolotl_mote.integration.model import attach_to_axolotl_model
     from axolotl_mote.routing import RoutingError
-    from axolotl_mote.tuner.model import get_routing_state
 
-    model, tokenizer, template = mote
+    _, tokenizer, template = mote
+    model, _ = build_mote(tiny_model_dir, tokenizer, template)
     cfg = DictDefault(
         base_model=str(tiny_model_dir),
         tokenizer_config=str(tiny_model_dir),
@@ -319,30 +325,21 @@ def test_axolotl_inference_routes_by_markers(mote, tiny_model_dir):
         special_tokens={"additional_special_tokens": template.markers},
         inference=True,
     )
-    try:
-        attach_to_axolotl_model(DictDefault({**cfg, "inference": False}), model)
-        ids = tokenizer("<|response|> hello", return_tensors="pt")
-        with pytest.raises(
-            RoutingError
-        ):  # training-style attach: no routing, no forward
-            model.generate(**ids, max_new_tokens=2)
-        attach_to_axolotl_model(cfg, model)
-        state = get_routing_state(model)
-        assert isinstance(state.resolver, StageRouter)
-        seen = []
-        state.resolver, inner = (
-            (lambda i, k: seen.append(i.shape) or inner(i, k)),
-            state.resolver,
-        )
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=3, do_sample=False)
-        assert out.shape[1] == ids["input_ids"].shape[1] + 3
-        assert seen[0] == ids["input_ids"].shape and seen[1:] == [(1, 1), (1, 1)]
-        assert (
-            inner.step_ids(out)[0, 0].item() == 2
-        )  # routed by the <|response|> marker
-    finally:
-        get_routing_state(model).resolver = None
+    attach_to_axolotl_model(DictDefault({**cfg, "inference": False}), model)
+    ids = tokenizer("<|response|> hello", return_tensors="pt")
+    with pytest.raises(RoutingError):  # training-style attach: no routing, no forward
+        model.generate(**ids, max_new_tokens=2)
+    attach_to_axolotl_model(cfg, model)
+    routing = auto_routing(model)
+    assert isinstance(routing.resolver, StageRouter)
+    seen = []
+    inner = routing.resolver
+    routing.resolver = lambda i, k: seen.append(i.shape) or inner(i, k)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 3
+    assert seen[0] == ids["input_ids"].shape and seen[1:] == [(1, 1), (1, 1)]
+    assert inner.step_ids(out)[0, 0].item() == 2  # routed by the <|response|> marker
 
 
 def test_prompt_routing_override_changes_the_prompt_expert(mote):
@@ -365,7 +362,9 @@ def test_prompt_routing_override_changes_the_prompt_expert(mote):
     ]  # depends only on the prompt's routing
     assert not torch.allclose(firsts[0], firsts[1])
     assert not torch.allclose(firsts[1], firsts[2])
-    assert state.prompt_routing == "random" and state.resolver is None
+    from axolotl_mote.generation.auto import auto_routing
+
+    assert state.prompt_routing == "random" and auto_routing(mote[0]) is None
 
 
 @pytest.mark.parametrize("flag", [True, False])
@@ -374,7 +373,7 @@ def test_inference_is_read_from_the_calling_model_loader(flag):
     from axolotl.loaders.model import ModelLoader
     from axolotl.utils.dict import DictDefault
 
-    from axolotl_mote.integration import loading_for_inference
+    from axolotl_mote.integration.model import loading_for_inference
 
     def post_lora_load_called_by_loader():
         self = ModelLoader.__new__(ModelLoader)  # noqa: F841 - the frame local it reads
@@ -402,20 +401,55 @@ def test_router_routes_a_plain_peft_forward(mote, tiny_model_dir, task_type):
     ids = tokenizer(
         "hi <|analysis|> a b <|/analysis|><|response|> c", return_tensors="pt"
     )
+    from axolotl_mote.generation.auto import auto_routing, uninstall
+
     state = get_routing_state(model)
     router = install_router(model, tokenizer)
     calls = []
-    state.resolver = lambda i, k: calls.append(1) or router(i, k)
-    try:
-        steps = router.step_ids(ids["input_ids"])
-        with torch.no_grad():
-            routed = model(**ids).logits
-            state.resolver = None
-            with route(state, steps, draw_key=0):
-                explicit = model(**ids).logits
-    finally:
-        state.resolver = None
+    auto_routing(model).resolver = lambda i, k: calls.append(1) or router(i, k)
+    steps = router.step_ids(ids["input_ids"])
+    with torch.no_grad():
+        routed = model(**ids).logits
+        uninstall(model)
+        with route(state, steps, draw_key=0):
+            explicit = model(**ids).logits
     assert calls == [1]  # resolved once per call, whichever entry points fired
     assert not state.is_set  # the auto routing was cleared after the call
     torch.testing.assert_close(routed, explicit, rtol=0, atol=1e-6)
     assert set(steps[0].tolist()) >= {0, 2}
+
+
+def _prompt_experts(mote, prompts):
+    """The expert each prompt's tokens were routed to in the prefill of generate_chains."""
+    from axolotl_mote.tuner.model import get_routing_state
+
+    model, _, _ = mote
+    state = get_routing_state(model)
+    seen = []
+
+    def spy(module, args):
+        if not seen:
+            seen.append(state.step_ids.clone())
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(spy)
+    try:
+        _gen(mote, prompts=prompts, plan=["answer"], max_new_tokens=3)
+    finally:
+        handle.remove()
+    steps = seen[0]  # [B, L] of the prefill: left padding, prompt, prefilled marker
+    out = []
+    for row in steps.tolist():
+        prompt = [s for s in row[:-1] if s != -1]  # drop padding and the marker
+        assert len(set(prompt)) == 1, row  # one expert per prompt
+        out.append(prompt[0])
+    return out
+
+
+def test_random_prompt_routing_varies_and_follows_the_prompt_not_the_row(mote):
+    """Inference draws one expert per prompt, keyed by the prompt: different prompts
+    draw different experts, and a prompt draws the same one in any batch position."""
+    prompts = [f"Question number {i}: how do I bake bread?" for i in range(12)]
+    drawn = _prompt_experts(mote, prompts)
+    assert len(set(drawn)) >= 2, drawn
+    moved = _prompt_experts(mote, [prompts[5], prompts[0], prompts[3]])
+    assert moved == [drawn[5], drawn[0], drawn[3]]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train import base_config, run_train
+
+from tests.helpers.train import base_config, run_train
 
 
 def _model_and_tokenizer(tiny_tokenizer, tied: bool):
@@ -32,7 +33,7 @@ def _model_and_tokenizer(tiny_tokenizer, tied: bool):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_rows_are_the_mean_of_the_stage_words(tiny_tokenizer, aligncot, tied):
-    from axolotl_mote.tokens import init_marker_rows, marker_ids
+    from axolotl_mote.markers import init_marker_rows, marker_ids
 
     model, tok = _model_and_tokenizer(tiny_tokenizer, tied)
     emb0 = model.get_input_embeddings().weight.detach().clone()
@@ -62,7 +63,7 @@ def test_rows_are_the_mean_of_the_stage_words(tiny_tokenizer, aligncot, tied):
 
 
 def test_only_the_given_markers_change(tiny_tokenizer, aligncot):
-    from axolotl_mote.tokens import init_marker_rows, marker_ids
+    from axolotl_mote.markers import init_marker_rows, marker_ids
 
     model, tok = _model_and_tokenizer(tiny_tokenizer, tied=False)
     emb0 = model.get_input_embeddings().weight.detach().clone()
@@ -74,7 +75,7 @@ def test_only_the_given_markers_change(tiny_tokenizer, aligncot):
 
 
 def test_template_init_text_overrides_and_bad_text(tiny_tokenizer, aligncot):
-    from axolotl_mote.tokens import init_marker_rows
+    from axolotl_mote.markers import init_marker_rows
 
     stages = [s.model_copy() for s in aligncot.stages]
     stages[0] = stages[0].model_copy(update={"start_text": "Think"})
@@ -106,8 +107,8 @@ def test_axolotl_train_starts_from_the_described_rows(
     """lr 0: the saved trainable marker rows are exactly the init the plugin chose."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
-    from axolotl_mote.tokens import add_marker_tokens
 
     cfg = base_config(
         tiny_model_dir,

@@ -293,12 +293,13 @@ def test_p1_hides_every_hideable_stage_and_never_the_answer():
     assert hidden.shape[2] == 2  # the table has no column for the answer at all
 
 
-def test_answer_stage_is_rejected_from_skip_stages(aligncot):
-    from axolotl_mote.runtime import hideable_steps
-
-    assert hideable_steps(aligncot, None) == [0, 1]
-    with pytest.raises(ValueError, match="answer stage"):
-        hideable_steps(aligncot, ["safe_answer"])
+def test_answer_and_untrained_stages_are_rejected_from_skip_stages(aligncot):
+    assert aligncot.hideable_steps(None) == [0, 1]
+    assert aligncot.hideable_steps(["guidance", "analysis"]) == [0, 1]
+    with pytest.raises(ValueError, match="is the answer stage"):
+        aligncot.hideable_steps(["safe_answer"])
+    with pytest.raises(ValueError, match="has mode omit"):
+        aligncot.hideable_steps(["check"])
 
 
 # --- the entry point ----------------------------------------------------------------------

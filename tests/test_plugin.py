@@ -100,7 +100,7 @@ def test_lora_kwargs_give_rank_blocks_and_per_expert_scaling():
 
 
 def test_trainer_class_is_mote_trainer():
-    from axolotl_mote.trainer import MoteTrainer
+    from axolotl_mote.integration.trainer import MoteTrainer
 
     assert MotePlugin().get_trainer_cls(DictDefault()) is MoteTrainer
 

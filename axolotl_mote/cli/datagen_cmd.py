@@ -6,6 +6,8 @@ import json
 
 import click
 
+from axolotl_mote.cli import options
+
 
 @click.command("generate-data")
 @click.option(
@@ -16,24 +18,14 @@ import click
     help="Seed questions: JSONL ({id, prompt | messages, meta}) or a "
     "`datasets` folder saved with save_to_disk.",
 )
-@click.option(
-    "--output",
-    required=True,
-    type=click.Path(),
-    help="Chain JSONL to append to (a rerun resumes it).",
-)
-@click.option("--model", help="Local HF model path: the model being aligned.")
+@options.output("Chain JSONL to append to (a rerun resumes it).")
+@options.base_model("Local HF model folder: the model being aligned.")
 @click.option(
     "--endpoint",
     help="OpenAI-compatible base URL instead, e.g. http://localhost:8000/v1 (vLLM).",
 )
 @click.option("--api-model", help="Model name the endpoint serves.")
-@click.option(
-    "--template",
-    default="aligncot",
-    show_default=True,
-    help="Template name or path; its `generation:` block holds the prompts.",
-)
+@options.template()
 @click.option(
     "--on-fail",
     type=click.Choice(["keep", "mark", "drop"]),
@@ -62,17 +54,11 @@ import click
 )
 @click.option("--top-p", type=float)
 @click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
-    show_default=True,
-)
-@click.option("--device", help="cpu, cuda, cuda:1… (default: cuda if available)")
+@options.model_loading
 def generate_data(
     input_path,
     output,
-    model,
+    base_model,
     endpoint,
     api_model,
     template,
@@ -89,26 +75,27 @@ def generate_data(
     seed,
     dtype,
     device,
+    device_map,
+    load_in_4bit,
 ) -> None:
-    """Answer seed questions with MODEL and keep the shortest chain that checks safe."""
+    """Answer seed questions with the model and keep the shortest chain that checks
+    safe."""
     from axolotl_mote.datagen import build_generator, load_seeds
     from axolotl_mote.datagen import generate_data as run
-    from axolotl_mote.templates import load_template
 
-    tmpl = load_template(template)
+    tmpl = template  # loaded (and checked) by the --template option
     try:
         seeds = load_seeds(
             input_path, tmpl, prompt_field=prompt_field, split=split, limit=limit
         )
         generator = build_generator(
-            model,
+            base_model,
             endpoint=endpoint,
             api_model=api_model,
             batch_size=batch_size,
             temperature=temperature,
             top_p=top_p,
-            device=device,
-            dtype=dtype,
+            **options.loading_kwargs(dtype, device, device_map, load_in_4bit),
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from err

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from axolotl_mote.cli.generate_cmd import _stage_limits
+from axolotl_mote.cli import options
 
 
-def _models(base_model, adapters, include_base, dtype, device):
-    from axolotl_mote.cli.generate_cmd import _base_model
+def _models(base_model, adapters, include_base, loading):
+    from axolotl_mote.cli.generate_cmd import resolve_base_model
     from axolotl_mote.evaluation import ModelSpec
 
     specs = []
@@ -20,13 +20,13 @@ def _models(base_model, adapters, include_base, dtype, device):
             name, path = Path(value).name, value
         if not Path(path).is_dir():
             raise click.UsageError(f"--adapter {value}: no directory {path}")
-        base = _base_model(base_model, None, Path(path))
-        specs.append(ModelSpec(name, base, path, dtype=dtype, device=device))
+        base = resolve_base_model(base_model, None, Path(path))
+        specs.append(ModelSpec(name, base, path, loading=loading))
     if include_base or not adapters:
         base = base_model or (specs[0].base_model if specs else None)
         if not base:
             raise click.UsageError("evaluating the base model needs --base-model")
-        specs.insert(0, ModelSpec("base", base, None, dtype=dtype, device=device))
+        specs.insert(0, ModelSpec("base", base, None, loading=loading))
     return specs
 
 
@@ -57,13 +57,7 @@ def _models(base_model, adapters, include_base, dtype, device):
     type=click.Path(exists=True),
     help="Instead of generating: merge these results.json into one table.",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(),
-    help="Folder for results.json, results.md, *.png, generations/.",
-)
+@options.output("Folder for results.json, results.md, *.png, generations/.")
 @click.option(
     "--scorer",
     default="string",
@@ -78,12 +72,7 @@ def _models(base_model, adapters, include_base, dtype, device):
 @click.option("--judge-model", help="Judge: a local HF model path.")
 @click.option("--judge-endpoint", help="Judge: an OpenAI-compatible base URL.")
 @click.option("--judge-api-model", help="Judge: the model name the endpoint serves.")
-@click.option(
-    "--plan",
-    default="adaptive",
-    show_default=True,
-    help="adaptive | full | stages, e.g. analysis>answer (MoTE adapters).",
-)
+@options.plan()
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--max-stage-tokens", help="64, or per stage: analysis=64,guidance=32")
 @click.option("--batch-size", default=8, show_default=True)
@@ -95,20 +84,14 @@ def _models(base_model, adapters, include_base, dtype, device):
     help="HF repetition_penalty for every model, e.g. 1.2 (default: off).",
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
-    show_default=True,
-)
-@click.option("--device", help="cpu, cuda, cuda:1… (default: cuda if available)")
+@options.model_loading
 def evaluate(
     prompt_sets,
     adapters,
     base_model,
     include_base,
     compare_files,
-    out_dir,
+    output,
     scorer,
     rubric,
     judge_model,
@@ -124,6 +107,8 @@ def evaluate(
     seed,
     dtype,
     device,
+    device_map,
+    load_in_4bit,
 ) -> None:
     """Harmless / compliance / robustness rates, tokens per stage and stage plans."""
     from axolotl_mote.evaluation import (
@@ -136,7 +121,7 @@ def evaluate(
     )
 
     if compare_files:
-        paths = write_report(merge_results(list(compare_files)), out_dir)
+        paths = write_report(merge_results(list(compare_files)), output)
         click.echo(f"wrote {paths['md']}")
         return
     if not prompt_sets:
@@ -146,7 +131,8 @@ def evaluate(
         names = [s.name for s in sets]
         if len(set(names)) != len(names):
             raise ValueError(f"two prompt sets share a file name: {names}")
-        specs = _models(base_model, adapters, include_base, dtype, device)
+        loading = options.loading_kwargs(dtype, device, device_map, load_in_4bit)
+        specs = _models(base_model, adapters, include_base, loading)
         judge_opts = {
             "judge_model": judge_model,
             "judge_endpoint": judge_endpoint,
@@ -163,16 +149,16 @@ def evaluate(
         raise click.UsageError(str(err)) from err
     opts = GenOptions(
         max_new_tokens=max_new_tokens,
-        max_stage_tokens=_stage_limits(max_stage_tokens),
-        plan=None if plan == "adaptive" else plan,
+        max_stage_tokens=options.stage_limits(max_stage_tokens),
+        plan=plan,
         batch_size=batch_size,
         seed=seed,
         temperature=temperature,
         repetition_penalty=repetition_penalty,
     )
-    results = evaluate_models(specs, sets, score, out_dir, opts)
-    click.echo((Path(out_dir) / "results.md").read_text(encoding="utf-8"))
+    results = evaluate_models(specs, sets, score, output, opts)
+    click.echo((Path(output) / "results.md").read_text(encoding="utf-8"))
     click.echo(
-        f"wrote {out_dir}/results.json, results.md, rates.png, tokens_per_stage.png, "
+        f"wrote {output}/results.json, results.md, rates.png, tokens_per_stage.png, "
         f"stage_plans.png, generations/ ({len(results['models'])} model(s))"
     )

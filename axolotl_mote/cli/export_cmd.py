@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from axolotl_mote.cli import options
+
 
 @click.command()
 @click.option(
@@ -12,13 +14,7 @@ import click
     type=click.Path(exists=True, file_okay=False),
     help="Trained MoTE adapter dir (with mote_config.json).",
 )
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes OUT/<stage name>/ per stage.",
-)
+@options.output("Folder: writes OUTPUT/<stage name>/ per stage.")
 @click.option(
     "--stage",
     "stages",
@@ -31,15 +27,13 @@ import click
     help="Only LoRA A/B (no marker rows / embeddings): for servers that load "
     "nothing else; the served base must already hold the marker rows.",
 )
-def export(
-    adapter: str, out_dir: str, stages: tuple[str, ...], lora_only: bool
-) -> None:
+def export(adapter: str, output: str, stages: tuple[str, ...], lora_only: bool) -> None:
     """Fold each stage's expert with the shared expert into a plain rank-2r LoRA."""
     from axolotl_mote.export import export_stage_adapters
 
     try:
         written = export_stage_adapters(
-            adapter, out_dir, list(stages) or None, lora_only
+            adapter, output, list(stages) or None, lora_only
         )
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise click.ClickException(str(err)) from err

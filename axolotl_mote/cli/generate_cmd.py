@@ -7,34 +7,21 @@ from pathlib import Path
 
 import click
 
-
-def _stage_limits(value: str | None):
-    """``64`` -> 64 for every stage; ``analysis=64,guidance=32`` -> per stage."""
-    if not value:
-        return None
-    if "=" not in value:
-        return int(value)
-    return {k.strip(): int(v) for k, v in (p.split("=", 1) for p in value.split(","))}
+from axolotl_mote.cli import options
 
 
-def _plan(value):
-    """A CLI/record plan: adaptive -> None, full, or a list of stage names/keys."""
-    if value is None or isinstance(value, list) or value in ("adaptive", "full"):
-        return None if value == "adaptive" else value
-    return [p.strip() for p in str(value).replace(">", ",").split(",") if p.strip()]
-
-
-def _base_model(base_model: str | None, config: str | None, adapter: Path) -> str:
+def resolve_base_model(
+    base_model: str | None, config: str | None, adapter: Path | None
+) -> str:
+    """``--base-model``, else the config's ``base_model``, else the adapter's own."""
     if base_model:
         return base_model
     if config:
-        import yaml
-
-        cfg = yaml.safe_load(Path(config).read_text()) or {}
+        cfg = options.read_yaml(config)
         if cfg.get("base_model"):
             return str(cfg["base_model"])
-    peft_config = adapter / "adapter_config.json"
-    if peft_config.is_file():
+    peft_config = adapter / "adapter_config.json" if adapter else None
+    if peft_config is not None and peft_config.is_file():
         name = json.loads(peft_config.read_text()).get("base_model_name_or_path")
         if name:
             return str(name)
@@ -43,58 +30,56 @@ def _base_model(base_model: str | None, config: str | None, adapter: Path) -> st
     )
 
 
-def _adapter_dir(adapter: str | None, config: str | None) -> Path:
+def resolve_adapter(adapter: str | None, config: str | None) -> Path:
+    """``--adapter``, else the config's ``lora_model_dir`` or ``output_dir``."""
     if adapter:
         return Path(adapter)
     if config:
-        import yaml
-
-        cfg = yaml.safe_load(Path(config).read_text()) or {}
+        cfg = options.read_yaml(config)
         for key in ("lora_model_dir", "output_dir"):
             if cfg.get(key):
                 return Path(cfg[key])
     raise click.UsageError("no adapter: pass --adapter (the trained output_dir)")
 
 
-def _read_inputs(prompts: tuple[str, ...], input_file: str | None) -> list[dict]:
+def read_inputs(prompts: tuple[str, ...], input_file: str | None) -> list[dict]:
     records = [{"prompt": p} for p in prompts]
     if input_file:
-        with open(input_file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise click.ClickException(f"{input_file}:{number}: {err}") from err
+        from axolotl_mote.data.schema import ChainRecordError, iter_jsonl
+
+        try:
+            for number, record in iter_jsonl(input_file):
                 if isinstance(record, str):
                     record = {"prompt": record}
-                if "prompt" not in record and "messages" not in record:
+                if not isinstance(record, dict) or not (
+                    "prompt" in record or "messages" in record
+                ):
                     raise click.ClickException(
                         f"{input_file}:{number}: a record needs `prompt` or `messages`"
                     )
                 records.append(record)
+        except ChainRecordError as err:
+            raise click.ClickException(str(err)) from None
     if not records:
         raise click.UsageError("nothing to generate: give --prompt or --input")
     return records
 
 
-def _base_answers(
+def base_answers(
     base: str,
     conversations,
     max_new_tokens: int,
-    dtype: str,
-    device: str,
+    loading: dict,
     repetition_penalty: float | None = None,
 ):
-    """The base model's plain greedy answers (no adapter, its own chat template), with
-    the same repetition penalty as the MoTE answers so the two compare fairly."""
+    """The base model's plain greedy answers (no adapter, its own chat template),
+    with the same repetition penalty as the MoTE answers so the two compare fairly."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    model.to(device).eval()
+    from axolotl_mote.loading import load_model
+
+    model, tok = load_model(base, **loading)
+    device = next(model.parameters()).device
     answers = []
     for messages in conversations:
         inputs = tok.apply_chat_template(
@@ -115,31 +100,22 @@ def _base_answers(
 
 
 @click.command()
+@options.config("The Axolotl YAML (base_model, output_dir).")
 @click.option(
-    "--config", type=click.Path(exists=True), help="The Axolotl YAML (base_model)."
+    "--adapter",
+    type=click.Path(exists=True, file_okay=False),
+    help="Trained MoTE adapter folder.",
 )
-@click.option(
-    "--adapter", type=click.Path(exists=True), help="Trained MoTE adapter dir."
-)
-@click.option(
-    "--base-model", help="Base model (default: config's, else the adapter's)."
-)
+@options.base_model("Base model (default: the config's, else the adapter's).")
 @click.option("--prompt", "prompts", multiple=True, help="A user message (repeatable).")
 @click.option(
     "--input",
     "input_file",
-    type=click.Path(exists=True),
+    type=click.Path(exists=True, dir_okay=False),
     help="JSONL of {prompt | messages, [plan], [id]} records.",
 )
-@click.option(
-    "--output", type=click.Path(), help="Write one JSON result per line here."
-)
-@click.option(
-    "--plan",
-    default="adaptive",
-    show_default=True,
-    help="adaptive | full | stages, e.g. analysis>answer (a record's `plan` wins).",
-)
+@options.output("Write one JSON result per line here.", required=False)
+@options.plan()
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--max-stage-tokens", help="64, or per stage: analysis=64,guidance=32")
 @click.option(
@@ -163,15 +139,7 @@ def _base_answers(
 )
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
-    show_default=True,
-)
-@click.option(
-    "--device", default=None, help="cpu, cuda, cuda:1… (default: cuda if available)"
-)
+@options.model_loading
 @click.option(
     "--compare-base",
     is_flag=True,
@@ -197,28 +165,28 @@ def generate(
     seed,
     dtype,
     device,
+    device_map,
+    load_in_4bit,
     compare_base,
 ) -> None:
     """Generate reasoning chains, routed stage by stage, and print each stage."""
     import torch
     from tqdm import tqdm
 
-    from axolotl_mote.generation import generate_chains
+    from axolotl_mote.generation import generate_chains, split_plan
     from axolotl_mote.loading import load_mote_model
-    from axolotl_mote.tuner.config import MoteConfig
-    from axolotl_mote.tuner.model import get_routing_state
 
-    records = _read_inputs(prompts, input_file)
-    adapter_dir = _adapter_dir(adapter, config)
-    base = _base_model(base_model, config, adapter_dir)
+    records = read_inputs(prompts, input_file)
+    adapter_dir = resolve_adapter(adapter, config)
+    base = resolve_base_model(base_model, config, adapter_dir)
+    loading = options.loading_kwargs(dtype, device, device_map, load_in_4bit)
+    limits = options.stage_limits(max_stage_tokens)
     torch.manual_seed(seed)
-    model, tokenizer = load_mote_model(
-        base, adapter_dir, torch_dtype=getattr(torch, dtype)
-    )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    get_routing_state(model).mote_config = MoteConfig.load(adapter_dir)
-    plans = [_plan(r.get("plan", plan)) for r in records]
+    try:
+        model, tokenizer = load_mote_model(base, adapter_dir, **loading)
+        plans = [split_plan(r["plan"]) if "plan" in r else plan for r in records]
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
     gen_kwargs = {
         k: v
         for k, v in (
@@ -229,29 +197,34 @@ def generate(
         if v
     }
     with tqdm(
-        total=len(records), desc="generating", unit="prompt", disable=len(records) < 2
+        total=len(records),
+        desc="generating",
+        unit="prompt",
+        disable=len(records) < 2,
     ) as bar:
-        outputs = generate_chains(
-            model,
-            tokenizer,
-            records,
-            plan=plans,
-            max_new_tokens=max_new_tokens,
-            max_stage_tokens=_stage_limits(max_stage_tokens),
-            stop_after_answer=stop_after_answer,
-            fallback=fallback,
-            batch_size=batch_size,
-            do_sample=do_sample,
-            progress=bar.update,
-            **gen_kwargs,
-        )
-    base_answers = (
-        _base_answers(
+        try:
+            outputs = generate_chains(
+                model,
+                tokenizer,
+                records,
+                plan=plans,
+                max_new_tokens=max_new_tokens,
+                max_stage_tokens=limits,
+                stop_after_answer=stop_after_answer,
+                fallback=fallback,
+                batch_size=batch_size,
+                do_sample=do_sample,
+                progress=bar.update,
+                **gen_kwargs,
+            )
+        except ValueError as err:  # a plan or stage the template does not have
+            raise click.UsageError(str(err)) from None
+    answers = (
+        base_answers(
             base,
             [o.messages for o in outputs],
             max_new_tokens,
-            dtype,
-            device,
+            loading,
             repetition_penalty,
         )
         if compare_base
@@ -259,22 +232,20 @@ def generate(
     )
     sink = open(output, "w", encoding="utf-8") if output else None
     try:
-        for record, out, base_answer in zip(records, outputs, base_answers):
+        for record, out, base_answer in zip(records, outputs, answers):
             if sink:
                 row = {"id": record.get("id"), **out.to_dict()}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             click.echo("=" * 78)
             click.echo(f"PROMPT: {out.messages[-1]['content']}")
-            click.echo(
-                f"stages: {' > '.join(out.plan) or 'none'}   finish: {out.finish_reason}"
-                + ("   (answer forced by fallback)" if out.fallback_used else "")
-            )
+            forced = "   (answer forced by fallback)" if out.fallback_used else ""
+            stages = " > ".join(out.plan) or "none"
+            click.echo(f"stages: {stages}   finish: {out.finish_reason}{forced}")
             if base_answer is not None:
                 click.echo(f"  [base model] {base_answer.strip()}")
             for name, text in out.stages.items():
-                click.echo(
-                    f"  [{name}] ({out.tokens_per_stage[name]} tokens) {text.strip()}"
-                )
+                n = out.tokens_per_stage[name]
+                click.echo(f"  [{name}] ({n} tokens) {text.strip()}")
     finally:
         if sink:
             sink.close()

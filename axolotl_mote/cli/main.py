@@ -1,4 +1,4 @@
-"""``axolotl-mote``: the plugin's own commands.
+"""``axolotl-mote`` (also ``axolotl mote``): the plugin's own commands.
 
 Each command is a thin wrapper: parse options, call a library function, print where the
 outputs went. Heavy imports happen inside the commands so ``--help`` is instant.
@@ -12,7 +12,9 @@ import click
 
 # name -> "module:attribute" of a click command; missing modules are reported on use.
 _COMMANDS = {
+    "quickstart": "axolotl_mote.cli.quickstart_cmd:quickstart",
     "validate": "axolotl_mote.cli.data_cmd:validate",
+    "template": "axolotl_mote.cli.data_cmd:template_cmd",
     "build-tiny-model": "axolotl_mote.cli.data_cmd:build_tiny_model_cmd",
     "deepspeed-config": "axolotl_mote.cli.deepspeed_cmd:deepspeed_config",
     "prepare-smollm2": "axolotl_mote.cli.model_cmd:prepare_smollm2",
@@ -44,7 +46,12 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup)
 @click.version_option(package_name="axolotl-mote")
 def main() -> None:
-    """MoTE (Mixture of insighTful Experts) tools for Axolotl."""
+    """MoTE (Mixture of insighTful Experts) tools for Axolotl.
+
+    Every command shares one option vocabulary (-o/--output, --config, --base-model,
+    --adapter, --template, --plan, --dtype auto, --device); see
+    `axolotl-mote COMMAND --help`.
+    """
 
 
 if __name__ == "__main__":

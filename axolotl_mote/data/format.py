@@ -10,7 +10,9 @@ A chain is assembled from ids, never by scanning text::
     label -100 ...  -100      |  ids (trained stage) .......... |  ids ........................... | ids
 
 Because segmentation comes from the record's structure, no text can move a stage
-boundary; marker strings inside text are rejected earlier (``data.schema``). Generation
+boundary: every text (the rendered conversation, each stage) is encoded with
+:func:`~axolotl_mote.markers.encode_text`, which keeps a marker *string* inside text as
+plain characters, never the marker token. Generation
 uses :meth:`ChainFormatter.prompt_ids`, the same prefix the model was trained on.
 """
 
@@ -21,13 +23,10 @@ from typing import Any
 
 from axolotl_mote.constants import IGNORE_INDEX, PROMPT_STEP
 from axolotl_mote.data.schema import Chain
+from axolotl_mote.markers import encode_text, marker_token_ids
 from axolotl_mote.templates import PromptTemplate, StageMode
 
 _SENTINEL = "\x00MOTE-ASSISTANT-TURN\x00"
-
-
-class MarkerTokenError(ValueError):
-    """The tokenizer does not encode a marker as exactly one token."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,6 @@ class ChainFormatter:
                     trained=stage.mode is StageMode.TRAIN,
                 )
             )
-        self._marker_id_set = frozenset(self.marker_ids.values())
 
     # --- rendering -----------------------------------------------------------------
     def render(self, messages: list[dict[str, str]]) -> tuple[str, str]:
@@ -81,16 +79,11 @@ class ChainFormatter:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation plus the assistant header (for generation)."""
         prefix, _ = self.render(messages)
-        ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        self._check_no_markers(ids, "the conversation")
-        return ids
+        return self.encode([prefix])[0]
 
-    def _check_no_markers(self, ids: list[int], what: str) -> None:
-        if self._marker_id_set.intersection(ids):
-            raise ValueError(
-                f"{what} tokenizes to a stage marker token; markers are reserved for "
-                "stage boundaries (remove the marker text from the input)"
-            )
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Ids of ``texts``; marker strings in them stay plain text (markers.py)."""
+        return encode_text(self.tokenizer, texts, self.template.markers)
 
     # --- training sequences ----------------------------------------------------------
     def encode_batch(self, chains: list[Chain]) -> dict[str, list[list[int]]]:
@@ -103,7 +96,7 @@ class ChainFormatter:
                 if piece.key in chain.stages:
                     stage_slots.append((i, piece))
                     texts.append(chain.stages[piece.key])
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        encoded = self.encode(texts)
         n = len(chains)
         out: dict[str, list[list[int]]] = {
             "input_ids": [],
@@ -115,7 +108,6 @@ class ChainFormatter:
             per_chain[i].append((piece, ids))
         for i in range(n):
             prefix_ids, suffix_ids = encoded[i], encoded[n + i]
-            self._check_no_markers(prefix_ids, f"chain {chains[i].id!r}: conversation")
             ids, labels, steps = self.assemble(prefix_ids, per_chain[i], suffix_ids)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -145,20 +137,3 @@ class ChainFormatter:
         labels += suffix_ids if last_trained else [IGNORE_INDEX] * len(suffix_ids)
         steps += [last_step] * len(suffix_ids)
         return ids, labels, steps
-
-
-def marker_token_ids(template: PromptTemplate, tokenizer: Any) -> dict[str, int]:
-    """Map each marker string to its single token id, or raise naming the marker."""
-    out: dict[str, int] = {}
-    for marker in template.markers:
-        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise MarkerTokenError(
-                f"marker {marker!r} of template {template.name!r} encodes to {len(ids)} "
-                "tokens; it must be one special token. With the plugin enabled, "
-                "markers are added to the tokenizer automatically (plugins: "
-                "[axolotl_mote.MotePlugin]); outside Axolotl call "
-                "axolotl_mote.tokens.add_marker_tokens(tokenizer, template)"
-            )
-        out[marker] = ids[0]
-    return out

@@ -79,9 +79,6 @@ def parse_chain(
     if rid is not None and not isinstance(rid, (str, int)):
         raise fail(f"field 'id' must be a string, got {type(rid).__name__}")
     messages = _parse_messages(record, fail)
-    markers = template.markers
-    for i, msg in enumerate(messages):
-        _reject_markers(msg["content"], f"messages[{i}].content", markers, fail)
 
     stages: dict[str, str] = {}
     for stage in template.stages:
@@ -101,7 +98,6 @@ def parse_chain(
             raise fail(
                 f"stage {stage.key!r} is empty; remove the key to skip the stage"
             )
-        _reject_markers(value, stage.key, markers, fail)
         stages[stage.key] = value
     meta = record.get("meta") or {}
     if not isinstance(meta, dict):
@@ -152,53 +148,117 @@ def _parse_messages(record: dict[str, Any], fail) -> list[dict[str, str]]:
     return out
 
 
-def _reject_markers(text: str, field_name: str, markers: list[str], fail) -> None:
-    """Marker strings in text would be tokenized as markers and change routing.
-
-    MoTE rejects them rather than escaping: a silent rewrite would change the user's
-    text, and a marker inside data is almost always a formatting bug upstream.
-    """
-    for marker in markers:
-        if marker in text:
-            raise fail(
-                f"field {field_name!r} contains the stage marker {marker!r}; markers are "
-                "reserved for stage boundaries. Remove it from the text, or rename the "
-                "markers in your template"
-            )
-
-
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, record)``; a broken line raises with file, line and fix."""
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    """Yield ``(line_number, record)``; a broken line raises with file, line and fix.
+
+    Lines are decoded one by one, so a byte that is not UTF-8 is reported with its line
+    and column instead of a bare ``UnicodeDecodeError``.
+    """
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ChainRecordError(
+                    f"{path}:{lineno}: byte {raw[err.start]:#04x} at column "
+                    f"{err.start + 1} is not UTF-8; save the file as UTF-8 (e.g. "
+                    f"`iconv -f latin1 -t utf-8 {Path(path).name}`)"
+                ) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a BOM from some editors
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ChainRecordError(
-                    f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
-                    "each line must be one JSON object"
+                    f"{path}:{lineno}: not valid JSON ({err.msg} at column "
+                    f"{err.colno}); each line must be one JSON object"
                 ) from err
 
 
-def validate_jsonl(path: str | Path, template: PromptTemplate) -> dict[str, int]:
-    """Check every record of a JSONL file; returns counts (records, per-stage)."""
-    counts: dict[str, int] = {"records": 0}
+@dataclass
+class FileCheck:
+    """What :func:`check_jsonl` found in one file."""
+
+    path: str
+    records: int = 0  # well-formed records
+    stages: dict[str, int] = field(default_factory=dict)  # stage key -> records with it
+    errors: list[str] = field(default_factory=list)  # one message per bad record
+    more_errors: int = 0  # bad records beyond ``max_errors`` (counted, not listed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def counts(self) -> dict[str, int]:
+        return {"records": self.records, **self.stages}
+
+    def message(self) -> str:
+        """Every listed problem, one per line, and how many more there were."""
+        lines = list(self.errors)
+        if self.more_errors:
+            lines.append(f"... and {self.more_errors} more bad record(s)")
+        return "\n".join(lines)
+
+
+def check_jsonl(
+    path: str | Path, template: PromptTemplate, max_errors: int | None = 20
+) -> FileCheck:
+    """Check every record of a JSONL file; collect every problem instead of stopping.
+
+    Up to ``max_errors`` messages are kept (None: all); the rest are counted. A file
+    that cannot be read on (bad UTF-8, broken JSON) ends the check at that line. An
+    empty file is a problem: it would train on nothing.
+    """
+    report = FileCheck(str(path))
+
+    def add(message: str) -> None:
+        if max_errors is None or len(report.errors) < max_errors:
+            report.errors.append(message)
+        else:
+            report.more_errors += 1
+
     seen_ids: dict[str, int] = {}
-    for lineno, record in iter_jsonl(path):
-        chain = parse_chain(record, template, location=f"{path}:{lineno}")
+    lines = iter_jsonl(path)
+    while True:
+        try:
+            lineno, record = next(lines)
+        except StopIteration:
+            break
+        except ChainRecordError as err:
+            add(str(err))
+            break
+        try:
+            chain = parse_chain(record, template, location=f"{path}:{lineno}")
+        except ChainRecordError as err:
+            add(str(err))
+            continue
         if chain.id is not None:
             if chain.id in seen_ids:
-                raise ChainRecordError(
+                add(
                     f"{path}:{lineno}: duplicate id {chain.id!r} (first on line "
                     f"{seen_ids[chain.id]}); ids must be unique"
                 )
+                continue
             seen_ids[chain.id] = lineno
-        counts["records"] += 1
+        report.records += 1
         for key in chain.stages:
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+            report.stages[key] = report.stages.get(key, 0) + 1
+    if report.records == 0 and not report.errors:
+        add(
+            f"{path}: no records (the file is empty or holds only blank lines); "
+            "add one JSON chain record per line"
+        )
+    return report
+
+
+def validate_jsonl(path: str | Path, template: PromptTemplate) -> dict[str, int]:
+    """Check every record of a JSONL file; raise listing every bad one, else counts."""
+    report = check_jsonl(path, template)
+    if not report.ok:
+        raise ChainRecordError(report.message())
+    return report.counts()
 
 
 def trained_stage_keys(template: PromptTemplate) -> list[str]:

@@ -22,7 +22,8 @@ from axolotl_mote.data.format import ChainFormatter
 from axolotl_mote.data.schema import parse_chain
 from axolotl_mote.data.stats import format_stats, stage_stats
 from axolotl_mote.log import get_logger
-from axolotl_mote.templates import PromptTemplate, load_template
+from axolotl_mote.settings import resolve_settings
+from axolotl_mote.templates import PromptTemplate
 
 LOG = get_logger("axolotl_mote.data")
 
@@ -120,20 +121,9 @@ class ChainDatasetStrategy(DatasetWrappingStrategy):
         return stats
 
 
-def _mote_block(cfg: Any) -> dict[str, Any]:
-    block = cfg.get("mote") if hasattr(cfg, "get") else getattr(cfg, "mote", None)
-    if block is None:
-        raise ValueError(
-            "dataset type axolotl_mote.* needs the MoTE plugin: add `plugins: "
-            "[axolotl_mote.MotePlugin]` and a `mote:` block (at least `mote: "
-            "{template: aligncot}`) to your config"
-        )
-    return dict(block)
-
-
 def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None, processor: Any = None):
     """Axolotl strategy entry point (``type: axolotl_mote.aligncot``)."""
-    template = load_template(_mote_block(cfg).get("template") or "aligncot")
+    template = resolve_settings(cfg).template
     source = None
     if ds_cfg is not None:
         source = ds_cfg.get("path") if hasattr(ds_cfg, "get") else None

@@ -52,18 +52,23 @@ class HFChatGenerator:
         top_p: float | None = None,
         repetition_penalty: float | None = None,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        device_map: Any = None,
+        load_in_4bit: bool = False,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from axolotl_mote.loading import load_base_model
 
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(
-                model, dtype=getattr(torch, dtype)
+            model = load_base_model(
+                model,
+                dtype=dtype,
+                device=device,
+                device_map=device_map,
+                load_in_4bit=load_in_4bit,
             )
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model.to(device)
         if tokenizer is None:
             raise ValueError("HFChatGenerator: pass the tokenizer with a loaded model")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -191,14 +196,11 @@ def build_generator(
     if endpoint:
         if not api_model:
             raise ValueError("an endpoint needs the served model's name (--api-model)")
-        (
-            kwargs.pop("batch_size", None),
-            kwargs.pop("device", None),
-            kwargs.pop("dtype", None),
-        )
+        for key in ("batch_size", "device", "dtype", "device_map", "load_in_4bit"):
+            kwargs.pop(key, None)
         return OpenAIChatGenerator(endpoint, api_model, **kwargs)
     if not model:
-        raise ValueError("give a local model path (--model) or an --endpoint")
+        raise ValueError("give a local model path (--base-model) or an --endpoint")
     return HFChatGenerator(model, **kwargs)
 
 

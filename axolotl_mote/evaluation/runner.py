@@ -32,39 +32,24 @@ NO_STAGES = "(no stages)"  # the plan of a plain model's reply
 class ModelSpec:
     """A model to evaluate: ``base_model`` alone, or with a MoTE ``adapter``.
 
-    ``load`` (tests, notebooks) returns ``(model, tokenizer)`` instead of loading paths.
+    ``load`` (tests, notebooks) returns ``(model, tokenizer)`` instead of loading paths;
+    ``loading`` holds :func:`axolotl_mote.loading.load_model` options (dtype, device,
+    device_map, load_in_4bit).
     """
 
     name: str
     base_model: str | None = None
     adapter: str | None = None
     load: Callable[[], tuple[Any, Any]] | None = None
-    dtype: str = "float32"
-    device: str | None = None
+    loading: dict[str, Any] = field(default_factory=dict)
 
     def materialise(self) -> tuple[Any, Any]:
         if self.load is not None:
             return self.load()
-        import torch
+        from axolotl_mote.loading import load_model
 
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.adapter:
-            from axolotl_mote.loading import load_mote_model
-            from axolotl_mote.tuner.config import MoteConfig
-            from axolotl_mote.tuner.model import get_routing_state
-
-            model, tok = load_mote_model(
-                self.base_model, self.adapter, torch_dtype=getattr(torch, self.dtype)
-            )
-            get_routing_state(model).mote_config = MoteConfig.load(self.adapter)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(self.base_model)
-            model = AutoModelForCausalLM.from_pretrained(
-                self.base_model, dtype=getattr(torch, self.dtype)
-            )
-        return model.to(device).eval(), tok
+        model, tok = load_model(self.base_model, self.adapter, **self.loading)
+        return model.eval(), tok
 
 
 @dataclass
@@ -95,13 +80,9 @@ class Response:
 
 
 def is_mote(model: Any) -> bool:
-    from axolotl_mote.tuner.model import get_routing_state
+    from axolotl_mote.tuner.model import find_routing_state
 
-    try:
-        get_routing_state(model)
-    except ValueError:
-        return False
-    return True
+    return find_routing_state(model) is not None
 
 
 def respond(

@@ -58,13 +58,8 @@ class StageSpec:
         )
 
     def index(self, name_or_key: str, template: PromptTemplate) -> int:
-        stage = template.stage(name_or_key)
-        if stage.name not in self.names:
-            raise ValueError(
-                f"stage {stage.name!r} has mode {stage.mode.value}: only trained stages "
-                f"({self.names}) can be generated"
-            )
-        return self.names.index(stage.name)
+        """Step id of a trained stage by name or record key (the template decides)."""
+        return template.trained_index(name_or_key)
 
     def reachable(self, after: int | None) -> list[int]:
         """Stages an adaptive row may open next: later ones, up to a non-skippable one."""

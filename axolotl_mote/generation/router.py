@@ -6,13 +6,22 @@ the tokens after its end marker (the end of turn) keep it (``data/format.py``)::
     prompt ...  <|analysis|> text <|/analysis|> <|response|> text <|/response|> <|im_end|>
     P  ...  P    0           0 .. 0             2            2 .. 2             2
 
-So the step id of a token is the step of the latest start marker at or before it, or the
-prompt's routing before any marker. :class:`StageRouter` is the ``RoutingState.resolver``
-that computes exactly that for the tokens of each forward. With the KV cache a forward
-feeds one new token per row; the router keeps the "current stage" of every position it
-has seen, so a chunk that starts at position ``p`` continues from the stage after
-``p - 1``. A forward that starts at 0 (prefill, or generation without cache) begins a
-new sequence. Padding (``attention_mask == 0``) gets ``PAD_STEP``.
+So the step id of a token is the step of the latest start marker at or before it, or
+the prompt's routing before any marker. :class:`StageRouter` computes exactly that for
+the tokens of each forward (``generation/auto.py`` calls it before each forward).
+
+**Prompt tokens** get one concrete routing per row, never ``PROMPT_STEP``: an expert
+index (``random``, or a stage), ``SHARED_ONLY_STEP`` (``shared``) or ``EXPECTED_STEP``
+(``expected``). Under ``random`` the expert is drawn from a seed made of the run seed
+and the prompt's own token ids (the tokens before the row's first marker, padding
+excluded): the same prompt draws the same expert in any batch, at any row, cached or
+not, and different prompts draw independently.
+
+With the KV cache a forward feeds one new token per row; the router keeps the "current
+stage" of every position it has seen, so a chunk that starts at position ``p``
+continues from the stage after ``p - 1``. A forward that starts at 0 (prefill, or
+generation without cache) begins a new sequence. Padding (``attention_mask == 0``)
+gets ``PAD_STEP``.
 
 Beam search reorders rows between steps, which this per-row history cannot follow:
 generate with ``num_beams=1``.
@@ -24,8 +33,14 @@ from typing import Any
 
 import torch
 
-from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
-from axolotl_mote.routing import start_position
+from axolotl_mote.constants import (
+    EXPECTED_STEP,
+    PAD_STEP,
+    PROMPT_ROUTINGS,
+    PROMPT_STEP,
+    SHARED_ONLY_STEP,
+)
+from axolotl_mote.routing import draw_seed, start_position
 from axolotl_mote.templates import PromptTemplate, StageMode
 
 _NOT_MARKER = -99
@@ -74,7 +89,7 @@ def resolve_step_ids(
 
 
 class StageRouter:
-    """``RoutingState.resolver`` for generation: step ids from the emitted markers."""
+    """Step ids for generation, from the emitted markers; see the module docstring."""
 
     def __init__(
         self,
@@ -83,6 +98,11 @@ class StageRouter:
         num_experts: int,
         seed: int = 42,
     ) -> None:
+        if not (isinstance(prompt_routing, int) or prompt_routing in PROMPT_ROUTINGS):
+            raise ValueError(
+                f"prompt_routing must be one of {PROMPT_ROUTINGS} or an expert index, "
+                f"got {prompt_routing!r}"
+            )
         size = max(marker_steps) + 2
         self.table = torch.full((size,), _NOT_MARKER, dtype=torch.long)  # [V']
         for token, step in marker_steps.items():
@@ -90,30 +110,43 @@ class StageRouter:
         self.prompt_routing = prompt_routing
         self.num_experts = num_experts
         self.seed = int(seed)
-        self.prompt_steps: torch.Tensor | None = None  # [B], set by begin()
+        self.prompt_steps: torch.Tensor | None = None  # [B], set at each prefill
         self._history: list[list[int]] | None = None  # [B][L] stage after each position
         self._markers: dict[int, int] | None = None  # token -> step, for decoding
         self._prompt_list: list[int] = []
 
-    def default_prompt_steps(self, rows: list[int] | int) -> torch.Tensor:
-        """Step id for each row's prompt tokens, as ``prompt_routing`` configures.
+    # --- the prompt's routing -------------------------------------------------------
+    def prompt_step(self, prompt_ids: list[int]) -> int:
+        """The step value all tokens of a prompt (its token ids) are routed by."""
+        routing = self.prompt_routing
+        if routing == "shared":
+            return SHARED_ONLY_STEP
+        if routing == "expected":
+            return EXPECTED_STEP
+        if routing != "random":
+            return int(routing)
+        data = torch.tensor(prompt_ids, dtype=torch.int64).numpy().tobytes()
+        gen = torch.Generator().manual_seed(draw_seed(self.seed, "prompt", data))
+        return int(torch.randint(self.num_experts, (1,), generator=gen))
 
-        ``shared`` / a stage index stay ``PROMPT_STEP`` (the routing state maps them);
-        ``random`` draws one expert per row, seeded by ``(seed, row index)``, so a
-        prompt is routed the same whatever batch it is in, cached or not.
-        """
-        rows = list(range(rows)) if isinstance(rows, int) else list(rows)
-        if self.prompt_routing != "random":
-            return torch.full((len(rows),), PROMPT_STEP, dtype=torch.long)
-        draws = []
-        for row in rows:
-            gen = torch.Generator().manual_seed(hash((self.seed, int(row))) & (2**62))
-            draws.append(int(torch.randint(self.num_experts, (1,), generator=gen)))
-        return torch.tensor(draws, dtype=torch.long)
+    def prompt_steps_of(
+        self, input_ids: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[B] prompt routing of each row: its valid tokens before the first marker."""
+        is_marker = self.table[input_ids.clamp(max=self.table.numel() - 1)] != (
+            _NOT_MARKER
+        )  # [B, T]
+        rows = []
+        for i, (ids, marks) in enumerate(zip(input_ids.tolist(), is_marker.tolist())):
+            keep = valid[i].tolist() if valid is not None else [True] * len(ids)
+            first = marks.index(True) if True in marks else len(ids)
+            rows.append(self.prompt_step([t for t, k in zip(ids[:first], keep) if k]))
+        return torch.tensor(rows, dtype=torch.long, device=input_ids.device)
 
-    def begin(self, prompt_steps: torch.Tensor | None) -> None:
-        """Start a new batch; ``prompt_steps`` [B] (None: ``default_prompt_steps``)."""
-        self.prompt_steps = prompt_steps
+    # --- routing forwards -----------------------------------------------------------
+    def begin(self) -> None:
+        """Start a new batch: forget every row's history."""
+        self.prompt_steps = None
         self._history = None
         self._markers = None
 
@@ -121,39 +154,17 @@ class StageRouter:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Step ids of whole sequences (no history): what a full re-forward routes by."""
-        prompt = self._prompt_steps(input_ids.shape[0], input_ids.device)
         valid = None if attention_mask is None else attention_mask.bool()
+        prompt = self.prompt_steps_of(input_ids, valid)
         steps, _ = resolve_step_ids(
             input_ids, self.table.to(input_ids.device), prompt, prompt, valid
         )
         return steps
 
-    def _prompt_steps(self, batch: int, device: torch.device) -> torch.Tensor:
-        if self.prompt_steps is None or self.prompt_steps.shape[0] != batch:
-            self.prompt_steps = self.default_prompt_steps(batch)
-            self._markers = None
-        return self.prompt_steps.to(device)
-
     def __call__(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         b, t = input_ids.shape
         start = start_position(kwargs)
         device = input_ids.device
-        prompt = self._prompt_steps(b, device)
-        if start == 0:
-            self._history = None
-        elif (
-            self._history is None
-            or len(self._history) != b
-            or any(len(h) < start for h in self._history)
-        ):
-            known = None if self._history is None else (len(self._history), start)
-            raise RuntimeError(
-                f"MoTE generation: a forward continues at position {start} with {b} "
-                f"rows, which the router has not seen ({known}); beam search and cache "
-                "reordering are not supported (num_beams=1)"
-            )
-        if start and t == 1:  # decoding: one token per row, in Python (cheapest)
-            return self._decode_step(input_ids, start, device)
         mask = kwargs.get("attention_mask")
         valid = None
         if (
@@ -162,6 +173,24 @@ class StageRouter:
             and mask.shape[1] >= start + t
         ):
             valid = mask[:, start : start + t].bool()  # [B, T]
+        if start == 0:
+            self._history = None
+            self._markers = None
+            self.prompt_steps = self.prompt_steps_of(input_ids, valid)
+        elif (
+            self._history is None
+            or len(self._history) != b
+            or any(len(h) < start for h in self._history)
+        ):
+            known = None if self._history is None else (len(self._history), start)
+            raise RuntimeError(
+                f"MoTE generation: a forward continues at position {start} with {b} "
+                f"rows, which the router has not seen ({known}); beam search and "
+                "cache reordering are not supported (num_beams=1)"
+            )
+        prompt = self.prompt_steps.to(device)
+        if start and t == 1:  # decoding: one token per row, in Python (cheapest)
+            return self._decode_step(input_ids, start, device)
         carry_in = (
             prompt
             if start == 0
@@ -185,9 +214,8 @@ class StageRouter:
             }
             self._prompt_list = self.prompt_steps.tolist()
         steps = []
-        for i, (token, history) in enumerate(
-            zip(input_ids[:, 0].tolist(), self._history)
-        ):
+        rows = zip(input_ids[:, 0].tolist(), self._history)
+        for i, (token, history) in enumerate(rows):
             step = self._markers.get(token, history[start - 1])
             if step == PROMPT_STEP:  # a context stage's marker: routed like the prompt
                 step = self._prompt_list[i]

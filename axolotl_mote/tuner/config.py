@@ -4,16 +4,73 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axolotl_mote.constants import MOTE_CONFIG_NAME
+from axolotl_mote.constants import MOTE_CONFIG_NAME, PROMPT_ROUTINGS
 
 #: PEFT pattern key matching every module, sorting after user keys (see peft_kwargs).
 CATCH_ALL = "|.*"
 #: Catch-all keys of adapters saved by earlier versions.
 CATCH_ALL_KEYS = (CATCH_ALL, ".*")
+
+
+def expert_rules(
+    stage_names: list[str],
+    expert_rank: Any,
+    alpha: Any,
+    shared_expert: bool,
+    prompt_routing: str,
+    stage_index: Callable[[str], int | None],
+) -> list[str]:
+    """Every rule on the experts, each message naming the ``mote:`` key and the fix.
+
+    The single place these rules live: :class:`MoteConfig` raises them, and the
+    config validation (``args.py``) reports them beside Axolotl's own keys before
+    anything loads. ``stage_index`` maps a stage name or record key to its expert
+    index (None: not a trained stage).
+    """
+    problems: list[str] = []
+    if not stage_names:
+        problems.append(
+            "stage_names is empty: the template has no `mode: train` stage, and MoTE "
+            "needs at least one trained stage (one expert)"
+        )
+    if (
+        isinstance(expert_rank, bool)
+        or not isinstance(expert_rank, int)
+        or expert_rank < 1
+    ):
+        problems.append(
+            f"lora_r (the expert_rank of each expert) must be an integer >= 1, got "
+            f"{expert_rank!r}; set lora_r to the rank of one expert"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        problems.append(f"mote.alpha must be a number in (0, 1], got {alpha!r}")
+    elif not 0.0 < alpha <= 1.0:
+        problems.append(
+            f"mote.alpha must be in (0, 1], got {alpha}; the paper uses 0.5"
+        )
+    if len(stage_names) == 1 and not shared_expert:
+        problems.append(
+            f"the template has a single trained stage ({stage_names[0]}) and "
+            "mote.shared_expert is false: a single stage without a shared expert is a "
+            "plain LoRA; use a template with more stages, enable the shared expert, "
+            "or drop the plugin"
+        )
+    if prompt_routing == "shared" and not shared_expert:
+        problems.append(
+            "mote.prompt_routing: shared needs mote.shared_expert: true; use "
+            "'random', 'expected' or a stage name"
+        )
+    elif prompt_routing not in PROMPT_ROUTINGS and stage_index(prompt_routing) is None:
+        problems.append(
+            f"mote.prompt_routing: {prompt_routing!r} is not 'random', 'shared', "
+            f"'expected' or a trained stage ({stage_names})"
+        )
+    return problems
 
 
 @dataclass
@@ -25,7 +82,8 @@ class MoteConfig:
     alpha: float = field(default=0.5, metadata={"help": "Step-expert weight."})
     shared_expert: bool = field(default=True, metadata={"help": "Add a shared expert."})
     prompt_routing: str = field(
-        default="random", metadata={"help": "random | shared | a stage name."}
+        default="random",
+        metadata={"help": "random | shared | expected | a stage name."},
     )
     seed: int = field(default=42, metadata={"help": "Seed of random prompt routing."})
     template: str = field(default="aligncot", metadata={"help": "Template name."})
@@ -35,34 +93,16 @@ class MoteConfig:
     format_version: int = 1
 
     def __post_init__(self) -> None:
-        if not self.stage_names:
-            raise ValueError(
-                "MoteConfig.stage_names is empty: MoTE needs at least one trained "
-                "stage; use a template with a `mode: train` stage"
-            )
-        if not isinstance(self.expert_rank, int) or self.expert_rank < 1:
-            raise ValueError(
-                f"MoteConfig.expert_rank (lora_r) must be an integer >= 1, got "
-                f"{self.expert_rank!r}; set lora_r to the rank of each expert"
-            )
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(
-                f"MoteConfig.alpha (mote.alpha) must be in (0, 1], got {self.alpha}; "
-                "the paper uses 0.5"
-            )
-        if len(self.stage_names) < 2 and not self.shared_expert:
-            raise ValueError(
-                f"MoteConfig: a single stage ({self.stage_names}) with "
-                "shared_expert=False is a plain LoRA; enable the shared expert "
-                "(mote.shared_expert: true), use a template with more stages, or drop "
-                "the plugin"
-            )
-        if self.prompt_routing == "shared" and not self.shared_expert:
-            raise ValueError(
-                "MoteConfig.prompt_routing 'shared' needs the shared expert "
-                "(mote.shared_expert: true); use 'random' or a stage name"
-            )
-        self.prompt_routing_index()
+        problems = expert_rules(
+            self.stage_names,
+            self.expert_rank,
+            self.alpha,
+            self.shared_expert,
+            self.prompt_routing,
+            self._stage_index,
+        )
+        if problems:
+            raise ValueError("invalid MoTE config:\n  - " + "\n  - ".join(problems))
 
     @property
     def num_experts(self) -> int:
@@ -77,22 +117,26 @@ class MoteConfig:
         return self.n_blocks * self.expert_rank
 
     def prompt_routing_index(self) -> int | str:
-        """'random' / 'shared', or the expert index of a stage name (or record key)."""
-        if self.prompt_routing in ("random", "shared"):
+        """'random' / 'shared' / 'expected', or the expert index of a stage."""
+        if self.prompt_routing in PROMPT_ROUTINGS:
             return self.prompt_routing
-        if self.prompt_routing in self.stage_names:
-            return self.stage_names.index(self.prompt_routing)
+        index = self._stage_index(self.prompt_routing)
+        if index is None:  # __post_init__ refused it already
+            raise ValueError(f"prompt_routing {self.prompt_routing!r} is no stage")
+        return index
+
+    def _stage_index(self, name_or_key: str) -> int | None:
+        """Expert index of a trained stage by name, or by record key via the template."""
+        if name_or_key in self.stage_names:
+            return self.stage_names.index(name_or_key)
         if self.template_data:
             for stage in self.template_data.get("stages", []):
                 if (
-                    stage.get("key") == self.prompt_routing
+                    stage.get("key") == name_or_key
                     and stage["name"] in self.stage_names
                 ):
                     return self.stage_names.index(stage["name"])
-        raise ValueError(
-            f"prompt_routing {self.prompt_routing!r} is not 'random', 'shared' or a "
-            f"trained stage ({self.stage_names})"
-        )
+        return None
 
     def peft_kwargs(
         self,

@@ -16,8 +16,8 @@ import yaml
 @pytest.fixture(scope="session")
 def tokenizer_for():
     """``tokenizer_for(template)``: a tiny tokenizer with the template's markers (cached)."""
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.tiny import build_tiny_tokenizer
-    from axolotl_mote.tokens import add_marker_tokens
 
     cache: dict[tuple[str, ...], object] = {}
 
@@ -35,8 +35,8 @@ def tokenizer_for():
 @pytest.fixture()
 def fresh_tokenizer(aligncot):
     """A private tiny tokenizer with aligncot markers (tests may change padding_side)."""
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.tiny import build_tiny_tokenizer
-    from axolotl_mote.tokens import add_marker_tokens
 
     tok = build_tiny_tokenizer()
     add_marker_tokens(tok, aligncot)

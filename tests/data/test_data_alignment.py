@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 
 import pytest
-from _chain_expect import (
+
+from axolotl_mote.data.strategy import ChainDatasetStrategy
+from tests.helpers.chain_expect import (
     IGNORE,
     PROMPT,
     assert_aligned,
@@ -23,8 +25,6 @@ from _chain_expect import (
     full_text,
     stage_table,
 )
-
-from axolotl_mote.data.strategy import ChainDatasetStrategy
 
 REPO = Path(__file__).resolve().parents[2]
 

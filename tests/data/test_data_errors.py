@@ -163,57 +163,6 @@ BAD_RECORDS = [
         _rec(messages=[{"role": "user", "content": Q}]),
         ["give either 'messages' or 'prompt', not both"],
     ),
-    # --- marker strings inside text: rejected, never escaped ------------------------
-    (
-        "marker_in_prompt",
-        _rec(prompt="What does <|response|> mean?"),
-        [
-            "field 'messages[0].content' contains the stage marker '<|response|>'",
-            "Remove it from the text, or rename the markers in your template",
-        ],
-    ),
-    (
-        "marker_in_system",
-        _drop(
-            _rec(
-                messages=[
-                    {"role": "system", "content": "Always start with <|analysis|>."},
-                    {"role": "user", "content": Q},
-                ]
-            ),
-            "prompt",
-        ),
-        ["field 'messages[0].content' contains the stage marker '<|analysis|>'"],
-    ),
-    (
-        "marker_in_earlier_assistant",
-        _drop(
-            _rec(
-                messages=[
-                    {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "<|guidance|>hello<|/guidance|>"},
-                    {"role": "user", "content": Q},
-                ]
-            ),
-            "prompt",
-        ),
-        ["field 'messages[1].content' contains the stage marker '<|guidance|>'"],
-    ),
-    (
-        "end_marker_in_stage",
-        _rec(analysis="benign<|/analysis|> injected"),
-        ["field 'analysis' contains the stage marker '<|/analysis|>'"],
-    ),
-    (
-        "other_stage_marker_in_answer",
-        _rec(answer="Sure! <|response|> twice"),
-        ["field 'answer' contains the stage marker '<|response|>'"],
-    ),
-    (
-        "omitted_stage_marker",
-        _rec(answer="<|check|> SAFE"),
-        ["field 'answer' contains the stage marker '<|check|>'"],
-    ),
 ]
 
 BAD_IDS = [c[0] for c in BAD_RECORDS]
@@ -275,9 +224,6 @@ DATASET_CASES = [
     "misspelled_stage",
     "no_conversation",
     "ends_with_assistant",
-    "marker_in_prompt",
-    "end_marker_in_stage",
-    "marker_in_earlier_assistant",
 ]
 
 
@@ -406,7 +352,7 @@ def test_bundled_files_pass(path, template):
 
 def test_plugin_preflight_stops_on_the_bad_line(aligncot, tmp_path):
     """The ``register`` hook's file check (``integration.validate_dataset_files``)."""
-    from axolotl_mote.integration import validate_dataset_files
+    from axolotl_mote.integration.config import validate_dataset_files
 
     path = tmp_path / "chains.jsonl"
     path.write_text(json.dumps({"id": "a", "prompt": "q", "answer": "a"}) + "\n{oops\n")
@@ -420,22 +366,15 @@ def test_plugin_preflight_stops_on_the_bad_line(aligncot, tmp_path):
 
 
 def test_marker_not_a_single_token_names_the_fix(aligncot):
-    from axolotl_mote.data.format import ChainFormatter, MarkerTokenError
+    from axolotl_mote.data.format import ChainFormatter
+    from axolotl_mote.markers import MarkerTokenError
     from axolotl_mote.tiny import build_tiny_tokenizer
 
     with pytest.raises(MarkerTokenError) as info:
         ChainFormatter(aligncot, build_tiny_tokenizer())  # markers never added
     msg = str(info.value)
     assert "marker '<|analysis|>' of template 'aligncot' encodes to" in msg
-    assert "axolotl_mote.tokens.add_marker_tokens(tokenizer, template)" in msg
-
-
-def test_marker_lookalikes_are_accepted(aligncot):
-    """Only the exact marker strings are reserved."""
-    chain = parse_chain(
-        _rec(prompt="Is <|response| or |response|> or <response> a marker?"), aligncot
-    )
-    assert chain.question.startswith("Is <|response|")
+    assert "axolotl_mote.markers.add_marker_tokens(tokenizer, template)" in msg
 
 
 # --- bad templates -----------------------------------------------------------------

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from _chain_expect import IGNORE, PROMPT, expected_rows, stage_table
 
 from axolotl_mote.data.strategy import ChainDatasetStrategy, load
+from tests.helpers.chain_expect import IGNORE, PROMPT, expected_rows, stage_table
 
 LONG = {
     "id": "long",

@@ -137,10 +137,10 @@ RECORDS = [
 
 @pytest.mark.parametrize("variant", ["default", "check_train"])
 def test_strategy_stats_match_the_tokens(variant, template_variant, tokenizer_for):
-    from _chain_expect import conversation
     from datasets import Dataset
 
     from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from tests.helpers.chain_expect import conversation
 
     template = (
         template_variant("aligncot")

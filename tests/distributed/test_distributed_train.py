@@ -10,10 +10,11 @@ rank (global batch 2), saves, and is checked against what a user relies on:
 * the per-step loss equals a 1-process run with the same global batch (micro batch 2;
   the chains have equal trainable-token counts, see ``_write_equal_length_chains``).
 
-The launch recipe (torchrun + tests/distributed/launcher.py) is in helpers.py. The
-runs are module-scoped fixtures, so the ZeRO-3 run is also the uninterrupted half of the
-resume test. Prompt routing is fixed to a stage (``safe_answer``): with ``random`` the
-draws depend on the rank, and a 1-process run could not match a 2-process one.
+The launch recipe (torchrun + tests/distributed/launcher.py) is in
+tests/helpers/distributed.py. The runs are module-scoped fixtures, so the ZeRO-3 run is
+also the uninterrupted half of the resume test. Prompt routing is fixed to a stage
+(``safe_answer``) and step skipping is off: random prompt draws and skip draws depend
+on the rank, and a 1-process run could not match a 2-process one.
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train import base_config, log_history, run_train
-from helpers import DistributedRun, run_distributed, tiny_model
 from safetensors.torch import load_file
 
 from axolotl_mote.deepspeed import deepspeed_config_path
+from tests.helpers.distributed import DistributedRun, run_distributed, tiny_model
+from tests.helpers.train import base_config, log_history, run_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 MAX_STEPS = 4
 LOSS_RTOL = 1e-4  # 1 vs 2 processes: same samples, different reduction order
-MOTE = {"template": "aligncot", "prompt_routing": "safe_answer"}
+MOTE = {"template": "aligncot", "prompt_routing": "safe_answer", "step_skip_prob": 0}
 # the tiny Llama (hidden 64, MLP 128, 2 of 4 heads for k/v): projection -> (in, out)
 PROJ_IN_OUT = {
     "q_proj": (64, 64),
@@ -101,8 +102,8 @@ def _check_equal_trainable_tokens(path: Path, model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
-    from axolotl_mote.tokens import add_marker_tokens
 
     template = load_template("aligncot")
     tok = AutoTokenizer.from_pretrained(model_dir)

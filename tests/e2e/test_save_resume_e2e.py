@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train import base_config, log_history, run_train
 from safetensors.torch import load_file
+
+from tests.helpers.train import base_config, log_history, run_train
 
 pytestmark = pytest.mark.slow
 

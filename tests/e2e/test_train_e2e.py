@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train import base_config, run_train
+
+from tests.helpers.train import base_config, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +24,8 @@ def _expected_rows(cfg, tokenizer_dir) -> dict[tuple[int, ...], list[int]]:
     from transformers import AutoTokenizer
 
     from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
-    from axolotl_mote.tokens import add_marker_tokens
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     template = load_template("aligncot")
@@ -35,7 +36,7 @@ def _expected_rows(cfg, tokenizer_dir) -> dict[tuple[int, ...], list[int]]:
 
 
 def _record_batches(monkeypatch) -> list[dict[str, torch.Tensor]]:
-    from axolotl_mote.trainer import MoteTrainer
+    from axolotl_mote.integration.trainer import MoteTrainer
 
     seen: list[dict[str, torch.Tensor]] = []
     original = MoteTrainer.training_step

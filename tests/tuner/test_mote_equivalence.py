@@ -6,7 +6,11 @@ import copy
 
 import pytest
 import torch
-from mote_tiny import (  # one_torch_thread: autouse
+
+from axolotl_mote.constants import PAD_STEP
+from axolotl_mote.routing import route
+from axolotl_mote.tuner.model import detach_mote
+from tests.helpers.tiny import (
     TARGETS,
     P,
     X,
@@ -15,12 +19,7 @@ from mote_tiny import (  # one_torch_thread: autouse
     lora_layers,
     mote_config,
     mote_model,
-    one_torch_thread,  # noqa: F401
 )
-
-from axolotl_mote.constants import PAD_STEP
-from axolotl_mote.routing import route
-from axolotl_mote.tuner.model import detach_mote
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 MIXED = torch.tensor([[P, P, 0, 0, 1, 1, 2, 2, X, X], [P, 0, 0, 1, 1, 1, 2, 2, 2, 2]])

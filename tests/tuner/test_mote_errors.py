@@ -8,17 +8,16 @@
 from __future__ import annotations
 
 import pytest
-from mote_tiny import (  # one_torch_thread: autouse
-    TARGETS,
-    lora_config,
-    mote_config,
-    one_torch_thread,  # noqa: F401
-    tiny_llama,
-)
 
 from axolotl_mote.args import MoteArgs
 from axolotl_mote.tuner.config import MoteConfig
 from axolotl_mote.tuner.model import attach_mote
+from tests.helpers.tiny import (
+    TARGETS,
+    lora_config,
+    mote_config,
+    tiny_llama,
+)
 
 BASE = {
     "plugins": ["axolotl_mote.MotePlugin"],
@@ -51,9 +50,9 @@ ARGS_CASES = [
         {"context_parallel_size": 4},
         ["context_parallel_size: 4", "remove it"],
     ),
-    ("rank-0", {"lora_r": 0}, ["lora_r: 0", "integer >= 1"]),
-    ("rank-negative", {"lora_r": -4}, ["lora_r: -4", "integer >= 1"]),
-    ("rank-float", {"lora_r": 2.5}, ["lora_r: 2.5", "integer >= 1"]),
+    ("rank-0", {"lora_r": 0}, ["lora_r", "integer >= 1", "got 0"]),
+    ("rank-negative", {"lora_r": -4}, ["lora_r", "integer >= 1", "got -4"]),
+    ("rank-float", {"lora_r": 2.5}, ["lora_r", "integer >= 1", "got 2.5"]),
     ("alpha-0", {"mote": {"alpha": 0.0}}, ["mote.alpha", "(0, 1]", "got 0.0", "0.5"]),
     ("alpha-negative", {"mote": {"alpha": -0.5}}, ["mote.alpha", "(0, 1]"]),
     ("alpha-above-1", {"mote": {"alpha": 1.01}}, ["mote.alpha", "(0, 1]", "1.01"]),
@@ -116,23 +115,24 @@ def test_single_stage_template_without_shared_expert(tmp_path):
 CONFIG_CASES = [
     ("no-stages", {"stage_names": []}, ["stage_names", "at least one trained stage"]),
     ("rank-0", {"expert_rank": 0}, ["expert_rank", "lora_r", ">= 1", "got 0"]),
+    ("rank-text", {"expert_rank": "8"}, ["expert_rank", "integer", "got '8'"]),
     ("rank-negative", {"expert_rank": -2}, ["expert_rank", ">= 1", "got -2"]),
     ("alpha-0", {"alpha": 0.0}, ["alpha", "(0, 1]", "got 0.0", "mote.alpha"]),
     ("alpha-1.5", {"alpha": 1.5}, ["alpha", "(0, 1]", "got 1.5"]),
     (
         "single-stage-no-shared",
         {"stage_names": ["answer"], "shared_expert": False},
-        ["single stage", "shared_expert", "plain LoRA", "enable the shared expert"],
+        ["single trained stage", "shared_expert", "plain LoRA", "enable the shared"],
     ),
     (
         "prompt-shared-no-shared",
         {"shared_expert": False, "prompt_routing": "shared"},
-        ["prompt_routing", "'shared'", "shared expert"],
+        ["prompt_routing: shared", "shared_expert: true"],
     ),
     (
         "prompt-unknown-stage",
         {"prompt_routing": "verify"},
-        ["prompt_routing 'verify'", "'random', 'shared' or a trained stage"],
+        ["prompt_routing: 'verify'", "'random', 'shared', 'expected' or a trained"],
     ),
 ]
 
@@ -227,5 +227,8 @@ def test_attach_to_a_proper_model_routes_every_target():
     config = mote_config()
     model = _peft(config)
     state = attach_mote(model, config)
-    assert state.num_layers == 2 * len(TARGETS)
+    variants = [h.variant for h in state.handles]
+    assert len(variants) == 2 * len(TARGETS)
+    assert all(v.state is state for v in variants)
+    assert state.config is config
     assert state.n_blocks == 4 and not state.is_set

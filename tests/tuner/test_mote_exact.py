@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mote_tiny import (  # one_torch_thread: autouse
+
+from axolotl_mote.constants import PAD_STEP
+from axolotl_mote.routing import route
+from axolotl_mote.tuner.reference import expert_per_token, naive_mote_delta
+from tests.helpers.tiny import (
     PACKED_POSITIONS,
     PACKED_STEPS,
     expert_weights,
@@ -18,14 +22,9 @@ from mote_tiny import (  # one_torch_thread: autouse
     mote_config,
     mote_model,
     naive_model,
-    one_torch_thread,  # noqa: F401
     prompt_experts_from_state,
     set_expert_ids,
 )
-
-from axolotl_mote.constants import PAD_STEP
-from axolotl_mote.routing import route
-from axolotl_mote.tuner.reference import expert_per_token, naive_mote_delta
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 

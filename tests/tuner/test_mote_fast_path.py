@@ -1,6 +1,6 @@
 """The uniform (decode) fast path == the masked path == the naive per-expert loop.
 
-``tuner/variant.py`` computes only the non-zero blocks when every token of a forward
+``tuner/layer.py`` computes only the non-zero blocks when every token of a forward
 has the same coefficients. Checked here, in fp32 to 1e-6, layer by layer for every step
 id, prompt tokens under each prompt routing, padding, no shared expert and rsLoRA; that
 it is taken (the zero blocks are filled with NaN, which the masked path would spread:
@@ -14,7 +14,11 @@ from unittest import mock
 
 import pytest
 import torch
-from mote_tiny import (  # one_torch_thread: autouse
+
+from axolotl_mote.routing import RoutingState, route
+from axolotl_mote.tuner.layer import MoteVariant
+from axolotl_mote.tuner.reference import expert_per_token, naive_mote_delta
+from tests.helpers.tiny import (
     TARGETS,
     P,
     X,
@@ -23,13 +27,8 @@ from mote_tiny import (  # one_torch_thread: autouse
     lora_layers,
     mote_config,
     mote_model,
-    one_torch_thread,  # noqa: F401
     tiny_llama,
 )
-
-from axolotl_mote.routing import RoutingState, route
-from axolotl_mote.tuner.reference import expert_per_token, naive_mote_delta
-from axolotl_mote.tuner.variant import MoteVariant
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 F32 = torch.float32
@@ -221,11 +220,13 @@ def test_autograd_train_mode_and_the_switch_take_the_masked_path(mode):
 @pytest.mark.parametrize("step", [0, 2])
 def test_generate_with_cache_uses_the_fast_path_and_matches_a_masked_forward(step):
     """KV-cached decoding == one masked full forward; one pack per layer and call."""
+    from axolotl_mote.generation.auto import install, uninstall
+
     config = mote_config(prompt_routing="shared")
     model, state, _ = mote_model(config)
     model.eval()
     n_layers = len(lora_layers(model))
-    state.resolver = lambda ids, kwargs: torch.full_like(ids, step)
+    install(model, lambda ids, kwargs: torch.full_like(ids, step))
     prompt = input_ids_for(torch.zeros(1, 5))
     calls = mock.patch.object(
         MoteVariant, "_pack", autospec=True, side_effect=MoteVariant._pack
@@ -247,7 +248,7 @@ def test_generate_with_cache_uses_the_fast_path_and_matches_a_masked_forward(ste
             input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0
         )
         assert spy.call_count == 2 * n_layers  # a new sequence packs again
-    state.resolver = None
+    uninstall(model)
     seq = out.sequences  # [1, 5 + 6]
     with torch.enable_grad(), route(state, torch.full_like(seq, step)):
         full = model(input_ids=seq).logits.detach()  # [1, 11, V], the masked path

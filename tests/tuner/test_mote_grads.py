@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mote_tiny import (  # one_torch_thread: autouse
+
+from axolotl_mote.constants import PAD_STEP
+from axolotl_mote.routing import RoutingError, route
+from tests.helpers.tiny import (
     PACKED_POSITIONS,
     P,
     X,
@@ -16,11 +19,7 @@ from mote_tiny import (  # one_torch_thread: autouse
     lora_layers,
     mote_config,
     mote_model,
-    one_torch_thread,  # noqa: F401
 )
-
-from axolotl_mote.constants import PAD_STEP
-from axolotl_mote.routing import RoutingError, route
 
 # (case id, MoteConfig overrides, step ids [2, 16], blocks with tokens, blocks without)
 # Blocks are numbered like the rank dimension: 0..2 the stages, 3 the shared expert.

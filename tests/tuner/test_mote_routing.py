@@ -6,18 +6,17 @@ import re
 
 import pytest
 import torch
-from mote_tiny import (  # one_torch_thread: autouse
+
+from axolotl_mote.routing import RoutingError, RoutingState, route
+from axolotl_mote.tuner.config import MoteConfig
+from tests.helpers.tiny import (
     P,
     X,
     input_ids_for,
     lora_layers,
     mote_config,
     mote_model,
-    one_torch_thread,  # noqa: F401
 )
-
-from axolotl_mote.routing import RoutingError, RoutingState, route
-from axolotl_mote.tuner.config import MoteConfig
 
 CPU = torch.device("cpu")
 
@@ -130,10 +129,11 @@ def test_random_prompt_draws_are_seeded_and_vary():
         (
             [[0, 1, 3]],
             r"step id 3 is out of range: valid are -2 \(prompt\), "
-            r"-1 \(padding\) and 0\.\.2 \(experts\)",
+            r"-1 \(padding\), 0\.\.2 \(experts\), -4 \(expected value\) and, "
+            r"with a shared expert, -3 \(shared only\)",
         ),
         ([[0, 7, 1]], "step id 7 is out of range"),
-        ([[-3, 0, 0]], "step id -3 is out of range"),
+        ([[-5, 0, 0]], "step id -5 is out of range"),
         ([[-100, 0, 0]], "step id -100 is out of range"),
         ([0, 1, 2], r"step_ids must be \[batch, seq\], got shape \(3,\)"),
         ([[[0, 1, 2]]], r"step_ids must be \[batch, seq\], got shape \(1, 1, 3\)"),
@@ -166,22 +166,22 @@ def test_step_ids_not_shaped_like_the_input_raise(step_shape, input_shape):
     steps = torch.zeros(step_shape, dtype=torch.long)
     with route(state, steps):
         expected = re.escape(
-            f"step_ids {step_shape} do not match the input {input_shape}"
+            f"input {input_shape} does not match the step_ids {step_shape}"
         )
         with pytest.raises(RoutingError, match=expected):
             model(input_ids=ids)
         embeds = model.get_input_embeddings()(ids)
-        with pytest.raises(RoutingError, match="do not match the input"):
+        with pytest.raises(RoutingError, match="does not match the step_ids"):
             model(inputs_embeds=embeds)
     assert not state.is_set
 
 
 def test_layer_called_with_other_shape_raises():
-    """A layer reached with another batch than the routed one (no top-level check)."""
+    """A layer reached with another batch than the routed one: each layer checks."""
     model, state, _ = mote_model(mote_config())
     name, layer = next(iter(lora_layers(model).items()))
     with route(state, torch.zeros(2, 5, dtype=torch.long)):
-        with pytest.raises(RoutingError, match=r"does not match the routing mask"):
+        with pytest.raises(RoutingError, match=r"does not match the step_ids"):
             layer(torch.randn(2, 6, layer.in_features))
         layer(torch.randn(2, 5, layer.in_features))  # the routed shape works
 
@@ -201,7 +201,7 @@ def test_merged_adapter_is_refused_not_run_unrouted():
     """A merge sums every expert into the base weights: refuse it, and never run one.
 
     The MoTE variant refuses the merge itself (nothing is merged); a layer merged before
-    MoTE was attached is refused at the forward (PEFT's merged forward skips lora_B).
+    MoTE is attached is refused by ``attach_mote``, which then changes nothing.
     """
     from axolotl_mote.tuner.model import attach_mote, detach_mote
 
@@ -218,11 +218,12 @@ def test_merged_adapter_is_refused_not_run_unrouted():
         torch.testing.assert_close(model(input_ids=ids).logits, routed)
     detach_mote(model)
     model.merge_adapter()  # a plain rank-R LoRA merges as usual
+    with pytest.raises(RoutingError, match=r"merged.*unmerge_adapter\(\)"):
+        attach_mote(model, config)
+    assert not any(layer.lora_variant for layer in lora_layers(model).values())
+    model.unmerge_adapter()
     state = attach_mote(model, config)
     with torch.no_grad(), route(state, steps):
-        with pytest.raises(RoutingError, match=r"merged.*unmerge_adapter\(\)"):
-            model(input_ids=ids)
-        model.unmerge_adapter()  # the variant's unmerge undoes the plain merge
         torch.testing.assert_close(model(input_ids=ids).logits, routed)
 
 
@@ -258,7 +259,7 @@ def test_prompt_routing_to_an_untrained_stage_is_refused():
     from axolotl_mote.templates import load_template
 
     template = load_template("aligncot")
-    with pytest.raises(ValueError, match="prompt_routing 'check' is not 'random'"):
+    with pytest.raises(ValueError, match="prompt_routing: 'check' is not 'random'"):
         MoteConfig(
             stage_names=[s.name for s in template.trained_stages],
             prompt_routing="check",  # the omitted safety_check stage

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-LAUNCHER = Path(__file__).resolve().parent / "launcher.py"
+LAUNCHER = REPO / "tests" / "distributed" / "launcher.py"
 REPORT_ENV = "MOTE_LAUNCHER_REPORT_DIR"  # read by launcher.py
 
 # Set for every run (offline, no telemetry: a missing AXOLOTL_DO_NOT_TRACK hangs at exit).

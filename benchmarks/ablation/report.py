@@ -9,8 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from axolotl_mote.ablation.arms import ARMS, LABELS
-from axolotl_mote.ablation.task import STAGES
+from benchmarks.ablation.arms import ARMS, LABELS
+from benchmarks.ablation.task import STAGES
 
 LOSS_KEYS = [f"loss_{s}" for s in STAGES]
 EM_KEYS = [f"em_{s}" for s in STAGES] + ["em_answer_skipped"]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axolotl_mote.ablation.arms import (
+from benchmarks.ablation.arms import (
     ARMS,
     Budget,
     arm_config,
@@ -23,7 +23,7 @@ from axolotl_mote.ablation.arms import (
     train_arm,
     write_data,
 )
-from axolotl_mote.ablation.task import TaskSpec, build_model, make_split
+from benchmarks.ablation.task import TaskSpec, build_model, make_split
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def run_one(
     exp: Experiment, arm: str, seed: int, work_dir: Path, model_dir: Path
 ) -> dict:
     """Train and score one arm for one seed."""
-    from axolotl_mote.ablation.scoring import score_arm
+    from benchmarks.ablation.scoring import score_arm
 
     train, held_out = make_split(exp.spec, seed)
     seed_dir = work_dir / f"seed{seed}"

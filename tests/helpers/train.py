@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SAMPLE_RECORDS: list[dict[str, Any]] = [
     {

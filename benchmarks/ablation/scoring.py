@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from axolotl_mote.ablation.task import STAGES
+from benchmarks.ablation.task import STAGES
 
 
 def load_arm(model_dir: Path, adapter_dir: Path, mote: bool):

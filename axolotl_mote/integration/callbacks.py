@@ -20,7 +20,7 @@ class MoteSaveCallback(TrainerCallback):
         self.cfg = cfg
 
     def on_save(self, args, state, control, **kwargs):
-        from axolotl_mote.saving import write_mote_config
+        from axolotl_mote.integration.saving import write_mote_config
 
         if state.is_world_process_zero:
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -39,13 +39,12 @@ class StageStatsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         from axolotl_mote.data.stats import format_stats, stage_stats
-        from axolotl_mote.runtime import mote_options
-        from axolotl_mote.templates import load_template
+        from axolotl_mote.settings import resolve_settings
 
         dataset = getattr(self.trainer, "train_dataset", None)
         if dataset is None or STEP_IDS_KEY not in getattr(dataset, "column_names", []):
             return control
-        template = load_template(mote_options(self.cfg)["template"])
+        template = resolve_settings(self.cfg).template
         self.stats = stage_stats(dataset[STEP_IDS_KEY], template)
         if state.is_world_process_zero:
             LOG.info(format_stats(self.stats, "MoTE training set"))

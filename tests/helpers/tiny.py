@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
@@ -36,15 +35,6 @@ PACKED_POSITIONS = torch.tensor(
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 4, 5, 0],
     ]
 )
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny ops: threads only add contention (10-20x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_llama(seed: int = 0):
@@ -78,6 +68,7 @@ def lora_config(
     use_rslora: bool = False,
     rank_pattern=None,
     alpha_pattern=None,
+    **lora_extra,
 ):
     """The PEFT LoraConfig the plugin builds: rank blocks through peft_kwargs()."""
     from peft import LoraConfig
@@ -88,6 +79,7 @@ def lora_config(
         lora_dropout=0.0,
         use_rslora=use_rslora,
         target_modules=list(TARGETS),
+        **lora_extra,
         **config.peft_kwargs(
             lora_alpha=lora_alpha,
             use_rslora=use_rslora,
@@ -104,7 +96,7 @@ def mote_model(
     use_rslora: bool = False,
     randomize: bool = True,
     seed: int = 1,
-    **patterns,
+    **lora_kwargs,
 ):
     """(PEFT model with MoTE attached, its routing state, an untouched base copy)."""
     from peft import get_peft_model
@@ -113,7 +105,7 @@ def mote_model(
 
     base = tiny_llama() if base is None else base
     pristine = copy.deepcopy(base)
-    lora = lora_config(config, lora_alpha, use_rslora, **patterns)
+    lora = lora_config(config, lora_alpha, use_rslora, **lora_kwargs)
     model = get_peft_model(base, lora)
     if randomize:
         randomize_lora(model, seed)
@@ -208,3 +200,65 @@ def prompt_experts_from_state(state, steps: torch.Tensor) -> torch.Tensor:
     """
     coef = state.coefficients(torch.float32, torch.device("cpu"))  # [B, T, n_blocks]
     return coef[..., : state.num_experts].argmax(-1)  # [B, T]
+
+
+def build_mote(
+    model_dir,
+    tokenizer,
+    template,
+    *,
+    r: int = 4,
+    lora_alpha: int = 8,
+    prompt_routing: str = "shared",
+    use_rslora: bool = False,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    train_markers: bool = False,
+    seed: int = 0,
+    task_type: str | None = None,
+):
+    """The saved tiny Llama of ``model_dir`` with ``template``'s markers, as a MoTE model.
+
+    The vocabulary is resized for the markers and their rows randomised (so stages are
+    distinguishable), then :func:`mote_model` attaches MoTE with random ``lora_B`` (and
+    random marker-row deltas with ``train_markers``). Returns ``(model, MoteConfig)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_mote.markers import marker_ids
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base.resize_token_embeddings(len(tokenizer))
+    ids = marker_ids(tokenizer, template)
+    with torch.no_grad():
+        for emb in (base.get_input_embeddings(), base.get_output_embeddings()):
+            emb.weight[ids] = torch.randn(len(ids), emb.weight.shape[1]) * 0.5
+    config = MoteConfig(
+        stage_names=[s.name for s in template.trained_stages],
+        expert_rank=r,
+        prompt_routing=prompt_routing,
+        template=template.name,
+        template_data=template.model_dump(mode="json", exclude={"source"}),
+    )
+    extra = {"task_type": task_type}
+    if train_markers:
+        extra["trainable_token_indices"] = {"embed_tokens": sorted(ids)}
+    model, _, _ = mote_model(
+        config,
+        base=base,
+        lora_alpha=lora_alpha,
+        use_rslora=use_rslora,
+        randomize=False,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        **extra,
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+            elif "trainable_tokens_delta" in name:
+                param.copy_(torch.randn_like(param) * 0.3)
+    model.eval()
+    return model, config

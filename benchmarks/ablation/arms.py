@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from axolotl_mote.ablation.task import chat_record, write_jsonl
+from benchmarks.ablation.task import chat_record, write_jsonl
 
 ARMS = ("lora_r", "lora_4r", "mote", "mote_noskip", "mote_noshared", "mote_noboth")
 LABELS = {

@@ -1,7 +1,7 @@
-"""``python -m axolotl_mote.ablation``: run the ablation and print its table.
+"""``python -m benchmarks.ablation``: run the ablation and print its table.
 
-python -m axolotl_mote.ablation --docs docs                 # full run, writes docs/
-python -m axolotl_mote.ablation --quick --work-dir /tmp/q   # a few steps per arm
+python -m benchmarks.ablation --docs docs                 # full run, writes docs/
+python -m benchmarks.ablation --quick --work-dir /tmp/q   # a few steps per arm
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from axolotl_mote.ablation.report import report_text, write_docs
-    from axolotl_mote.ablation.runner import FULL, QUICK, run
+    from benchmarks.ablation.report import report_text, write_docs
+    from benchmarks.ablation.runner import FULL, QUICK, run
 
-    parser = argparse.ArgumentParser(prog="python -m axolotl_mote.ablation")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation")
     parser.add_argument(
         "--quick", action="store_true", help="a few steps per arm (tests)"
     )
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.arms:
         exp = dataclasses.replace(exp, arms=tuple(args.arms.split(",")))
     results = run(exp, Path(args.work_dir), resume=not args.no_resume)
-    command = "python -m axolotl_mote.ablation " + " ".join(
+    command = "python -m benchmarks.ablation " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     if args.docs:

@@ -25,24 +25,59 @@ import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from axolotl_mote.constants import IGNORE_INDEX, STEP_IDS_KEY
-from axolotl_mote.runtime import MoteRuntime
+from axolotl_mote.routing import draw_seed, route
+from axolotl_mote.settings import MoteSettings, resolve_settings
+from axolotl_mote.tuner.model import get_routing_state
+
+
+def skip_steps(
+    settings: MoteSettings,
+    inputs: dict[str, Any],
+    step_ids: torch.Tensor,
+    key: int,
+    marker_ids: set[int],
+) -> None:
+    """Apply step skipping to a training batch in place (a no-op at p = 0)."""
+    if settings.step_skip_prob <= 0 or not settings.hideable:
+        return
+    from axolotl_mote.masks import apply_step_skipping
+
+    options = settings.options
+    generator = torch.Generator().manual_seed(draw_seed(settings.seed, "skip", key))
+    new_inputs = apply_step_skipping(
+        inputs,
+        step_ids=step_ids,
+        hideable=list(settings.hideable),
+        p=settings.step_skip_prob,
+        generator=generator,
+        marker_ids=marker_ids,
+        markers_visible=bool(options.skip_markers_visible),
+        shift_positions=options.skip_positions == "shift",
+        attn_implementation=settings.attn_implementation,
+    )
+    inputs.update(new_inputs)
 
 
 class MoteTrainer(AxolotlTrainer):
     """AxolotlTrainer + routing state + step skipping + per-stage metrics."""
 
-    _mote_runtime: MoteRuntime | None = None
     _mote_micro: tuple[int, int] = (-1, 0)
     _mote_batch_steps: torch.Tensor | None = None
+    _mote_marker_ids: set[int] | None = None
 
     # --- plumbing -----------------------------------------------------------------
     @property
-    def mote(self) -> MoteRuntime:
-        if self._mote_runtime is None:
-            self._mote_runtime = MoteRuntime.from_axolotl(
-                self.axolotl_cfg, self.processing_class
+    def mote(self) -> MoteSettings:
+        return resolve_settings(self.axolotl_cfg)
+
+    def _marker_ids(self) -> set[int]:
+        if self._mote_marker_ids is None:
+            from axolotl_mote.markers import marker_ids
+
+            self._mote_marker_ids = set(
+                marker_ids(self.processing_class, self.mote.template)
             )
-        return self._mote_runtime
+        return self._mote_marker_ids
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -75,9 +110,11 @@ class MoteTrainer(AxolotlTrainer):
                 f"{tuple(inputs['input_ids'].shape)}"
             )
         key = self._draw_key(training)
-        self.mote.skip_steps(inputs, step_ids, key, training=training)
+        if training:  # evaluation never hides stages
+            skip_steps(self.mote, inputs, step_ids, key, self._marker_ids())
         self._mote_batch_steps = step_ids
-        with self.mote.route(model, step_ids, key):
+        state = get_routing_state(model)
+        with route(state, step_ids, draw_key=key):
             try:
                 yield
             finally:
@@ -102,7 +139,9 @@ class MoteTrainer(AxolotlTrainer):
                 "MoTE: compute_loss got step_ids; it must run inside training_step / "
                 "prediction_step, which route the batch"
             )
-        track = self.mote.log_stage_metrics and self._mote_batch_steps is not None
+        track = (
+            self.mote.options.log_stage_metrics and self._mote_batch_steps is not None
+        )
         result = super().compute_loss(
             model,
             inputs,

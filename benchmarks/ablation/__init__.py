@@ -1,4 +1,4 @@
 """A controlled CPU ablation of MoTE: six arms, a synthetic task whose stages
 conflict, the real ``axolotl train``; see docs/ablation.md.
 
-Run ``python -m axolotl_mote.ablation``."""
+Run ``python -m benchmarks.ablation``."""

@@ -7,7 +7,8 @@ structured output.
 
 Three pieces, one job each: the prompt is rendered exactly as in training
 (``ChainFormatter.prompt_ids``); :class:`~.router.StageRouter` gives every fed token its
-step id (installed as the routing state's resolver for the duration of the call); and
+step id (installed as the model's automatic routing for the duration of the call,
+``auto.py``); and
 :class:`~.plan.StagePlanProcessor` keeps each row on its plan. The KV cache holds, for
 every earlier token, what that token's own expert produced, exactly as a full
 re-forward computes it, so cached and uncached decoding agree.
@@ -15,13 +16,14 @@ re-forward computes it, so cached and uncached decoding agree.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from axolotl_mote.constants import PROMPT_ROUTINGS
+from axolotl_mote.generation.auto import install, routed_by
 from axolotl_mote.generation.plan import RowState, StagePlanProcessor, StageSpec
 from axolotl_mote.generation.router import StageRouter, start_marker_steps
 from axolotl_mote.templates import PromptTemplate, load_template
@@ -119,8 +121,8 @@ def generate_chains(
     if prompt_routing is not None:
         routing = (
             prompt_routing
-            if prompt_routing in ("random", "shared")
-            else (spec.index(prompt_routing, tmpl))
+            if prompt_routing in PROMPT_ROUTINGS
+            else tmpl.trained_index(prompt_routing)
         )
     router = StageRouter(
         start_marker_steps(tmpl, formatter.marker_ids),
@@ -160,8 +162,8 @@ def generate_chains(
         for row, token in zip(rows, prefill):
             if token is not None:
                 processor.consume(row, token, prefilled=True)
-        router.begin(router.default_prompt_steps(list(chunk)))
-        with installed(state, router), torch.no_grad():
+        router.begin()
+        with routed_by(model, router), torch.no_grad():
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -186,7 +188,7 @@ def generate_chains(
         )
         steps = router.step_ids(out.sequences, full_mask)  # [B, L] as a full re-forward
         logits = torch.stack(out.logits, dim=1) if output_logits else None  # [B, N, V]
-        for j, i in enumerate(chunk):
+        for j, _i in enumerate(chunk):
             first = prompt_len - (1 if prefill[j] is not None else 0)
             outputs.append(
                 _parse(
@@ -214,9 +216,9 @@ def install_router(
 
     For a plain ``model.generate`` loop (``axolotl inference`` uses it through the
     plugin): no plan rules, the model alone decides its stages. Stays installed until
-    ``get_routing_state(model).resolver = None``.
+    ``axolotl_mote.generation.auto.uninstall(model)``.
     """
-    from axolotl_mote.data.format import marker_token_ids
+    from axolotl_mote.markers import marker_token_ids
     from axolotl_mote.tuner.model import get_routing_state
 
     state = get_routing_state(model)
@@ -227,42 +229,20 @@ def install_router(
         state.num_experts,
         seed=state.seed if seed is None else seed,
     )
-    state.resolver = router
+    install(model, router)
     return router
 
 
-@contextlib.contextmanager
-def installed(state: Any, router: StageRouter) -> Iterator[None]:
-    """Install ``router`` as the routing state's resolver inside the block."""
-    if state.is_set and getattr(state, "_auto", False):
-        state.clear()  # left over by a forward that raised
-    if state.is_set:
-        raise RuntimeError(
-            "the routing state already holds explicit step ids; generate outside "
-            "`route(...)` so the markers decide the routing"
-        )
-    previous, routing = state.resolver, state.prompt_routing
-    state.resolver = router
-    # The router's prompt routing governs the call. Under "random" it has already drawn
-    # each prompt's expert, so no PROMPT_STEP reaches the state: skip the state's own
-    # per-forward draw (index 0 is never used).
-    state.prompt_routing = (
-        0 if router.prompt_routing == "random" else router.prompt_routing
-    )
-    try:
-        yield
-    finally:
-        state.resolver, state.prompt_routing = previous, routing
-        state.clear()
-
-
 def resolve_template(state: Any, template: Any) -> PromptTemplate:
-    """The template to follow: given, else the one recorded on the state, else aligncot."""
+    """The template to follow: the one given, else the adapter's own (kept on the
+    routing state by ``attach_mote``)."""
     if template is None:
-        config = getattr(state, "mote_config", None)
-        if config is not None:
-            return config.prompt_template()
-        template = "aligncot"
+        if state.config is None:
+            raise ValueError(
+                "this MoTE model carries no template (attached without a MoteConfig); "
+                "pass template= to generate_chains"
+            )
+        return state.config.prompt_template()
     if isinstance(template, PromptTemplate):
         return template
     if hasattr(template, "prompt_template"):
@@ -270,16 +250,30 @@ def resolve_template(state: Any, template: Any) -> PromptTemplate:
     return load_template(template)
 
 
+def split_plan(plan: Plan) -> None | str | list[str]:
+    """A plan as written (``"analysis>answer"``, ``"a,b"``, a list) -> its parts.
+
+    ``None``/``"adaptive"`` -> None; ``"full"`` stays; anything else -> stage names or
+    record keys (not yet checked against a template: :func:`parse_plan` does that).
+    """
+    if plan is None or plan == "adaptive":
+        return None
+    if plan == "full":
+        return "full"
+    names = plan.replace(">", ",").split(",") if isinstance(plan, str) else list(plan)
+    return [str(n).strip() for n in names if str(n).strip()]
+
+
 def parse_plan(
     plan: Plan, spec: StageSpec, template: PromptTemplate
 ) -> list[int] | None:
     """``None``/"adaptive" -> None; "full" -> every stage; names/keys -> stage ids."""
-    if plan is None or plan == "adaptive":
+    parts = split_plan(plan)
+    if parts is None:
         return None
-    if plan == "full":
+    if parts == "full":
         return list(range(len(spec.names)))
-    names = plan.replace(">", ",").split(",") if isinstance(plan, str) else list(plan)
-    ids = [spec.index(str(n).strip(), template) for n in names if str(n).strip()]
+    ids = [spec.index(name, template) for name in parts]
     if ids != sorted(set(ids)):
         raise ValueError(
             f"plan {plan!r}: stages must be distinct and in template order "

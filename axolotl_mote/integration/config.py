@@ -1,0 +1,102 @@
+"""``register``: what the plugin does to the raw YAML dict, before Axolotl validates it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from axolotl_mote.args import KERNEL_KEYS
+from axolotl_mote.constants import EXPORT_INFO_NAME, MOTE_CONFIG_NAME
+from axolotl_mote.log import get_logger
+from axolotl_mote.templates import PromptTemplate, load_template
+
+LOG = get_logger("axolotl_mote")
+
+
+def prepare_raw_config(cfg: dict) -> None:
+    """Defaults and checks on the raw config dict.
+
+    - turns Axolotl's fused LoRA kernels off when unset (they bypass routing; an
+      explicit ``true`` is rejected by validation with the fix);
+    - adds the template's stage markers to ``special_tokens.additional_special_tokens``
+      so Axolotl's tokenizer and embedding resize include them;
+    - refuses ``axolotl merge-lora`` on a routed MoTE adapter;
+    - checks local JSONL datasets record by record (``mote.validate_files``).
+
+    A ``mote:`` block that does not parse is left for validation, which reports it
+    with every other problem.
+    """
+    if cfg.get("mote") is None:
+        cfg["mote"] = {}
+    opts = cfg["mote"]
+    if not isinstance(opts, dict):
+        return
+    for key in KERNEL_KEYS:
+        if cfg.get(key) is None:
+            cfg[key] = False
+    try:
+        template = load_template(opts.get("template") or "aligncot")
+    except (ValueError, FileNotFoundError, TypeError):
+        return  # validation names the bad template with the fix
+    special = cfg.get("special_tokens") or {}
+    extra = list(special.get("additional_special_tokens") or [])
+    extra += [m for m in template.markers if m not in extra]
+    special["additional_special_tokens"] = extra
+    cfg["special_tokens"] = special
+    _refuse_merging_routed_adapter(cfg)
+    if opts.get("validate_files", True):
+        validate_dataset_files(cfg, template)
+
+
+def _refuse_merging_routed_adapter(cfg: dict) -> None:
+    lora_dir = cfg.get("lora_model_dir")
+    exported = lora_dir and (Path(lora_dir) / EXPORT_INFO_NAME).exists()
+    if cfg.get("merge_lora") and exported and not cfg.get("merge_method"):
+        # Axolotl's default memory-efficient merge folds only LoRA A/B into the base
+        # shards: it would drop the trained marker rows and the vocabulary resize.
+        cfg["merge_method"] = "legacy"
+        LOG.info(
+            "MoTE: merging exported stage adapter %s with merge_method: legacy "
+            "(keeps the marker token rows)",
+            lora_dir,
+        )
+    routed = lora_dir and (Path(lora_dir) / MOTE_CONFIG_NAME).exists()
+    if cfg.get("merge_lora") and routed:
+        raise ValueError(
+            f"{lora_dir} is a routed MoTE adapter: merging it would sum every stage "
+            "expert into one LoRA. Export per-stage adapters first with `axolotl-mote "
+            f"export --adapter {lora_dir} --output <dir>`, then merge one of them."
+        )
+
+
+def dataset_files(cfg: dict[str, Any]) -> list[Path]:
+    """Local ``.jsonl`` files of every dataset of ``type: axolotl_mote.*``."""
+    out: list[Path] = []
+    for group in ("datasets", "test_datasets"):
+        for ds in cfg.get(group) or []:
+            if not isinstance(ds, dict):
+                continue
+            if not str(ds.get("type", "")).startswith("axolotl_mote."):
+                continue
+            path = Path(str(ds.get("path", "")))
+            files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+            out += [f for f in files if f.suffix == ".jsonl" and f.is_file()]
+    return out
+
+
+def validate_dataset_files(cfg: dict, template: PromptTemplate) -> None:
+    """Pre-flight check of local datasets: every bad record listed at once."""
+    from axolotl_mote.data.schema import ChainRecordError, check_jsonl
+
+    problems = []
+    for file in dataset_files(cfg):
+        report = check_jsonl(file, template)
+        if report.ok:
+            LOG.info("MoTE: %s passed the record check: %s", file, report.counts())
+        else:
+            problems.append(report.message())
+    if problems:
+        raise ChainRecordError(
+            "MoTE: bad chain records (fix them, or check a file with `axolotl-mote "
+            "validate FILE`):\n" + "\n".join(problems)
+        )

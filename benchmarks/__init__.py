@@ -1,0 +1,1 @@
+"""Benchmarks and experiments: scripts run from the checkout, not shipped in the wheel."""

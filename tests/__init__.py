@@ -1,0 +1,1 @@
+"""axolotl-mote test suite (a package: helpers import as tests.helpers.*)."""

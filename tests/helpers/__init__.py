@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny models and tokenizers, in-process training, distributed launches."""
