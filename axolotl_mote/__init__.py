@@ -1,7 +1,7 @@
 """axolotl-mote: MoTE (Mixture of insighTful Experts) for Axolotl.
 
-``plugins: [axolotl_mote.MotePlugin]`` enables it; see README.md. Importing the package is
-cheap: the plugin and everything heavy load lazily.
+``plugins: [axolotl_mote.MotePlugin]`` enables it; see README.md. Importing the package
+is cheap: the plugin and everything heavy load lazily.
 """
 
 from __future__ import annotations

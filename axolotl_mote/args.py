@@ -1,9 +1,10 @@
 """The ``mote:`` block of an Axolotl config, declared once.
 
 Axolotl merges ``MoteArgs`` into its config schema (``MotePlugin.get_input_args``), so
-every key here is validated by ``axolotl train``/``preprocess`` like a core key. Each field
-carries its user-facing description; ``docs/configuration.md`` is generated from them.
-Cross-key rules against Axolotl's own keys live in ``MoteArgs._check_axolotl_keys``.
+every key here is validated by ``axolotl train``/``preprocess`` like a core key. Each
+field carries its user-facing description; ``docs/configuration.md`` is generated from
+them. Cross-key rules against Axolotl's own keys live in
+``MoteArgs._check_axolotl_keys``.
 
 This module must stay cheap to import (no torch): Axolotl imports it while building the
 config schema, before any model loads.
@@ -92,9 +93,10 @@ class MoteOptions(BaseModel):
     )
     skip_positions: SkipPositions = Field(
         default=SkipPositions.SHIFT.value,
-        description="Position ids after a hidden stage: 'shift' them down by the hidden "
-        "span's length (the default: exactly the positions inference gives when the "
-        "stage is truly skipped), or 'keep' the original positions, leaving a gap.",
+        description="Position ids after a hidden stage: 'shift' them down by the "
+        "hidden span's length (the default: exactly the positions inference gives "
+        "when the stage is truly skipped), or 'keep' the original positions, leaving "
+        "a gap.",
     )
     validate_files: bool = Field(
         default=True,

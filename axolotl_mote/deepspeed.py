@@ -15,9 +15,9 @@ print(deepspeed_config_path("zero3"))'
 Every file leaves the values the HF Trainer fills (micro batch, gradient accumulation,
 clipping, fp16/bf16 where sensible, ZeRO-3 bucket sizes) at ``"auto"`` and has no
 ``train_batch_size`` key: DeepSpeed derives it from micro batch x accumulation x its own
-world size, which stays right when the Trainer and DeepSpeed disagree about the world size
-(they do on CPU). ZeRO-3 files gather 16-bit weights on save, which MoTE's sidecar export
-needs (docs/multi_node.md, "ZeRO-3 and MoTE").
+world size, which stays right when the Trainer and DeepSpeed disagree about the world
+size (they do on CPU). ZeRO-3 files gather 16-bit weights on save, which MoTE's sidecar
+export needs (docs/multi_node.md, "ZeRO-3 and MoTE").
 
 No DeepSpeed import here: this module only reads files.
 """
@@ -31,7 +31,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
 
 # name -> one-line description; the single registry of shipped configs.
 DEEPSPEED_CONFIGS: dict[str, str] = {
-    "zero1": "ZeRO-1: optimizer states sharded; precision follows bf16/fp16 in the YAML.",
+    "zero1": "ZeRO-1: optimizer states sharded; precision follows bf16/fp16 in the "
+    "YAML.",
     "zero2": "ZeRO-2: optimizer states and gradients sharded, no offload.",
     "zero3": "ZeRO-3: parameters sharded too; 16-bit weights gathered on save.",
     "zero3_bf16": "ZeRO-3 with bf16 always on (set bf16: true in the YAML).",
@@ -48,8 +49,8 @@ def deepspeed_config_names() -> list[str]:
 def deepspeed_config_path(name: str) -> Path:
     """Absolute path of the shipped DeepSpeed JSON called ``name`` (e.g. ``"zero3"``).
 
-    ``name`` may also carry the ``.json`` suffix. Raises ``ValueError`` listing the valid
-    names for anything else.
+    ``name`` may also carry the ``.json`` suffix. Raises ``ValueError`` listing the
+    valid names for anything else.
     """
     key = name[: -len(".json")] if name.endswith(".json") else name
     if key not in DEEPSPEED_CONFIGS:

@@ -2,7 +2,7 @@
 
 Inside one stage every token of a MoTE layer computes
 
-    y = W0·x + s·(α·B_k A_k + (1 − α)·B_sh A_sh)·x           (s = PEFT scaling of the layer)
+    y = W0·x + s·(α·B_k A_k + (1 − α)·B_sh A_sh)·x        (s: PEFT scaling of the layer)
 
 which is one LoRA of rank 2r with the blocks stacked and α and s folded into B::
 
@@ -81,8 +81,9 @@ def fold_stage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage ``stage``'s expert (+ shared) of one layer as a plain LoRA of ``out_rank``.
 
-    lora_a: [R, in], lora_b: [out, R] with R = n_blocks·r, blocks [e_0 .. e_{E-1}, shared].
-    Returns A' [out_rank, in] and B' [out, out_rank], zero-padded beyond 2r (r).
+    lora_a: [R, in], lora_b: [out, R] with R = n_blocks·r, blocks [e_0 .. e_{E-1},
+    shared]. Returns A' [out_rank, in] and B' [out, out_rank], zero-padded beyond 2r
+    (r).
     """
     r = lora_a.shape[0] // n_blocks
     a32, b32 = lora_a.float(), lora_b.float()
@@ -197,7 +198,9 @@ def export_stage_adapters(
             "alpha": config.alpha,
             "shared_expert": config.shared_expert,
             "rank": out_rank,
-            "formula": "B' A' = s·alpha·B_stage A_stage + s·(1 - alpha)·B_shared A_shared",
+            "formula": (
+                "B' A' = s·alpha·B_stage A_stage + s·(1 - alpha)·B_shared A_shared"
+            ),
         }
         (target / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         for file in _TOKENIZER_FILES:

@@ -4,11 +4,12 @@ A marker (``<|analysis|>``, ``<|/analysis|>``, …) is a special token the templ
 declares. It marks a stage boundary, and only the formatter (``data/format.py``) and
 generation ever emit it. Everything about markers lives here:
 
-* :func:`add_marker_tokens` adds them to a tokenizer (inside ``axolotl train`` the plugin
-  adds them through Axolotl's ``special_tokens`` key instead, so Axolotl resizes);
+* :func:`add_marker_tokens` adds them to a tokenizer (inside ``axolotl train`` the
+  plugin adds them through Axolotl's ``special_tokens`` key instead, so Axolotl
+  resizes);
 * :func:`marker_token_ids` / :func:`marker_ids` find their ids, or raise naming the fix;
-* :func:`encode_text` tokenizes user text so that a marker *string* inside it stays plain
-  text: a record or a chat message that merely mentions ``<|analysis|>`` can never
+* :func:`encode_text` tokenizes user text so that a marker *string* inside it stays
+  plain text: a record or a chat message that merely mentions ``<|analysis|>`` can never
   produce the marker token, so it can never move a stage boundary or change routing;
 * :func:`init_marker_rows` starts new marker rows at the mean embedding of their stage
   words (``mote.marker_init: describe``);

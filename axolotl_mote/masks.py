@@ -1,48 +1,54 @@
 """Step skipping (the paper's p_dropout) as attention masks: pure functions of a batch.
 
-MoTE trains one chain ``question, analysis, guidance, answer`` per example, yet wants the
-model to also handle chains that skip intermediate stages. Rather than materialising every
-skipped variant as its own sequence (the paper's D_extra, Appendix B), each example draws
-which stages to *hide*, and the attention mask cuts later tokens off from them.
+MoTE trains one chain ``question, analysis, guidance, answer`` per example, yet wants
+the model to also handle chains that skip intermediate stages. Rather than materialising
+every skipped variant as its own sequence (the paper's D_extra, Appendix B), each
+example draws which stages to *hide*, and the attention mask cuts later tokens off from
+them.
 
 Semantics (decided here; docs/step_skipping.md has pictures):
 
 * **Unit of sampling.** Per sequence (an example; a packed row holds several) and per
-  hideable stage present in it, independently: hidden with probability ``p``. The draw is
-  one ``torch.rand`` of shape ``[B, S+1, E]`` from the caller's generator, so a batch draws
-  the same stages for the same seed. ``p == 1`` hides every hideable stage present.
-* **What hiding means.** Every token *after* a hidden stage in its sequence that is not one
-  of that stage's own tokens (later stages, but also ``mode: context`` / prompt tokens that
-  follow it) cannot attend to it. Since all later tokens are cut off, nothing about the
-  hidden tokens can reach them indirectly: the answer's loss has an *exactly zero*
-  gradient with respect to a hidden stage (tests/test_masks_model.py checks it).
-* **Always visible.** Question (``PROMPT_STEP``) tokens before the chain, and a stage's own
-  tokens. The answer stage is never hideable (the template forbids ``skippable`` on it, and
-  ``runtime.hideable_steps`` rejects it in ``skip_stages``).
+  hideable stage present in it, independently: hidden with probability ``p``. The draw
+  is one ``torch.rand`` of shape ``[B, S+1, E]`` from the caller's generator, so a batch
+  draws the same stages for the same seed. ``p == 1`` hides every hideable stage
+  present.
+* **What hiding means.** Every token *after* a hidden stage in its sequence that is not
+  one of that stage's own tokens (later stages, but also ``mode: context`` / prompt
+  tokens that follow it) cannot attend to it. Since all later tokens are cut off,
+  nothing about the hidden tokens can reach them indirectly: the answer's loss has an
+  *exactly zero* gradient with respect to a hidden stage (tests/test_masks_model.py
+  checks it).
+* **Always visible.** Question (``PROMPT_STEP``) tokens before the chain, and a stage's
+  own tokens. The answer stage is never hideable (the template forbids ``skippable`` on
+  it, and ``runtime.hideable_steps`` rejects it in ``skip_stages``).
 * **Markers.** With ``markers_visible`` the hidden stage's start/end marker tokens stay
-  visible and only its content is hidden. To keep the hiding exact, those visible markers
-  do not attend to the hidden content either (otherwise the end marker's states would carry
-  it to every later token): later stages see ``<|analysis|><|/analysis|>``, an empty stage,
-  which is what inference sees when the model opens and immediately closes a stage.
+  visible and only its content is hidden. To keep the hiding exact, those visible
+  markers do not attend to the hidden content either (otherwise the end marker's states
+  would carry it to every later token): later stages see ``<|analysis|><|/analysis|>``,
+  an empty stage, which is what inference sees when the model opens and immediately
+  closes a stage.
 * **Packing and padding.** Tokens attend only within their own sequence. Sequences come
   from ``position_ids`` resets (0 starts a sequence) and/or Axolotl's segment-id
-  ``attention_mask`` (1,1,2,2,0); padding is ``step_ids == PAD_STEP`` or a 0 in the 2D mask,
-  left or right. A padding query attends only to itself, so no softmax row is empty (an
-  all-masked row gives NaN in some kernels, and NaN * 0 is still NaN in the backward).
-* **Positions.** ``shift`` gives every token ``position - (number of earlier tokens of its
-  sequence that it cannot see)``: exactly the position it would have with the hidden tokens
-  absent. A hidden stage keeps its own positions (it sees itself), unless an earlier stage
-  is hidden from it too. ``keep`` leaves positions alone.
+  ``attention_mask`` (1,1,2,2,0); padding is ``step_ids == PAD_STEP`` or a 0 in the 2D
+  mask, left or right. A padding query attends only to itself, so no softmax row is
+  empty (an all-masked row gives NaN in some kernels, and NaN * 0 is still NaN in the
+  backward).
+* **Positions.** ``shift`` gives every token ``position - (number of earlier tokens of
+  its sequence that it cannot see)``: exactly the position it would have with the hidden
+  tokens absent. A hidden stage keeps its own positions (it sees itself), unless an
+  earlier stage is hidden from it too. ``keep`` leaves positions alone.
 * **p == 0** returns the very ``inputs`` dict (same objects): training is bitwise plain
-  causal training. With ``p > 0`` every batch gets the explicit mask, even when nothing was
-  drawn, so one run never switches between two kernels' numerics.
+  causal training. With ``p > 0`` every batch gets the explicit mask, even when nothing
+  was drawn, so one run never switches between two kernels' numerics.
 
-Backends (verified against transformers 5.16 ``masking_utils``: a 4D ``attention_mask``, or
-a ``BlockMask``, is returned as-is by ``create_causal_mask`` and reaches the attention
-function unchanged): ``sdpa`` takes the boolean ``[B, 1, T, T]`` mask (True = attend);
-``eager`` *adds* the mask to the scores, so it gets an additive float mask (0 / dtype min) —
-a boolean mask would be silently wrong there; ``flex_attention`` gets a ``BlockMask``
-built from per-token tensors. Flash attention (varlen) cannot express these masks.
+Backends (verified against transformers 5.16 ``masking_utils``: a 4D ``attention_mask``,
+or a ``BlockMask``, is returned as-is by ``create_causal_mask`` and reaches the
+attention function unchanged): ``sdpa`` takes the boolean ``[B, 1, T, T]`` mask (True =
+attend); ``eager`` *adds* the mask to the scores, so it gets an additive float mask (0 /
+dtype min) — a boolean mask would be silently wrong there; ``flex_attention`` gets a
+``BlockMask`` built from per-token tensors. Flash attention (varlen) cannot express
+these masks.
 """
 
 from __future__ import annotations
@@ -72,8 +78,8 @@ def sequence_ids(
 
     A sequence starts at the first token of a row, wherever ``position_ids`` is 0, and
     wherever Axolotl's segment-id ``attention_mask`` changes value. Padding is a 0 in
-    ``attention_mask`` or ``PAD_STEP`` in ``step_ids``. Without ``position_ids`` and with a
-    binary mask each row is one sequence.
+    ``attention_mask`` or ``PAD_STEP`` in ``step_ids``. Without ``position_ids`` and
+    with a binary mask each row is one sequence.
 
         position_ids   [[0, 1, 2, 0, 1, 0]]      attention_mask [[1, 1, 1, 2, 2, 0]]
         -> [[1, 1, 1, 2, 2, 0]]                  -> [[1, 1, 1, 2, 2, 0]]
@@ -107,11 +113,13 @@ def sample_hidden_stages(
     p: float,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Draw the hidden stages: bool ``[B, S+1, E]``, True = stage e of sequence s hidden.
+    """Draw the hidden stages: bool ``[B, S+1, E]``, True = stage e of sequence s
+    hidden.
 
     ``S`` = the largest sequence number, ``E = max(hideable) + 1``. Only stages in
-    ``hideable`` that are present in the sequence can be True; row ``s = 0`` (padding) is
-    always False. One ``torch.rand`` on the generator's device, then moved to the batch.
+    ``hideable`` that are present in the sequence can be True; row ``s = 0`` (padding)
+    is always False. One ``torch.rand`` on the generator's device, then moved to the
+    batch.
     """
     if any(int(h) < 0 for h in hideable):
         raise StepSkipError(f"hideable step ids must be >= 0, got {hideable}")
@@ -190,7 +198,8 @@ def reference_step_skip_mask(
     hidden: torch.Tensor,
     is_marker: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Naive per-element version of :func:`build_step_skip_mask`, written from the spec."""
+    """Naive per-element version of :func:`build_step_skip_mask`, written from the
+    spec."""
     B, T = step_ids.shape
     E = hidden.shape[2]
     s, q = step_ids.tolist(), seq_ids.tolist()
@@ -222,11 +231,13 @@ def shifted_position_ids(
     hidden: torch.Tensor,
     is_marker: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``position_ids`` minus, per token, the earlier tokens of its sequence hidden from it.
+    """``position_ids`` minus, per token, the earlier tokens of its sequence hidden from
+    it.
 
     The count matches :func:`build_step_skip_mask` without building a ``[T, T]`` mask:
-    per hideable stage e, an exclusive running count of e's hidden content since the start
-    of the sequence, counted for queries of another stage (or e's visible markers).
+    per hideable stage e, an exclusive running count of e's hidden content since the
+    start of the sequence, counted for queries of another stage (or e's visible
+    markers).
     """
     B, T = step_ids.shape
     content, vis_marker = _token_roles(step_ids, seq_ids, hidden, is_marker)
@@ -260,7 +271,8 @@ def flex_block_mask(
     hidden: torch.Tensor,
     is_marker: torch.Tensor | None = None,
 ) -> Any:
-    """The same mask as a flex-attention ``BlockMask``; the mask_mod reads [B, T] tensors."""
+    """The same mask as a flex-attention ``BlockMask``; the mask_mod reads [B, T]
+    tensors."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, T = step_ids.shape
@@ -304,7 +316,8 @@ def check_attn_implementation(attn_implementation: str) -> None:
         else "it is not one whose mask format axolotl-mote knows"
     )
     raise StepSkipError(
-        f"mote.step_skip_prob > 0 with attn_implementation: {attn_implementation}: {why}; "
+        f"mote.step_skip_prob > 0 with attn_implementation: {attn_implementation}: "
+        f"{why}; "
         f"use attn_implementation: sdpa, eager or flex_attention, or set "
         "mote.step_skip_prob: 0"
     )
@@ -326,12 +339,13 @@ def apply_step_skipping(
 ) -> dict[str, Any]:
     """Return ``inputs`` with ``attention_mask`` (and maybe ``position_ids``) replaced.
 
-    ``p == 0`` or no hideable stage: ``inputs`` itself, untouched. Otherwise a shallow copy
-    with ``attention_mask`` = the step-skipping mask in the format of
-    ``attn_implementation`` (see module docstring) and, with ``shift_positions``, shifted
-    ``position_ids`` (created per sequence when absent). ``mask_dtype`` is the eager mask's
-    dtype (use the model's); ``device`` is where outputs go (default: ``step_ids``'s; a
-    ``BlockMask`` is not moved by the Trainer, so build it on the model's device).
+    ``p == 0`` or no hideable stage: ``inputs`` itself, untouched. Otherwise a shallow
+    copy with ``attention_mask`` = the step-skipping mask in the format of
+    ``attn_implementation`` (see module docstring) and, with ``shift_positions``,
+    shifted ``position_ids`` (created per sequence when absent). ``mask_dtype`` is the
+    eager mask's dtype (use the model's); ``device`` is where outputs go (default:
+    ``step_ids``'s; a ``BlockMask`` is not moved by the Trainer, so build it on the
+    model's device).
     """
     if p <= 0 or not hideable:
         return inputs

@@ -3,9 +3,9 @@
 Each hook is a few lines that delegate to the module named for the job
 (``axolotl_mote/integration/``):
 
-==========================  =============================================================
+==========================  ===================================================
 hook                        does
-==========================  =============================================================
+==========================  ===================================================
 get_input_args              the ``mote:`` block and every rule on it (``args.py``)
 register                    defaults, markers, data and merge checks (``config.py``)
 pre_model_load              seed the embedding resize and expert init (``model.py``)
@@ -16,7 +16,7 @@ get_trainer_cls             routing around every step (``trainer.py``)
 get_collator_cls_and_kwargs step-id padding, packed or not (``data/collator.py``)
 add_callbacks_post_trainer  self-describing checkpoints, stats (``callbacks.py``)
 post_train                  ``mote_config.json`` and model card (``saving.py``)
-==========================  =============================================================
+==========================  ===================================================
 
 The run's settings are resolved once (``settings.resolve_settings``) and shared.
 """

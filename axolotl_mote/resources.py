@@ -36,7 +36,8 @@ def resource_dir(name: str) -> Path:
 
 
 def resource(name: str, *parts: str) -> Path:
-    """A file inside a shipped resource folder, e.g. ``resource("demo", "chains.jsonl")``."""
+    """A file inside a shipped resource folder, e.g. ``resource("demo",
+    "chains.jsonl")``."""
     path = resource_dir(name).joinpath(*parts)
     if not path.exists():
         raise FileNotFoundError(f"{path} is not part of this axolotl-mote install")

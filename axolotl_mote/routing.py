@@ -191,7 +191,8 @@ class RoutingState:
             raise RoutingError(f"{where}: {_NO_STATE}")
         return self._step_ids
 
-    # --- coefficient construction ------------------------------------------------------
+    # --- coefficient construction
+    # ------------------------------------------------------
     def _prompt_experts(self, steps: torch.Tensor) -> torch.Tensor:
         """Expert id per token for prompt tokens under random routing."""
         is_prompt = steps == PROMPT_STEP  # [B, T]

@@ -60,7 +60,8 @@ class Stage(BaseModel):
     )
     end_text: str | None = Field(
         default=None,
-        description="Words that initialise a new end marker. Default: 'End of <title>.'",
+        description="Words that initialise a new end marker. Default: "
+        "'End of <title>.'",
     )
 
     @property
@@ -102,7 +103,8 @@ class PromptTemplate(BaseModel):
     chat_format: ChatFormat = Field(default_factory=ChatFormat)
     generation: dict[str, Any] = Field(
         default_factory=dict,
-        description="Data-generation and evaluation prompts (see axolotl_mote.datagen).",
+        description="Data-generation and evaluation prompts (see "
+        "axolotl_mote.datagen).",
     )
     source: str | None = Field(default=None, description="Where it was loaded from.")
 
@@ -168,7 +170,8 @@ class PromptTemplate(BaseModel):
         stage = self.stage(name_or_key)
         if stage.mode is not StageMode.TRAIN:
             raise UnknownStageError(
-                f"stage {stage.name!r} has mode {stage.mode.value}: only trained stages "
+                f"stage {stage.name!r} has mode {stage.mode.value}: only trained "
+                "stages "
                 f"({[s.name for s in self.trained_stages]}) have an expert"
             )
         return self.trained_stages.index(stage)

@@ -1,10 +1,10 @@
 """A tiny Llama and byte-level BPE tokenizer, built offline in a few seconds.
 
-Unit tests and the plumbing demo need a real ``LlamaForCausalLM`` + fast tokenizer with a
-chat template, and no hub. This module trains a byte-level BPE on a built-in corpus
-(deterministic), wraps it in ``PreTrainedTokenizerFast`` with a ChatML template and saves
-a randomly initialised 2-layer Llama next to it. The stage markers are *not* part of the
-vocabulary: the plugin adds them, exactly as it does for a real model.
+Unit tests and the plumbing demo need a real ``LlamaForCausalLM`` + fast tokenizer with
+a chat template, and no hub. This module trains a byte-level BPE on a built-in corpus
+(deterministic), wraps it in ``PreTrainedTokenizerFast`` with a ChatML template and
+saves a randomly initialised 2-layer Llama next to it. The stage markers are *not* part
+of the vocabulary: the plugin adds them, exactly as it does for a real model.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def build_tiny_model(
     seed: int = 0,
     tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a tiny random Llama + tokenizer to ``out_dir`` (idempotent) and return it."""
+    """Write a tiny random Llama + tokenizer to ``out_dir`` (idempotent) and return
+    it."""
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out

@@ -1,1 +1,2 @@
-"""Benchmarks and experiments: scripts run from the checkout, not shipped in the wheel."""
+"""Benchmarks and experiments: scripts run from the checkout, not shipped in the
+wheel."""

@@ -6,9 +6,12 @@ and interleaved, so machine noise hits every variant alike:
 
 * ``lora_r``      one PEFT LoRA of rank r, ``model.generate``
 * ``lora_4r``     one PEFT LoRA of rank 4r (MoTE's PEFT rank: 3 experts + shared)
-* ``mote_route``  MoTE, ``model.generate`` with the marker router installed (routing only)
-* ``mote``        MoTE, ``generate_chains(plan="full")``: router + per-row plan processor,
-                  every stage visited (the stage limits move the chain through all three)
+* ``mote_route``  MoTE, ``model.generate`` with the marker router installed (routing
+  only)
+* ``mote``        MoTE, ``generate_chains(plan="full")``: router + per-row plan
+  processor,
+                  every stage visited (the stage limits move the chain through all
+                  three)
 * ``mote_masked`` the same with the decode fast path off (``RoutingState.fast_path``):
                   every step computes all rank blocks, masked
 
@@ -238,7 +241,8 @@ def main() -> None:
         )
     print(
         f"shape: hidden {args.hidden}, layers {args.layers}, rank {args.rank}, "
-        f"new tokens {n}, batch 1, reps {args.reps}, device {device}, threads {args.threads}"
+        f"new tokens {n}, batch 1, reps {args.reps}, device {device}, "
+        f"threads {args.threads}"
     )
     ratio = {name: round(statistics.median(paired[name]), 3) for name in variants}
     mean_ratio = {n: round(statistics.median(paired_mean[n]), 3) for n in variants}
@@ -246,8 +250,8 @@ def main() -> None:
         json.dumps(
             {
                 "decode_mote_vs_lora_r": ratio["mote"],
-                # mean steps include the rare slow ones (MoTE packs a stage's blocks at its
-                # first step); the median does not
+                # mean steps include the rare slow ones (MoTE packs a stage's blocks at
+                # its first step); the median does not
                 "decode_mote_vs_lora_r_mean_steps": mean_ratio["mote"],
                 "decode_mote_route_vs_lora_r": ratio["mote_route"],
                 "decode_mote_masked_vs_lora_r": ratio["mote_masked"],

@@ -11,15 +11,15 @@ the strategy's ``wrap_dataset`` (MoTE) or ``TokenizedPromptDataset`` (chat_templ
   "content": answer}]``, which is how a user would train on these records without MoTE.
 * ``chat_template_same_text``: the assistant turn holds every stage text (analysis,
   guidance, answer), so both sides tokenize the same amount of text.
-* ``mote`` (``type: axolotl_mote.aligncot``): validation, ids/labels/step_ids assembly and
-  the per-stage statistics it logs.
+* ``mote`` (``type: axolotl_mote.aligncot``): validation, ids/labels/step_ids assembly
+  and the per-stage statistics it logs.
 
 Records/s is the median over ``--repeats`` timed runs after one warm-up run, one
 process (``dataset_num_proc: 1``), datasets caching off. The last printed line is one
 JSON object; ``mote_vs_chat_template`` = MoTE records/s ÷ chat_template records/s
 (target ≥ 0.8).
 
-    python benchmarks/preprocess_throughput.py                     # tiny + SmolLM2 tokenizer
+    python benchmarks/preprocess_throughput.py       # tiny + SmolLM2 tokenizer
     python benchmarks/preprocess_throughput.py --tokenizers tiny --records 500
 """
 
@@ -123,7 +123,8 @@ def datasets_for(records: list[dict[str, Any]]):
 
 
 def run_once(variant: str, dataset, tok, seq_len: int):
-    """One pass through Axolotl's dataset-wrapping entry point; returns (seconds, out)."""
+    """One pass through Axolotl's dataset-wrapping entry point; returns (seconds,
+    out)."""
     from axolotl.utils.data.wrappers import get_dataset_wrapper
     from axolotl.utils.dict import DictDefault
 
@@ -191,7 +192,8 @@ def bench_tokenizer(name: str, args, template, records) -> dict[str, Any]:
         mote / result["chat_template_same_text"]["records_per_s"], 3
     )
     print(
-        f"[{name}] MoTE / chat_template: {result['mote_vs_chat_template']:.3f}x records/s "
+        f"[{name}] MoTE / chat_template: "
+        f"{result['mote_vs_chat_template']:.3f}x records/s "
         f"(same text: {result['mote_vs_chat_template_same_text']:.3f}x)"
     )
     return result

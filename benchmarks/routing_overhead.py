@@ -4,13 +4,14 @@ Variants, same random Llama (hidden 1024, 4 layers, seq 512, batch 2, fp32, sdpa
 linear layers targeted, same batches:
 
 * ``lora_r``   one PEFT LoRA of rank r
-* ``lora_4r``  one PEFT LoRA of rank 4r (equal parameters to MoTE with 3 experts + shared)
+* ``lora_4r``  one PEFT LoRA of rank 4r (equal parameters to MoTE with 3 experts +
+  shared)
 * ``mote``     MoTE: 3 step experts + shared expert, rank r each (rank blocks + mask)
 * ``naive``    the naive per-expert loop (separate experts, gather + index_add)
 
-Each variant runs in its own process (peak RSS is per process), sequentially. A train step
-is forward + backward + AdamW; the median of the timed steps after warm-up is reported.
-The last printed line is one JSON object with the ratios.
+Each variant runs in its own process (peak RSS is per process), sequentially. A train
+step is forward + backward + AdamW; the median of the timed steps after warm-up is
+reported. The last printed line is one JSON object with the ratios.
 
     python benchmarks/routing_overhead.py            # full size (~3 min on 2 cores)
     python benchmarks/routing_overhead.py --quick    # small shapes, for a smoke test

@@ -1,18 +1,20 @@
-"""Train-step time of step skipping (4D mask) vs plain causal vs explicit skipped variants.
+"""Train-step time of step skipping (4D mask) vs plain causal vs explicit skipped
+variants.
 
-One random Llama (hidden 512, 4 layers, fp32, sdpa; PEFT LoRA r=16 on all 7 linear layers,
-as MoTE trains), one batch of ``--batch`` chains of ``--seq`` tokens, each
-question | analysis | guidance | answer (1/8, 5/16, 1/4, 5/16 of the tokens). A train step
-is forward + backward + AdamW on the same chains, three ways:
+One random Llama (hidden 512, 4 layers, fp32, sdpa; PEFT LoRA r=16 on all 7 linear
+layers, as MoTE trains), one batch of ``--batch`` chains of ``--seq`` tokens, each
+question | analysis | guidance | answer (1/8, 5/16, 1/4, 5/16 of the tokens). A train
+step is forward + backward + AdamW on the same chains, three ways:
 
 * ``causal``    the chains with plain causal attention (sdpa's ``is_causal`` fast path);
 * ``skip``      the chains with ``mote.step_skip_prob`` 0.5: the step-skipping mask is
                 built every step (``apply_step_skipping``) and passed as a 4D bool mask;
-* ``explicit``  the conventional way (paper, Appendix B): every chain *and* its 7 skipped
-                or partial variants, D_extra_1 = {QA, QAG} and D_extra_2 = {QG, QG·Ans,
-                QA·Ans, Q·Ans}, each its own sequence. Variants of one kind have one length,
-                so each kind is one unpadded causal micro-batch; gradients accumulate over
-                the 8 micro-batches, then one AdamW step.
+* ``explicit``  the conventional way (paper, Appendix B): every chain *and* its 7
+                skipped or partial variants, D_extra_1 = {QA, QAG} and
+                D_extra_2 = {QG, QG·Ans, QA·Ans, Q·Ans}, each its own sequence.
+                Variants of one kind have one length, so each kind is one
+                unpadded causal micro-batch; gradients accumulate over the 8
+                micro-batches, then one AdamW step.
 
 Variants run interleaved (one step of each per round) so that load from other processes
 hits all three alike; the median over rounds after warm-up is reported. The last line is
@@ -44,7 +46,8 @@ FRACTIONS = {
     1: 4,
     2: 5,
 }  # sixteenths: Q, analysis, guidance, answer
-#: the explicit datasets, as the stages each variant keeps (D_train, D_extra_1, D_extra_2)
+#: the explicit datasets, as the stages each variant keeps (D_train, D_extra_1,
+#: D_extra_2)
 VARIANTS = [
     (PROMPT_STEP, 0, 1, 2),
     (PROMPT_STEP, 0),

@@ -1,7 +1,7 @@
 """Offline fixtures shared by the whole suite.
 
-Environment variables are set at import, before anything imports axolotl, so that a plain
-``pytest`` can never hang on telemetry or try a hub.
+Environment variables are set at import, before anything imports axolotl, so that a
+plain ``pytest`` can never hang on telemetry or try a hub.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def reset_plugins():
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny matmuls: on a shared 2-core machine extra threads only contend (5-20x slower).
+    """Tiny matmuls: on a shared 2-core machine extra threads only contend (5-20x
+    slower).
 
     Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
     """

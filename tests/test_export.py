@@ -137,7 +137,8 @@ def test_lora_only_export_keeps_just_a_and_b(
 
 
 def test_merging_an_exported_adapter_uses_the_legacy_merge(tmp_path):
-    """The memory-efficient merge would drop the marker rows; the plugin picks legacy."""
+    """The memory-efficient merge would drop the marker rows; the plugin picks
+    legacy."""
     from axolotl_mote.plugin import MotePlugin
 
     export = tmp_path / "safe_answer"

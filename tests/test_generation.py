@@ -1,8 +1,8 @@
 """Stage-aware generation: routing by emitted markers, plans, limits, fallback, output.
 
-All on a tiny random MoTE model (``tests.helpers.tiny.build_mote``): experts and marker rows are
-random, so the model "chooses" stages arbitrarily but deterministically; the plan rules
-and the per-stage limits keep every chain well formed.
+All on a tiny random MoTE model (``tests.helpers.tiny.build_mote``): experts and marker
+rows are random, so the model "chooses" stages arbitrarily but deterministically; the
+plan rules and the per-stage limits keep every chain well formed.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def _gen(mote, prompts=PROMPTS, **kwargs):
 
 
 def test_router_gives_the_training_step_ids(mote):
-    """Markers route exactly as data/format.py labels a training chain, chunk by chunk."""
+    """Markers route exactly as data/format.py labels a training chain, chunk by
+    chunk."""
     from axolotl_mote.data.format import ChainFormatter
     from axolotl_mote.generation.router import StageRouter, start_marker_steps
 
@@ -216,7 +217,8 @@ def test_bad_plans_are_rejected(mote, plan, message):
 
 
 def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
-    """`axolotl-mote generate` (prompts, JSONL in/out) and `export` on a saved adapter."""
+    """`axolotl-mote generate` (prompts, JSONL in/out) and `export` on a saved
+    adapter."""
     import json
 
     from click.testing import CliRunner
@@ -303,7 +305,8 @@ def test_cli_generate_and_export(mote, tiny_model_dir, tmp_path):
 
 
 def test_axolotl_inference_routes_by_markers(mote, tiny_model_dir):
-    """post_lora_load with cfg.inference installs the marker router: plain generate works.
+    """post_lora_load with cfg.inference installs the marker router: plain generate
+    works.
 
     Builds its own model: attaching again must not change the module-scoped one."""
     from axolotl.utils.dict import DictDefault
@@ -343,7 +346,8 @@ def test_axolotl_inference_routes_by_markers(mote, tiny_model_dir):
 
 
 def test_prompt_routing_override_changes_the_prompt_expert(mote):
-    """prompt_routing='shared' / a stage really reroutes the prompt (and is restored)."""
+    """prompt_routing='shared' / a stage really reroutes the prompt (and is
+    restored)."""
     from axolotl_mote.tuner.model import get_routing_state
 
     state = get_routing_state(mote[0])
@@ -386,9 +390,9 @@ def test_inference_is_read_from_the_calling_model_loader(flag):
 
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
 def test_router_routes_a_plain_peft_forward(mote, tiny_model_dir, task_type):
-    """install_router also covers model(...) on the PEFT wrapper. PeftModelForCausalLM (what
-    Axolotl builds) reaches the transformers model through .forward, skipping its hooks;
-    plain PeftModel calls it, so both entry points fire and must resolve once."""
+    """install_router also covers model(...) on the PEFT wrapper. PeftModelForCausalLM
+    (what Axolotl builds) reaches the transformers model through .forward, skipping its
+    hooks; plain PeftModel calls it, so both entry points fire and must resolve once."""
     from axolotl_mote.generation import install_router
     from axolotl_mote.routing import route
     from axolotl_mote.tuner.model import get_routing_state
@@ -420,7 +424,8 @@ def test_router_routes_a_plain_peft_forward(mote, tiny_model_dir, task_type):
 
 
 def _prompt_experts(mote, prompts):
-    """The expert each prompt's tokens were routed to in the prefill of generate_chains."""
+    """The expert each prompt's tokens were routed to in the prefill of
+    generate_chains."""
     from axolotl_mote.tuner.model import get_routing_state
 
     model, _, _ = mote

@@ -80,7 +80,8 @@ def span(steps_row: list[int], step: int, start: int = 0, stop: int | None = Non
     return [i for i in idx if start <= i < (stop if stop is not None else 10**9)]
 
 
-# --- sequence ids ------------------------------------------------------------------------
+# --- sequence ids
+# ------------------------------------------------------------------------
 def test_sequence_ids_from_positions_segments_and_padding():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0]])
     steps = torch.tensor([[Q, A, ANS, Q, ANS, PAD, PAD]])
@@ -97,7 +98,8 @@ def test_sequence_ids_from_positions_segments_and_padding():
     assert sequence_ids(pos, None, steps).tolist() == [[0, 0, 1, 1, 0, 2, 2]]
 
 
-# --- the mask against hand-written expectations ----------------------------------------
+# --- the mask against hand-written expectations
+# ----------------------------------------
 def test_single_chain_hidden_analysis():
     s, ids, pos = batch(chain((Q, 2), (A, 3), (G, 3), (ANS, 3)))
     seq = sequence_ids(pos, None, s)
@@ -212,7 +214,8 @@ def test_shift_positions_by_hand():
     ]
 
 
-# --- random batches: vectorised == naive, invariants -------------------------------------
+# --- random batches: vectorised == naive, invariants
+# -------------------------------------
 def random_batch(gen: torch.Generator, B: int = 3, T: int = 40):
     """Rows of packed random chains (stages may be absent), padded left or right."""
     rows = []
@@ -302,7 +305,8 @@ def test_answer_and_untrained_stages_are_rejected_from_skip_stages(aligncot):
         aligncot.hideable_steps(["check"])
 
 
-# --- the entry point ----------------------------------------------------------------------
+# --- the entry point
+# ----------------------------------------------------------------------
 def _inputs(s, ids, pos):
     return {"input_ids": ids, "attention_mask": (s != PAD).long(), "position_ids": pos}
 
@@ -358,7 +362,8 @@ def test_backend_formats_and_position_handling():
     )  # same generator seed, same draw
     real = seq > 0
     assert torch.equal(shifted["position_ids"][real], (sdpa[:, 0].sum(-1) - 1)[real])
-    # no position_ids (Axolotl's segment-id attention_mask): created per sequence, shifted
+    # no position_ids (Axolotl's segment-id attention_mask): created per sequence,
+    # shifted
     no_pos = {"input_ids": ids, "attention_mask": seq}
     made = apply_step_skipping(no_pos, **_kwargs(step_ids=s, shift_positions=True))
     assert torch.equal(

@@ -175,8 +175,9 @@ def test_packed_equals_separate_sequences(model, shift):
 
 
 def test_shift_makes_a_hidden_stage_equal_a_truly_skipped_one(model):
-    """skip_positions: shift. Hiding analysis gives the later tokens exactly the logits of
-    the chain written without it (what inference sees); keep leaves a positional gap."""
+    """skip_positions: shift. Hiding analysis gives the later tokens exactly the logits
+    of the chain written without it (what inference sees); keep leaves a positional
+    gap."""
     attn = model.config._attn_implementation
     steps, ids = chain_tensors()
     kept = steps[0] != A
@@ -260,7 +261,8 @@ def _flex_or_skip() -> None:
 
 @pytest.mark.slow
 def test_flex_forward_equals_sdpa():
-    """Forward only: on CPU, torch 2.13 flex has no backward. Compiles (~20 s on 2 cores)."""
+    """Forward only: on CPU, torch 2.13 flex has no backward. Compiles (~20 s on 2
+    cores)."""
     _flex_or_skip()
     steps, ids = chain_tensors()
     steps = torch.cat([steps, torch.full((1, 3), PAD)], 1)

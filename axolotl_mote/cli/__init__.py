@@ -1,1 +1,2 @@
-"""Command-line entry points (``axolotl-mote ...``). Nothing in the library imports this."""
+"""Command-line entry points (``axolotl-mote ...``). Nothing in the library imports
+this."""

@@ -1,4 +1,5 @@
-"""``axolotl-mote validate``, ``template`` and ``build-tiny-model``: data and templates."""
+"""``axolotl-mote validate``, ``template`` and ``build-tiny-model``: data and
+templates."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``axolotl-mote generate-data``: self-generated chains by the check-then-extend rule."""
+"""``axolotl-mote generate-data``: self-generated chains by the check-then-extend
+rule."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``axolotl-mote evaluate``: stage-routed generation on prompt sets, scored and reported."""
+"""``axolotl-mote evaluate``: stage-routed generation on prompt sets, scored and
+reported."""
 
 from __future__ import annotations
 

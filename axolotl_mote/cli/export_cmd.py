@@ -40,8 +40,9 @@ def export(adapter: str, output: str, stages: tuple[str, ...], lora_only: bool) 
     for name, path in written.items():
         click.echo(f"{name}: {path}")
     click.echo(
-        "Each is a plain PEFT LoRA (PeftModel.from_pretrained, axolotl merge-lora, vLLM "
-        "--lora-modules). A server that switches adapters per request recomputes the "
-        "earlier stages with the new adapter; MoTE keeps each stage's own expert "
+        "Each is a plain PEFT LoRA (PeftModel.from_pretrained, axolotl merge-lora, "
+        "vLLM --lora-modules). A server that switches adapters per request "
+        "recomputes the earlier stages with the new adapter; MoTE keeps each stage's "
+        "own expert "
         "(docs/generation.md)."
     )

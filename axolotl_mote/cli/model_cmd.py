@@ -1,4 +1,5 @@
-"""``axolotl-mote prepare-smollm2``: the built-in real model as an HF folder, offline."""
+"""``axolotl-mote prepare-smollm2``: the built-in real model as an HF folder,
+offline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``axolotl-mote quickstart``: the built-in demo, end to end, from an installed package."""
+"""``axolotl-mote quickstart``: the built-in demo, end to end, from an installed
+package."""
 
 from __future__ import annotations
 

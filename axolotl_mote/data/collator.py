@@ -1,10 +1,11 @@
 """Collators that carry ``step_ids`` through padding and sample packing.
 
-Axolotl's collators pad ``labels`` and ``position_ids`` by hand and leave every other key
-to ``tokenizer.pad``, which does not know ``step_ids``. :class:`StepIdsPaddingMixin` pops
-``step_ids`` before the parent pads, then writes each row into a ``[B, L]`` tensor filled
-with ``PAD_STEP`` on the tokenizer's padding side. With packing, Axolotl's V2 collator
-first concatenates each pack's sub-samples (``step_ids`` included), then the mixin pads.
+Axolotl's collators pad ``labels`` and ``position_ids`` by hand and leave every other
+key to ``tokenizer.pad``, which does not know ``step_ids``. :class:`StepIdsPaddingMixin`
+pops ``step_ids`` before the parent pads, then writes each row into a ``[B, L]`` tensor
+filled with ``PAD_STEP`` on the tokenizer's padding side. With packing, Axolotl's V2
+collator first concatenates each pack's sub-samples (``step_ids`` included), then the
+mixin pads.
 
 Example (right padding, PAD_STEP = -1, PROMPT_STEP = -2)::
 
@@ -15,8 +16,8 @@ Example (right padding, PAD_STEP = -1, PROMPT_STEP = -2)::
 
 Packed (one row from two samples)::
 
-    [[{"input_ids": [5, 6], "step_ids": [-2, 0]}, {"input_ids": [5, 9], "step_ids": [-2, 2]}]]
-    batch["step_ids"] == tensor([[-2, 0, -2, 2]])
+    [[{"input_ids": [5, 6], "step_ids": [-2, 0]}, {"input_ids": [5, 9], "step_ids": [-2,
+    2]}]] batch["step_ids"] == tensor([[-2, 0, -2, 2]])
 """
 
 from __future__ import annotations

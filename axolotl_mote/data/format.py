@@ -1,13 +1,14 @@
-"""Turning chains into token ids, labels and step ids: one formatter for train and generate.
+"""Turning chains into token ids, labels and step ids: one formatter for train and
+generate.
 
 The conversation is rendered with the chat template (the tokenizer's, or the template
 file's ``chat_format.jinja``) around a sentinel assistant message, then split at the
 sentinel into a *prefix* (conversation + assistant header) and a *suffix* (end of turn).
 A chain is assembled from ids, never by scanning text::
 
-    prefix                    | <|analysis|> text <|/analysis|> | <|response|> text <|/response|> | suffix
-    step  PROMPT ... PROMPT   |  0 ...................... 0     |  2 ....................... 2    | 2 ..
-    label -100 ...  -100      |  ids (trained stage) .......... |  ids ........................... | ids
+    prefix           | <|analysis|> text <|/analysis|> | <|response|> text … | suffix
+    step  PROMPT …   |  0 ..........................0    |  2 ................. | 2 …
+    label -100 …     |  ids (trained stage) ........... |  ids ............... | ids
 
 Because segmentation comes from the record's structure, no text can move a stage
 boundary: every text (the rendered conversation, each stage) is encoded with

@@ -1,7 +1,8 @@
 """The chain record: one JSON object per line, validated against a template.
 
-A record is ``{"id": ..., "messages": [...] | "prompt": "...", <stage keys>..., "meta": {...}}``.
-The stage keys come from the template (aligncot: ``analysis``, ``guidance``, ``answer``,
+A record is ``{"id": ..., "messages": [...] | "prompt": "...", <stage keys>..., "meta":
+{...}}``. The stage keys come from the template (aligncot: ``analysis``, ``guidance``,
+``answer``,
 ``check``). An absent (or null) stage key means the chain skips that stage.
 
 Shared by the dataset strategy, the pre-flight file check and the data generator, so
@@ -52,8 +53,8 @@ def parse_chain(
 ) -> Chain:
     """Validate one raw record and return a :class:`Chain`.
 
-    ``location`` (e.g. ``"data/chains.jsonl:17"`` or ``"row 16"``) is put in every error.
-    Raises :class:`ChainRecordError` naming the record, the field and the fix.
+    ``location`` (e.g. ``"data/chains.jsonl:17"`` or ``"row 16"``) is put in every
+    error. Raises :class:`ChainRecordError` naming the record, the field and the fix.
     """
 
     def fail(msg: str) -> ChainRecordError:

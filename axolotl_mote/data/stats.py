@@ -1,8 +1,8 @@
 """Per-stage statistics of a tokenized chain dataset, from its ``step_ids`` column.
 
-``axolotl preprocess`` prints them (the strategy logs after tokenizing) and training logs
-them once at the start. Computed from step ids alone, so they describe exactly what the
-experts will see.
+``axolotl preprocess`` prints them (the strategy logs after tokenizing) and training
+logs them once at the start. Computed from step ids alone, so they describe exactly what
+the experts will see.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ calls it with the tokenizer and the validated config. It returns a
 statistics are logged (``axolotl preprocess`` prints them).
 
 Length: chains longer than ``sequence_len`` are counted and reported. With
-``excess_length_strategy: truncate`` they are cut here, with ``step_ids`` in sync (Axolotl's
-own truncation would cut only ids/labels); otherwise Axolotl drops (or rejects) them.
+``excess_length_strategy: truncate`` they are cut here, with ``step_ids`` in sync
+(Axolotl's own truncation would cut only ids/labels); otherwise Axolotl drops (or
+rejects) them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Self-alignment data generation (``axolotl-mote generate-data``; docs/self_alignment.md).
+"""Self-alignment data generation (``axolotl-mote generate-data``;
+docs/self_alignment.md).
 
 ``backends`` turns chats into replies (local HF model, OpenAI-compatible endpoint, or
 any object with the same ``complete`` method); ``chain_rule`` is the paper's

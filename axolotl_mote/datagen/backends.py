@@ -40,7 +40,8 @@ def batch_seed(seed: int, tag: str) -> int:
 
 
 class HFChatGenerator:
-    """A local HF causal LM. ``model`` is a path or a loaded model (then pass ``tokenizer``)."""
+    """A local HF causal LM. ``model`` is a path or a loaded model (then pass
+    ``tokenizer``)."""
 
     def __init__(
         self,
@@ -134,8 +135,8 @@ class HFChatGenerator:
 class OpenAIChatGenerator:
     """An OpenAI-compatible chat endpoint, e.g. ``http://localhost:8000/v1`` (vLLM).
 
-    The API key is read from ``api_key_env`` (default ``OPENAI_API_KEY``) when set; local
-    servers usually need none. Untested offline: see docs/self_alignment.md.
+    The API key is read from ``api_key_env`` (default ``OPENAI_API_KEY``) when set;
+    local servers usually need none. Untested offline: see docs/self_alignment.md.
     """
 
     def __init__(
@@ -192,7 +193,8 @@ def build_generator(
     api_model: str | None = None,
     **kwargs: Any,
 ) -> TextGenerator:
-    """A local HF model (``model`` = path) or an endpoint (``endpoint`` + ``api_model``)."""
+    """A local HF model (``model`` = path) or an endpoint (``endpoint`` +
+    ``api_model``)."""
     if endpoint:
         if not api_model:
             raise ValueError("an endpoint needs the served model's name (--api-model)")
@@ -207,10 +209,10 @@ def build_generator(
 def parse_verdict(text: str | None, labels: dict[str, Sequence[str]]) -> str | None:
     """Map a judge/check reply to one of ``labels`` (name -> accepted words), else None.
 
-    The first word decides (case-insensitive, punctuation stripped: ``"Safe." -> SAFE``).
-    Otherwise, if words of exactly one label appear in upper case anywhere in the text
-    (``"Verdict: UNSAFE"``), that label; anything else (none, or several) is unparseable.
-    Whole words only, so ``SAFE`` never matches inside ``UNSAFE``.
+    The first word decides (case-insensitive, punctuation stripped: ``"Safe." ->
+    SAFE``). Otherwise, if words of exactly one label appear in upper case anywhere in
+    the text (``"Verdict: UNSAFE"``), that label; anything else (none, or several) is
+    unparseable. Whole words only, so ``SAFE`` never matches inside ``UNSAFE``.
     """
     if not text or not text.strip():
         return None

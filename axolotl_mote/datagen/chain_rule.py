@@ -11,13 +11,13 @@ For every question (MoTE §1, Liu et al. 2025), with the stage prompts of the te
 4. if even the full chain is unsafe, ``on_fail`` decides: ``keep`` (write it like any
    chain), ``mark`` (write it with ``meta.needs_review: true``) or ``drop`` (reject it).
 
-The rounds follow the template: round *k* adds the *k*-th trained stage before the answer
-stage, so a template with other stage names works if its ``generation:`` block has a
-prompt per stage key and ``answer_with_<key>`` per added stage. Every call is one batch
-over the questions still open. Each verdict (and the check's text) is recorded in
-``meta.datagen``. Malformed output (empty text, a stage marker inside text, a check whose
-verdict cannot be parsed) ends that question as ``malformed``: it is counted and written
-to the rejects file, never kept.
+The rounds follow the template: round *k* adds the *k*-th trained stage before the
+answer stage, so a template with other stage names works if its ``generation:`` block
+has a prompt per stage key and ``answer_with_<key>`` per added stage. Every call is one
+batch over the questions still open. Each verdict (and the check's text) is recorded in
+``meta.datagen``. Malformed output (empty text, a stage marker inside text, a check
+whose verdict cannot be parsed) ends that question as ``malformed``: it is counted and
+written to the rejects file, never kept.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ class ChainRule:
             if fields - allowed:
                 raise ValueError(
                     f"template {template.name!r}: generation.{key} uses "
-                    f"{sorted(fields - allowed)}; allowed placeholders are {sorted(allowed)}"
+                    f"{sorted(fields - allowed)}; allowed placeholders are "
+                    f"{sorted(allowed)}"
                 )
 
     @property

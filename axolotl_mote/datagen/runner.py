@@ -3,10 +3,10 @@
 Records are appended to the output JSONL as each batch finishes (flushed and fsynced);
 rejected questions (malformed output, or unsafe after the full chain with
 ``on_fail="drop"``) go to the rejects file with their reason. A rerun with the same
-arguments skips every id already in either file, so an interrupted run continues where it
-stopped: nothing is generated twice, nothing is lost. A line cut off by a kill mid-write
-is detected and removed before resuming. The summary (``<output stem>.report.json``) is
-recounted from both files, so it covers all runs together.
+arguments skips every id already in either file, so an interrupted run continues where
+it stopped: nothing is generated twice, nothing is lost. A line cut off by a kill
+mid-write is detected and removed before resuming. The summary (``<output
+stem>.report.json``) is recounted from both files, so it covers all runs together.
 """
 
 from __future__ import annotations

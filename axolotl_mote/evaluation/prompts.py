@@ -5,12 +5,14 @@
 * ``harmful`` — every prompt should be declined or redirected (harmless rate);
 * ``jailbreak`` — harmful prompts in jailbreak framings (robustness = harmless rate);
 * ``benign`` — benign prompts that sound risky, XSTest style (compliance rate);
-* ``mixed`` — a per-prompt ``label`` decides (``harmful``/``unsafe`` or ``benign``/``safe``).
+* ``mixed`` — a per-prompt ``label`` decides (``harmful``/``unsafe`` or
+  ``benign``/``safe``).
 
-Without ``kind=`` it is read from the file name (``*jailbreak*``, ``*benign*``/``*scary*``,
-``*harm*``, else ``mixed``). JSONL rows need ``prompt`` or ``messages`` (multi-turn ends
-with the user turn); CSV files (XSTest's ``id,prompt,type,label,focus,note``) need a
-``prompt`` column. Other columns are kept as ``meta``.
+Without ``kind=`` it is read from the file name (``*jailbreak*``,
+``*benign*``/``*scary*``, ``*harm*``, else ``mixed``). JSONL rows need ``prompt`` or
+``messages`` (multi-turn ends with the user turn); CSV files (XSTest's
+``id,prompt,type,label,focus,note``) need a ``prompt`` column. Other columns are kept as
+``meta``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """``results.json``, ``results.md`` and PNG plots, one column / bar per model.
 
-* ``results.md`` — rates per set (the comparison table: one column per model), mean tokens
-  per stage, stage-plan shares;
+* ``results.md`` — rates per set (the comparison table: one column per model), mean
+  tokens per stage, stage-plan shares;
 * ``rates.png`` — the rates per set, ``tokens_per_stage.png``, ``stage_plans.png``.
 
-Plots use matplotlib's Agg backend (no display needed; ``pip install axolotl-mote[eval]``).
-``merge_results`` joins results files of separate runs into one comparison.
+Plots use matplotlib's Agg backend (no display needed; ``pip install
+axolotl-mote[eval]``). ``merge_results`` joins results files of separate runs into one
+comparison.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 
 
 def merge_results(paths: list[str | Path]) -> dict[str, Any]:
-    """One results dict from several results.json (same scorer; model names made unique)."""
+    """One results dict from several results.json (same scorer; model names made
+    unique)."""
     merged: dict[str, Any] | None = None
     for path in paths:
         data = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -193,7 +193,8 @@ def metrics_for(kind: str, responses: Sequence[Response]) -> dict[str, Any]:
 
 
 def usage_for(responses: Sequence[Response]) -> dict[str, Any]:
-    """Mean tokens per stage (over replies that ran it), plan shares, missing answers."""
+    """Mean tokens per stage (over replies that ran it), plan shares, missing
+    answers."""
     per_stage: dict[str, list[int]] = {}
     for r in responses:
         for stage, n in r.tokens_per_stage.items():

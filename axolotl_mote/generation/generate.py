@@ -103,7 +103,8 @@ def generate_chains(
     spec = StageSpec.from_template(tmpl, formatter.marker_ids)
     if state.num_experts != len(spec.names):
         raise ValueError(
-            f"template {tmpl.name!r} has {len(spec.names)} trained stages but the model "
+            f"template {tmpl.name!r} has {len(spec.names)} trained stages but the "
+            "model "
             f"has {state.num_experts} experts; pass the adapter's template"
         )
     if generate_kwargs.get("num_beams", 1) != 1:

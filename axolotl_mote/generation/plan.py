@@ -2,19 +2,21 @@
 
 Every row of a batch runs its own small state machine over the tokens it emits:
 
-    between stages ──start marker of s──► inside s ──end marker of s──► between stages
+    between stages ──start marker of s──► inside s ──end marker of s──► between
          │                                   │
-         └─ after the answer stage: stop     └─ content; limit reached: end marker forced
+         └─ after the answer: stop           └─ content; at the limit: end marker
 
 * **inside stage s**: any token except other markers and end of sequence; when s has
   used its ``max_stage_tokens`` (content tokens, markers not counted) its end marker is
   forced.
 * **between stages**: only a start marker may follow. *Adaptive* rows choose among the
-  later stages up to the first one that cannot be skipped (the answer); *forced* rows get
-  the next stage of their plan. After the answer stage the row ends (``stop_after_answer``).
-* **fallback** (``"answer"``): a row that would end, or run out of budget, before opening
-  the answer stage has its current stage closed and the answer's start marker forced,
-  keeping ``answer_reserve`` tokens for it. ``"none"`` lets such a row end without one.
+  later stages up to the first one that cannot be skipped (the answer); *forced* rows
+  get the next stage of their plan. After the answer stage the row ends
+  (``stop_after_answer``).
+* **fallback** (``"answer"``): a row that would end, or run out of budget, before
+  opening the answer stage has its current stage closed and the answer's start marker
+  forced, keeping ``answer_reserve`` tokens for it. ``"none"`` lets such a row end
+  without one.
 
 The processor only masks logits; routing follows the tokens (``router.py``), so a forced
 marker is routed exactly like one the model chose.
@@ -62,7 +64,8 @@ class StageSpec:
         return template.trained_index(name_or_key)
 
     def reachable(self, after: int | None) -> list[int]:
-        """Stages an adaptive row may open next: later ones, up to a non-skippable one."""
+        """Stages an adaptive row may open next: later ones, up to a non-skippable
+        one."""
         out = []
         for step in range((after + 1) if after is not None else 0, len(self.names)):
             out.append(step)
@@ -117,7 +120,8 @@ class StagePlanProcessor(LogitsProcessor):
         self._bias: torch.Tensor | None = None
         self.keep_raw = keep_raw  # clone before masking (generate's output_logits)
 
-    # --- consuming emitted tokens ------------------------------------------------------
+    # --- consuming emitted tokens
+    # ------------------------------------------------------
     def consume(self, row: RowState, token: int, prefilled: bool = False) -> None:
         """Advance ``row`` past ``token`` (``prefilled``: part of the prompt input)."""
         if row.done:
@@ -136,7 +140,8 @@ class StagePlanProcessor(LogitsProcessor):
         elif row.open:
             row.count += 1
 
-    # --- deciding the next token -------------------------------------------------------
+    # --- deciding the next token
+    # -------------------------------------------------------
     def decide(self, row: RowState, preferred: int) -> tuple[str, list[int]]:
         """("free"|"force"|"allow"|"none", token ids) for the row's next token."""
         if row.done:

@@ -3,7 +3,7 @@
 In training a stage's tokens, its start marker included, carry that stage's step id, and
 the tokens after its end marker (the end of turn) keep it (``data/format.py``)::
 
-    prompt ...  <|analysis|> text <|/analysis|> <|response|> text <|/response|> <|im_end|>
+    prompt … <|analysis|> text <|/analysis|> <|response|> text <|/response|> <|im_end|>
     P  ...  P    0           0 .. 0             2            2 .. 2             2
 
 So the step id of a token is the step of the latest start marker at or before it, or
@@ -153,7 +153,8 @@ class StageRouter:
     def step_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Step ids of whole sequences (no history): what a full re-forward routes by."""
+        """Step ids of whole sequences (no history): what a full re-forward routes
+        by."""
         valid = None if attention_mask is None else attention_mask.bool()
         prompt = self.prompt_steps_of(input_ids, valid)
         steps, _ = resolve_step_ids(

@@ -1,4 +1,5 @@
-"""Trainer callbacks: routing metadata in every checkpoint, stage statistics at start."""
+"""Trainer callbacks: routing metadata in every checkpoint, stage statistics at
+start."""
 
 from __future__ import annotations
 

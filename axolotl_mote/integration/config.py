@@ -1,4 +1,5 @@
-"""``register``: what the plugin does to the raw YAML dict, before Axolotl validates it."""
+"""``register``: what the plugin does to the raw YAML dict, before Axolotl validates
+it."""
 
 from __future__ import annotations
 

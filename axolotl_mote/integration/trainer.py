@@ -1,4 +1,5 @@
-"""``MoteTrainer``: Axolotl's trainer with step routing around every forward *and* backward.
+"""``MoteTrainer``: Axolotl's trainer with step routing around every forward *and*
+backward.
 
 Per micro-batch, :meth:`MoteTrainer._routed`:
 

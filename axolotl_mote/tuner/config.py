@@ -1,4 +1,5 @@
-"""``MoteConfig``: what the experts are, saved as mote_config.json beside the adapter."""
+"""``MoteConfig``: what the experts are, saved as mote_config.json beside the
+adapter."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def expert_rules(
 
 @dataclass
 class MoteConfig:
-    """Experts of a MoTE model. One PEFT LoRA of rank ``n_blocks * expert_rank`` per layer."""
+    """Experts of a MoTE model. One PEFT LoRA of rank ``n_blocks * expert_rank`` per
+    layer."""
 
     stage_names: list[str] = field(metadata={"help": "Trained stages, expert order."})
     expert_rank: int = field(default=8, metadata={"help": "Rank r of each expert."})
@@ -126,7 +128,8 @@ class MoteConfig:
         return index
 
     def _stage_index(self, name_or_key: str) -> int | None:
-        """Expert index of a trained stage by name, or by record key via the template."""
+        """Expert index of a trained stage by name, or by record key via the
+        template."""
         if name_or_key in self.stage_names:
             return self.stage_names.index(name_or_key)
         if self.template_data:
@@ -149,13 +152,13 @@ class MoteConfig:
 
         PEFT scales a layer by ``lora_alpha / R`` (or ``/ sqrt(R)`` with rsLoRA); with
         ``R = n_blocks * r`` the alpha is multiplied by ``n_blocks`` (``sqrt``) so each
-        expert keeps the scaling of a rank-r LoRA. A user's own patterns are composed the
-        same way, and :data:`CATCH_ALL` covers every other layer.
+        expert keeps the scaling of a rank-r LoRA. A user's own patterns are composed
+        the same way, and :data:`CATCH_ALL` covers every other layer.
 
         PEFT takes the *first* pattern that matches, and writes adapter_config.json with
         sorted keys; a plain ``".*"`` would sort first on reload and shadow the user's
-        patterns. ``"|.*"`` matches everything too (an empty alternative or anything) and
-        sorts after any key that starts with a letter, digit, ``.``, ``^`` or ``(``.
+        patterns. ``"|.*"`` matches everything too (an empty alternative or anything)
+        and sorts after any key that starts with a letter, digit, ``.``, ``^`` or ``(``.
         """
         factor = math.sqrt(self.n_blocks) if use_rslora else float(self.n_blocks)
         ranks = {k: int(v) * self.n_blocks for k, v in (rank_pattern or {}).items()}

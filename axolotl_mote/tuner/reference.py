@@ -1,4 +1,5 @@
-"""Naive reference: the paper's formula as a loop over experts, for tests and benchmarks.
+"""Naive reference: the paper's formula as a loop over experts, for tests and
+benchmarks.
 
 Independent of the fast path: separate per-expert weights, boolean gathers and
 ``index_add_``, no rank-mask trick. ``tests/tuner`` compares the fast path against it.
@@ -73,8 +74,9 @@ def split_blocks(
 class NaiveMoteLinear(torch.nn.Module):
     """A linear layer with separate per-expert LoRA parameters (the naive loop).
 
-    Used by the routing-overhead benchmark as the "naive per-expert loop" baseline and by
-    model-level equivalence tests. ``expert_ids`` ([B, T] expert per token, -1 shared-only,
+    Used by the routing-overhead benchmark as the "naive per-expert loop" baseline and
+    by model-level equivalence tests. ``expert_ids`` ([B, T] expert per token, -1
+    shared-only,
     -3 pad) must be set before each forward.
     """
 

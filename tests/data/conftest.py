@@ -15,7 +15,8 @@ import yaml
 
 @pytest.fixture(scope="session")
 def tokenizer_for():
-    """``tokenizer_for(template)``: a tiny tokenizer with the template's markers (cached)."""
+    """``tokenizer_for(template)``: a tiny tokenizer with the template's markers
+    (cached)."""
     from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.tiny import build_tiny_tokenizer
 
@@ -34,7 +35,8 @@ def tokenizer_for():
 
 @pytest.fixture()
 def fresh_tokenizer(aligncot):
-    """A private tiny tokenizer with aligncot markers (tests may change padding_side)."""
+    """A private tiny tokenizer with aligncot markers (tests may change
+    padding_side)."""
     from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.tiny import build_tiny_tokenizer
 
@@ -47,8 +49,9 @@ def fresh_tokenizer(aligncot):
 def template_variant(tmp_path_factory):
     """``template_variant(base, **{key: {field: value}})``: a modified copy as a file.
 
-    E.g. ``template_variant("aligncot", check={"mode": "train"})`` loads aligncot with the
-    safety check trained. The copy goes through ``load_template`` like a user's file.
+    E.g. ``template_variant("aligncot", check={"mode": "train"})`` loads aligncot with
+    the safety check trained. The copy goes through ``load_template`` like a user's
+    file.
     """
     from axolotl_mote.templates import template_dir
 

@@ -1,4 +1,5 @@
-"""Collators: exact tensors and exact key sets, unpacked (both padding sides) and packed.
+"""Collators: exact tensors and exact key sets, unpacked (both padding sides) and
+packed.
 
 The tiny tokenizer pads with id 3 (``<pad>``); ``step_ids`` pad with PAD_STEP = -1,
 labels with -100, padded ``position_ids`` count 0, 1, ... (Axolotl's convention).

@@ -1,4 +1,5 @@
-"""Every bad input gets an error naming where (file:line / row, id), the field and the fix.
+"""Every bad input gets an error naming where (file:line / row, id), the field and the
+fix.
 
 One table of bad records, run through each entry point that reads records:
 
@@ -257,7 +258,8 @@ def test_strategy_on_dataset_names_the_row(case, aligncot, tokenizer_for):
 
 
 def test_dataset_columns_absent_in_a_row_are_not_unknown_keys(aligncot, tokenizer_for):
-    """Arrow fills a column missing from a row with None; that is "absent", not unknown."""
+    """Arrow fills a column missing from a row with None; that is "absent", not
+    unknown."""
     from axolotl_mote.data.strategy import ChainDatasetStrategy
 
     rows = [
@@ -425,7 +427,8 @@ BAD_TEMPLATES = [
         "end_reused_as_start",
         _edit(_set(2, start="<|/guidance|>")),
         [
-            "duplicate marker '<|/guidance|>': used by answer_guidance.end and safe_answer.start"
+            "duplicate marker '<|/guidance|>': used by answer_guidance.end and "
+            "safe_answer.start"
         ],
     ),
     (

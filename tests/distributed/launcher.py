@@ -1,4 +1,5 @@
-"""Test-only launcher: axolotl's own ``train`` CLI under torchrun on a machine with no GPU.
+"""Test-only launcher: axolotl's own ``train`` CLI under torchrun on a machine with no
+GPU.
 
 Usage (one process per rank)::
 
@@ -16,32 +17,36 @@ each only when ``torch.cuda.is_available()`` is False, then hands over to
 1. ``normalize_config`` ends with ``device_map = {"": LOCAL_RANK}`` whenever
    WORLD_SIZE > 1, i.e. a CUDA device index. We wrap it so the map becomes
    ``{"": "cpu"}``. It is wrapped where ``load_cfg`` looks it up
-   (``axolotl.cli.config``) and where the Ray worker path does (``axolotl.utils.config``).
+   (``axolotl.cli.config``) and where the Ray worker path does
+   (``axolotl.utils.config``).
 2. DeepSpeed may be asked for ``nccl`` (axolotl's single-process DeepSpeed path passes
    ``dist_backend="nccl"`` literally). ``deepspeed.comm.init_distributed`` is wrapped
    to use ``gloo`` instead. The patch is installed from ``setup_deepspeed_env``, so a
    DDP run never imports DeepSpeed.
 3. ``prepare_optim_env`` calls ``check_cuda_p2p_ib_support``, which ends in
-   ``torch.cuda.can_device_access_peer``. CPU torch raises an AssertionError that axolotl
-   catches; CUDA torch without a driver (the 0.21 / Python 3.12 environment) raises a
-   RuntimeError that it does not. We make the check answer True (nothing to disable).
+   ``torch.cuda.can_device_access_peer``. CPU torch raises an AssertionError that
+   axolotl catches; CUDA torch without a driver (the 0.21 / Python 3.12 environment)
+   raises a RuntimeError that it does not. We make the check answer True (nothing to
+   disable).
 4. Under DeepSpeed, accelerate finds no device backend on CPU and reports one process
    on every rank (so both ranks would read the same batches and both write the output
-   directory). Its backend becomes ``gloo`` (see ``_deepspeed_sees_every_rank``), and the
-   Trainer sees the real world size, as with ``nccl`` on GPUs.
+   directory). Its backend becomes ``gloo`` (see ``_deepspeed_sees_every_rank``), and
+   the Trainer sees the real world size, as with ``nccl`` on GPUs.
 5. DeepSpeed's CPU shared-memory all-reduce op is not built (a gcc build of up to
    minutes on a busy machine; see ``_skip_shm_comm_op``): gloo does the all-reduces.
 
 It also refuses the two silent misconfigurations seen on CPU: DeepSpeed together with
 ``ACCELERATE_USE_CPU`` (ZeRO-2 silently trains without DeepSpeed, ZeRO-3 crashes), and a
-multi-process non-DeepSpeed run without ``ACCELERATE_USE_CPU`` (every rank trains alone).
+multi-process non-DeepSpeed run without ``ACCELERATE_USE_CPU`` (every rank trains
+alone).
 
 With ``MOTE_LAUNCHER_REPORT_DIR=<dir>`` each rank writes ``rank{N}.json`` after
-``Trainer.train`` returns: process-group backend and size, accelerate's distributed type,
-the wrapped model class, the ZeRO stage, parameter counts and the Trainer's log history
-(what the tests assert). Rank 0 also writes ``trained.safetensors`` (every trainable
-parameter, gathered under ZeRO-3) and ``probe.pt`` (the trained model's logits on the
-first training row, under MoTE routing), which the tests compare with the saved adapter.
+``Trainer.train`` returns: process-group backend and size, accelerate's distributed
+type, the wrapped model class, the ZeRO stage, parameter counts and the Trainer's log
+history (what the tests assert). Rank 0 also writes ``trained.safetensors`` (every
+trainable parameter, gathered under ZeRO-3) and ``probe.pt`` (the trained model's logits
+on the first training row, under MoTE routing), which the tests compare with the saved
+adapter.
 
 Works with axolotl 0.19 and 0.21; each patch target is looked up with ``getattr`` and a
 missing one is reported, not ignored silently.
@@ -90,15 +95,15 @@ def _check_launch_env(cfg) -> None:
     use_cpu = _env_true("ACCELERATE_USE_CPU")
     if cfg.deepspeed and use_cpu:
         raise RuntimeError(
-            "launcher: `deepspeed:` is set and ACCELERATE_USE_CPU=true; on CPU this drops "
-            "DeepSpeed (ZeRO-1/2) or crashes (ZeRO-3). Unset ACCELERATE_USE_CPU and set "
-            "DS_ACCELERATOR=cpu for DeepSpeed runs."
+            "launcher: `deepspeed:` is set and ACCELERATE_USE_CPU=true; on CPU this "
+            "drops DeepSpeed (ZeRO-1/2) or crashes (ZeRO-3). Unset ACCELERATE_USE_CPU "
+            "and set DS_ACCELERATOR=cpu for DeepSpeed runs."
         )
     if not cfg.deepspeed and not use_cpu:
         raise RuntimeError(
             "launcher: WORLD_SIZE > 1 without a GPU and without DeepSpeed: set "
-            "ACCELERATE_USE_CPU=true, otherwise accelerate sees no distributed setup and "
-            "every rank trains on its own."
+            "ACCELERATE_USE_CPU=true, otherwise accelerate sees no distributed setup "
+            "and every rank trains on its own."
         )
 
 
@@ -276,9 +281,9 @@ def _rank_report(trainer) -> dict:
         ),
         # ZeRO-3 marks every partitioned parameter with ds_id; local storage is a shard
         "trainable_local_numel": sum(p.numel() for _, p in trainable),
-        # ZeRO-3 marks every parameter it manages with ds_id; a partitioned one keeps only
-        # its shard locally (persistent small ones, below the persistence threshold, stay
-        # whole on every rank)
+        # ZeRO-3 marks every parameter it manages with ds_id; a partitioned one keeps
+        # only its shard locally (persistent small ones, below the persistence
+        # threshold, stay whole on every rank)
         "n_zero3_params": sum(1 for _, p in params if hasattr(p, "ds_id")),
         "zero3_numel": sum(int(p.ds_numel) for _, p in params if hasattr(p, "ds_id")),
         "zero3_local_numel": sum(
@@ -295,8 +300,8 @@ def _dump_trained(trainer, out) -> None:
     """Rank 0 writes the trained parameters and the logits of a probe batch.
 
     ``trained.safetensors``: every trainable parameter, full (gathered under ZeRO-3),
-    fp32, by its ``named_parameters`` name. ``probe.pt``: ``input_ids``, ``step_ids`` and
-    ``logits`` of the first training row, computed by the trained model under MoTE
+    fp32, by its ``named_parameters`` name. ``probe.pt``: ``input_ids``, ``step_ids``
+    and ``logits`` of the first training row, computed by the trained model under MoTE
     routing. Every rank takes part (ZeRO-3 gathers are collectives); rank 0 writes.
     """
     import contextlib
@@ -333,7 +338,8 @@ def _dump_trained(trainer, out) -> None:
 
 
 def _watch_lora_calls(model) -> tuple[dict, list, list]:
-    """Count forward calls of every LoRA A/B module; record the stage ids routed per call.
+    """Count forward calls of every LoRA A/B module; record the stage ids routed per
+    call.
 
     Returns (calls by module name, stage ids seen by the first LoRA layer per forward,
     hook handles). Evidence that every rank runs the same modules although the stages
@@ -423,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     import fire
     from axolotl.cli.train import do_cli
 
-    # do_cli also re-reads sys.argv for TrainerCliArgs: present it as `axolotl.cli.train`.
+    # do_cli also re-reads sys.argv for TrainerCliArgs: present it as
+    # `axolotl.cli.train`.
     sys.argv = ["axolotl.cli.train", *argv]
     fire.Fire(do_cli, command=argv)
 

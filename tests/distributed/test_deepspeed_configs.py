@@ -1,11 +1,12 @@
-"""The shipped DeepSpeed JSON files: found offline, parsed by DeepSpeed, written by the CLI.
+"""The shipped DeepSpeed JSON files: found offline, parsed by DeepSpeed, written by the
+CLI.
 
-Each file is loaded the way a training run loads it: the HF Trainer integration fills the
-``"auto"`` values from the TrainingArguments (``HfTrainerDeepSpeedConfig``), then
+Each file is loaded the way a training run loads it: the HF Trainer integration fills
+the ``"auto"`` values from the TrainingArguments (``HfTrainerDeepSpeedConfig``), then
 DeepSpeed's own parser (``deepspeed.runtime.config.DeepSpeedConfig``) reads the result.
 The CPU-runnable ones are also trained in 2 processes in test_distributed_train.py:
-zero1, zero2, zero3, and zero3_bf16_cpuoffload with bf16 switched off. bf16 itself needs a
-GPU (the HF Trainer refuses ``bf16`` without one), so zero3_bf16 is checked here only.
+zero1, zero2, zero3, and zero3_bf16_cpuoffload with bf16 switched off. bf16 itself needs
+a GPU (the HF Trainer refuses ``bf16`` without one), so zero3_bf16 is checked here only.
 """
 
 from __future__ import annotations

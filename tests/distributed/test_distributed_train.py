@@ -1,4 +1,5 @@
-"""MoTE through the real ``axolotl train`` in 2 processes on CPU: DDP, ZeRO-1/2/3, offload.
+"""MoTE through the real ``axolotl train`` in 2 processes on CPU: DDP, ZeRO-1/2/3,
+offload.
 
 Every run trains the tiny Llama with the plugin for ``MAX_STEPS`` steps at 1 sample per
 rank (global batch 2), saves, and is checked against what a user relies on:
@@ -49,7 +50,7 @@ PROJ_IN_OUT = {
 RANK = 4 * 4  # (3 aligncot step experts + shared) x lora_r 4
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # shared set-up: one model, one data file, one prepared dataset for every run
 
 
@@ -203,7 +204,8 @@ def zero3_run(work) -> DistributedRun:
 @pytest.fixture(scope="module")
 def zero3_offload_run(work) -> DistributedRun:
     """The shipped ZeRO-3 CPU-offload config, with bf16 off (the HF Trainer refuses bf16
-    without a GPU): parameters and optimizer states offloaded, as for the 70B example."""
+    without a GPU): parameters and optimizer states offloaded, as for the 70B
+    example."""
     ds = json.loads(deepspeed_config_path("zero3_bf16_cpuoffload").read_text())
     ds["bf16"]["enabled"] = False
     path = work / "zero3_cpuoffload_fp32.json"
@@ -211,7 +213,7 @@ def zero3_offload_run(work) -> DistributedRun:
     return _run(work, "zero3_offload", "zero3", deepspeed=str(path))
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # checks
 
 
@@ -236,8 +238,8 @@ def _check_ranks(
         assert report["zero_stage"] == zero_stage
         assert report["global_step"] == MAX_STEPS
         assert not report["cuda_available"]
-    # rank symmetry: every LoRA module (all expert blocks inside it) ran once per step on
-    # both ranks, although the stages routed on the two ranks differ
+    # rank symmetry: every LoRA module (all expert blocks inside it) ran once per step
+    # on both ranks, although the stages routed on the two ranks differ
     calls = [r["lora_calls"] for r in reports]
     assert len(calls[0]) == 28 and calls[0] == calls[1]
     assert set(calls[0].values()) == {steps_run}
@@ -288,7 +290,7 @@ def _check_loss_matches(run: DistributedRun, reference: list[float]) -> None:
     assert losses == pytest.approx(reference, rel=LOSS_RTOL), (losses, reference)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # tests
 
 

@@ -2,10 +2,10 @@
 
 Each YAML goes through what ``axolotl train`` does before loading a model:
 ``prepare_plugins`` (the plugin's ``register``: kernel defaults, marker tokens, the
-record check of the bundled chains) and ``validate_config`` (Axolotl's schema merged with
-``MoteArgs``), with the capabilities of the GPUs the example is written for. The model
-itself (gated, 8B/70B) is never loaded. DeepSpeed paths must name a shipped config, and
-the header must say how to get a copy outside a source checkout.
+record check of the bundled chains) and ``validate_config`` (Axolotl's schema merged
+with ``MoteArgs``), with the capabilities of the GPUs the example is written for. The
+model itself (gated, 8B/70B) is never loaded. DeepSpeed paths must name a shipped
+config, and the header must say how to get a copy outside a source checkout.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, reset_plugins):
     a = _adapter_weights(Path(full["output_dir"]) / "checkpoint-4")
     b = _adapter_weights(out / "checkpoint-4")
     assert a.keys() == b.keys()
-    # trained tensors: the expert blocks and the marker rows. (The full resized embedding
-    # PEFT also saves holds random init rows for the markers that the marker deltas
-    # override; they depend on the RNG state at load time, not on training.)
+    # trained tensors: the expert blocks and the marker rows. (The full resized
+    # embedding PEFT also saves holds random init rows for the markers that the marker
+    # deltas override; they depend on the RNG state at load time, not on training.)
     trained = [k for k in a if "lora_" in k or "trainable_tokens" in k]
     assert any("trainable_tokens" in k for k in trained)
     for key in trained:

@@ -110,7 +110,8 @@ def test_train_saves_experts_and_config(tiny_model_dir, tmp_path, reset_plugins)
 
 
 def _flex_trainable() -> bool:
-    """FlexAttention has no CPU backward (torch raises NotImplementedError): GPU only."""
+    """FlexAttention has no CPU backward (torch raises NotImplementedError): GPU
+    only."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
     except ImportError:

@@ -1,1 +1,2 @@
-"""Shared test helpers: tiny models and tokenizers, in-process training, distributed launches."""
+"""Shared test helpers: tiny models and tokenizers, in-process training, distributed
+launches."""

@@ -1,7 +1,7 @@
 """Multi-process CPU runs of the real ``axolotl train`` (DDP / DeepSpeed) for tests.
 
-One call = one ``torchrun --nproc_per_node N tests/distributed/launcher.py cfg.yml`` in a
-subprocess, with the environment each mode needs (see ``MODES``)::
+One call = one ``torchrun --nproc_per_node N tests/distributed/launcher.py cfg.yml`` in
+a subprocess, with the environment each mode needs (see ``MODES``)::
 
     model = tiny_model(tmp_path / "model")
     cfg = plain_lora_config(model, tmp_path, max_steps=2)
@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "tests" / "distributed" / "launcher.py"
 REPORT_ENV = "MOTE_LAUNCHER_REPORT_DIR"  # read by launcher.py
 
-# Set for every run (offline, no telemetry: a missing AXOLOTL_DO_NOT_TRACK hangs at exit).
+# Set for every run (offline, no telemetry: a missing AXOLOTL_DO_NOT_TRACK hangs at
+# exit).
 BASE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -68,7 +69,7 @@ MODES: dict[str, Mode] = {
 }
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # model and data
 
 
@@ -101,7 +102,8 @@ def write_chat_jsonl(path: str | Path, n: int = 32, seed: int = 0) -> Path:
         for i in range(n):
             topic, verb = rng.choice(_TOPICS), rng.choice(_VERBS)
             answer = " ".join(
-                f"{topic} fact {rng.randint(0, 99)} is {rng.choice(['simple', 'useful', 'old'])}."
+                f"{topic} fact {rng.randint(0, 99)} is "
+                f"{rng.choice(['simple', 'useful', 'old'])}."
                 for _ in range(rng.randint(2, 5))
             )
             messages = [
@@ -115,7 +117,8 @@ def write_chat_jsonl(path: str | Path, n: int = 32, seed: int = 0) -> Path:
 def plain_lora_config(
     model_dir: str | Path, tmp: str | Path, **overrides: Any
 ) -> dict[str, Any]:
-    """A plain (no MoTE) LoRA config for the tiny model; ``overrides`` win, None deletes."""
+    """A plain (no MoTE) LoRA config for the tiny model; ``overrides`` win, None
+    deletes."""
     tmp = Path(tmp).resolve()
     data = write_chat_jsonl(tmp / "chat.jsonl")
     cfg: dict[str, Any] = {
@@ -126,8 +129,8 @@ def plain_lora_config(
         "lora_alpha": 8,
         "lora_dropout": 0.0,
         "lora_target_linear": True,
-        # Axolotl auto-enables fused LoRA kernels for adapter: lora; they need Triton/GPU
-        # and bypass module wrappers.
+        # Axolotl auto-enables fused LoRA kernels for adapter: lora; they need
+        # Triton/GPU and bypass module wrappers.
         "lora_mlp_kernel": False,
         "lora_qkv_kernel": False,
         "lora_o_kernel": False,
@@ -173,7 +176,7 @@ def plain_lora_config(
     return cfg
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # running
 
 
@@ -227,7 +230,8 @@ class DistributedRun:
         return [json.loads(p.read_text()) for p in paths]
 
     def rank_lines(self, marker: str) -> list[str]:
-        """Log lines containing ``marker`` (torchrun prefixes nothing: raw interleaving)."""
+        """Log lines containing ``marker`` (torchrun prefixes nothing: raw
+        interleaving)."""
         return [line for line in self.log.splitlines() if marker in line]
 
 

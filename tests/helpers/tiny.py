@@ -217,7 +217,8 @@ def build_mote(
     seed: int = 0,
     task_type: str | None = None,
 ):
-    """The saved tiny Llama of ``model_dir`` with ``template``'s markers, as a MoTE model.
+    """The saved tiny Llama of ``model_dir`` with ``template``'s markers, as a MoTE
+    model.
 
     The vocabulary is resized for the markers and their rows randomised (so stages are
     distinguishable), then :func:`mote_model` attaches MoTE with random ``lora_B`` (and

@@ -1,4 +1,5 @@
-"""User rank/alpha patterns survive PEFT's save and reload (sorted keys, first match wins)."""
+"""User rank/alpha patterns survive PEFT's save and reload (sorted keys, first match
+wins)."""
 
 from __future__ import annotations
 
