@@ -40,13 +40,16 @@ def validate(files, config, template, max_errors) -> None:
         if template is None:
             block = cfg.get("mote") or {}
             template = load_template((block or {}).get("template") or "aligncot")
-        for file in dataset_files(cfg):
-            paths.append(file if file.is_absolute() else root / file)
+        paths += dataset_files(cfg, root=root)
     if not paths:
         raise click.UsageError("give chain JSONL FILES, or --config with datasets")
     template = template or load_template("aligncot")
     bad = 0
     for path in paths:
+        if not path.is_file():
+            bad += 1
+            click.echo(f"{path}: dataset file not found", err=True)
+            continue
         report = check_jsonl(path, template, max_errors=max_errors)
         if report.ok:
             click.echo(f"{path}: OK {json.dumps(report.counts())}")

@@ -134,6 +134,9 @@ def evaluate(
             raise ValueError(f"two prompt sets share a file name: {names}")
         loading = options.loading_kwargs(dtype, device, device_map, load_in_4bit)
         specs = _models(base_model, adapters, include_base, loading)
+        for spec in specs:
+            if spec.adapter:
+                options.check_plans([plan], spec.adapter)
         judge_opts = {
             "judge_model": judge_model,
             "judge_endpoint": judge_endpoint,

@@ -181,10 +181,14 @@ def generate(
     base = resolve_base_model(base_model, config, adapter_dir)
     loading = options.loading_kwargs(dtype, device, device_map, load_in_4bit)
     limits = options.stage_limits(max_stage_tokens)
+    try:
+        plans = [split_plan(r["plan"]) if "plan" in r else plan for r in records]
+    except (ValueError, TypeError) as err:
+        raise click.BadParameter(str(err), param_hint="a record's plan") from None
+    options.check_plans(plans, adapter_dir)
     torch.manual_seed(seed)
     try:
         model, tokenizer = load_mote_model(base, adapter_dir, **loading)
-        plans = [split_plan(r["plan"]) if "plan" in r else plan for r in records]
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     gen_kwargs = {

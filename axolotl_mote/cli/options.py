@@ -156,3 +156,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise click.BadParameter(f"{path} is not a YAML mapping", param_hint="--config")
     return data
+
+
+def check_plans(plans: list[Any], adapter: str | Path) -> None:
+    """Refuse a plan the adapter's template cannot run, before any model loads."""
+    from axolotl_mote.generation import parse_plan
+    from axolotl_mote.tuner.config import MoteConfig
+
+    try:
+        template = MoteConfig.load(adapter).prompt_template()
+    except (FileNotFoundError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--adapter") from None
+    for plan in plans:
+        try:
+            parse_plan(plan, template)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--plan") from None

@@ -113,7 +113,7 @@ def generate_chains(
         )
     extra_processors = list(generate_kwargs.pop("logits_processor", None) or [])
     items = _as_list(prompts)
-    plans = _per_row(plan, len(items), spec, tmpl)
+    plans = _per_row(plan, len(items), tmpl)
     limits = _stage_limits(max_stage_tokens, spec, tmpl)
     reserve = (
         answer_reserve if answer_reserve is not None else min(32, max_new_tokens // 4)
@@ -265,32 +265,39 @@ def split_plan(plan: Plan) -> None | str | list[str]:
     return [str(n).strip() for n in names if str(n).strip()]
 
 
-def parse_plan(
-    plan: Plan, spec: StageSpec, template: PromptTemplate
-) -> list[int] | None:
-    """``None``/"adaptive" -> None; "full" -> every stage; names/keys -> stage ids."""
+def parse_plan(plan: Plan, template: PromptTemplate) -> list[int] | None:
+    """``None``/"adaptive" -> None; "full" -> every stage; names/keys -> stage ids.
+
+    Raises ``ValueError`` naming the plan and the fix for an unknown or untrained
+    stage, a wrong order, or a plan without the answer stage at its end.
+    """
+    names = [s.name for s in template.trained_stages]
     parts = split_plan(plan)
     if parts is None:
         return None
     if parts == "full":
-        return list(range(len(spec.names)))
-    ids = [spec.index(name, template) for name in parts]
+        return list(range(len(names)))
+    try:
+        ids = [template.trained_index(name) for name in parts]
+    except ValueError as err:
+        raise ValueError(f"plan {plan!r}: {err}") from None
     if ids != sorted(set(ids)):
         raise ValueError(
             f"plan {plan!r}: stages must be distinct and in template order "
-            f"({' > '.join(spec.names)})"
+            f"({' > '.join(names)})"
         )
-    if spec.answer not in ids:
+    answer = template.trained_index(template.answer_stage)
+    if answer not in ids:
         raise ValueError(
-            f"plan {plan!r} lacks the answer stage {spec.names[spec.answer]!r}; every "
-            "chain ends with it"
+            f"plan {plan!r} lacks the answer stage {names[answer]!r}; every chain ends "
+            "with it"
         )
-    if ids[-1] != spec.answer:
+    if ids[-1] != answer:
         raise ValueError(f"plan {plan!r}: the answer stage must come last")
     return ids
 
 
-def _per_row(plan, n: int, spec: StageSpec, template: PromptTemplate) -> list:
+def _per_row(plan, n: int, template: PromptTemplate) -> list:
     """One plan for every row, or a list with one per row.
 
     A list is per-row when an element is ``None``, a list/tuple, ``"adaptive"``,
@@ -310,8 +317,8 @@ def _per_row(plan, n: int, spec: StageSpec, template: PromptTemplate) -> list:
     if isinstance(plan, (list, tuple)) and any(row_level(p) for p in plan):
         if len(plan) != n:
             raise ValueError(f"{len(plan)} plans for {n} prompts; give one per prompt")
-        return [parse_plan(p, spec, template) for p in plan]
-    return [parse_plan(plan, spec, template)] * n
+        return [parse_plan(p, template) for p in plan]
+    return [parse_plan(plan, template)] * n
 
 
 def _stage_limits(limits, spec: StageSpec, template: PromptTemplate) -> dict[int, int]:

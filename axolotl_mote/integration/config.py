@@ -47,6 +47,8 @@ def prepare_raw_config(cfg: dict) -> None:
     _refuse_merging_routed_adapter(cfg)
     if opts.get("validate_files", True):
         validate_dataset_files(cfg, template)
+    else:
+        refuse_empty_files(cfg)
 
 
 def _refuse_merging_routed_adapter(cfg: dict) -> None:
@@ -70,8 +72,13 @@ def _refuse_merging_routed_adapter(cfg: dict) -> None:
         )
 
 
-def dataset_files(cfg: dict[str, Any]) -> list[Path]:
-    """Local ``.jsonl`` files of every dataset of ``type: axolotl_mote.*``."""
+def dataset_files(cfg: dict[str, Any], root: Path | None = None) -> list[Path]:
+    """Local ``.jsonl`` files of every dataset of ``type: axolotl_mote.*``.
+
+    Relative paths are read from the working directory, as Axolotl reads them (or
+    from ``root``, e.g. the config's folder, when they are not there). A ``.jsonl``
+    path that exists nowhere is returned too, so the caller reports it.
+    """
     out: list[Path] = []
     for group in ("datasets", "test_datasets"):
         for ds in cfg.get(group) or []:
@@ -80,9 +87,27 @@ def dataset_files(cfg: dict[str, Any]) -> list[Path]:
             if not str(ds.get("type", "")).startswith("axolotl_mote."):
                 continue
             path = Path(str(ds.get("path", "")))
-            files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-            out += [f for f in files if f.suffix == ".jsonl" and f.is_file()]
+            if not path.exists() and root is not None and (root / path).exists():
+                path = root / path
+            if path.is_dir():
+                out += sorted(path.glob("*.jsonl"))
+            elif path.suffix == ".jsonl":
+                out.append(path)
     return out
+
+
+def refuse_empty_files(cfg: dict) -> None:
+    """An empty JSONL would reach ``datasets`` and die with a bare ``StopIteration``;
+    name the file instead (cheap: reads up to the first non-blank line)."""
+    for file in dataset_files(cfg):
+        if not file.is_file():
+            raise FileNotFoundError(f"dataset file {file} not found")
+        with open(file, "rb") as handle:
+            if not any(line.strip() for line in handle):
+                raise ValueError(
+                    f"{file}: no records (the file is empty or holds only blank "
+                    "lines); add one JSON chain record per line, or remove the dataset"
+                )
 
 
 def validate_dataset_files(cfg: dict, template: PromptTemplate) -> None:
@@ -91,6 +116,9 @@ def validate_dataset_files(cfg: dict, template: PromptTemplate) -> None:
 
     problems = []
     for file in dataset_files(cfg):
+        if not file.is_file():
+            problems.append(f"{file}: dataset file not found")
+            continue
         report = check_jsonl(file, template)
         if report.ok:
             LOG.info("MoTE: %s passed the record check: %s", file, report.counts())
