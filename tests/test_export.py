@@ -158,3 +158,22 @@ def test_merging_an_exported_adapter_uses_the_legacy_merge(tmp_path):
     cfg["merge_method"] = "memory_efficient"  # an explicit choice is kept
     MotePlugin().register(cfg)
     assert cfg["merge_method"] == "memory_efficient"
+
+
+def test_a_mote_adapter_says_what_it_is_and_plain_loaders_refuse_it(tmp_path):
+    """The saved card names the adapter as routed and how to load it; this package's
+    plain-model loaders refuse the folder instead of running it unrouted."""
+    from axolotl_mote.datagen.backends import HFChatGenerator
+    from axolotl_mote.integration.saving import CARD_HEADING, write_model_card
+    from axolotl_mote.loading import load_base_model
+
+    (tmp_path / "mote_config.json").write_text("{}")
+    card = write_model_card(tmp_path)
+    write_model_card(tmp_path)  # idempotent
+    text = card.read_text()
+    assert text.count(CARD_HEADING) == 1
+    assert "load_mote_model" in text and "- axolotl-mote" in text
+    with pytest.raises(ValueError, match="is a MoTE adapter.*unrouted"):
+        load_base_model(tmp_path)
+    with pytest.raises(ValueError, match="is a MoTE adapter"):
+        HFChatGenerator(str(tmp_path))

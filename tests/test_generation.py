@@ -458,3 +458,47 @@ def test_random_prompt_routing_varies_and_follows_the_prompt_not_the_row(mote):
     assert len(set(drawn)) >= 2, drawn
     moved = _prompt_experts(mote, [prompts[5], prompts[0], prompts[3]])
     assert moved == [drawn[5], drawn[0], drawn[3]]
+
+
+def test_a_multi_token_forward_continuing_the_cache_on_a_left_padded_batch(mote):
+    """Prefill, then a chunk of several tokens on the KV cache, left padding: the chunk
+    is routed (markers, prompt, padding) and computed exactly as one full forward."""
+    from axolotl_mote.generation import install_router
+    from axolotl_mote.generation.auto import uninstall
+
+    model, tokenizer, template = mote
+    from axolotl_mote.data.format import ChainFormatter
+
+    fmt = ChainFormatter(template, tokenizer)
+    ids = fmt.marker_ids
+    rows = [
+        fmt.prompt_ids([{"role": "user", "content": "hi"}])
+        + [ids["<|analysis|>"], 40, 41, ids["<|/analysis|>"], ids["<|response|>"], 42],
+        fmt.prompt_ids([{"role": "user", "content": "How do I bake bread at home?"}])
+        + [ids["<|response|>"], 43, 44, 45, 46, 47],
+    ]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    router = install_router(model, tokenizer)
+    try:
+        with torch.no_grad():
+            full = model(input_ids=input_ids, attention_mask=mask).logits
+            cut = width - 5  # the chunk holds markers of both rows
+            first = model(
+                input_ids=input_ids[:, :cut],
+                attention_mask=mask[:, :cut],
+                use_cache=True,
+            )
+            chunk = model(
+                input_ids=input_ids[:, cut:],
+                attention_mask=mask,
+                past_key_values=first.past_key_values,
+            ).logits
+    finally:
+        uninstall(model)
+    torch.testing.assert_close(chunk, full[:, cut:], atol=1e-5, rtol=1e-5)
+    # and the routing of the chunk is the full sequence's
+    steps = router.step_ids(input_ids, mask)
+    assert steps[0, -1].item() == 2 and steps[1, -1].item() == 2
+    assert (steps[mask == 0] == -1).all()

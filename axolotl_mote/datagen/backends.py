@@ -62,14 +62,15 @@ class HFChatGenerator:
         from axolotl_mote.loading import load_base_model
 
         if isinstance(model, (str, os.PathLike)):
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = load_base_model(
-                model,
+            path = model
+            model = load_base_model(  # refuses a MoTE adapter folder
+                path,
                 dtype=dtype,
                 device=device,
                 device_map=device_map,
                 load_in_4bit=load_in_4bit,
             )
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         if tokenizer is None:
             raise ValueError("HFChatGenerator: pass the tokenizer with a loaded model")
         self.model, self.tokenizer = model.eval(), tokenizer

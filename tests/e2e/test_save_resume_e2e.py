@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.train import base_config, log_history, run_train
+from tests.helpers.train import REPO, base_config, log_history, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -51,49 +52,96 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, reset_plugins):
     assert (out / "checkpoint-4" / "mote_config.json").exists()
 
 
-def test_reload_gives_identical_logits(tiny_model_dir, tmp_path, reset_plugins):
-    """lora_model_dir through Axolotl and load_mote_model give the trained logits."""
-    from axolotl_mote.loading import load_mote_model
+def _capture_trained_model(monkeypatch) -> list:
+    """The model as training left it: the first ``post_train`` call receives it."""
+    from axolotl_mote.plugin import MotePlugin
+
+    seen: list = []
+    original = MotePlugin.post_train
+
+    def spy(self, cfg, model):
+        if not seen:
+            seen.append(model)
+        return original(self, cfg, model)
+
+    monkeypatch.setattr(MotePlugin, "post_train", spy)
+    return seen
+
+
+def _a_training_row(cfg, tokenizer_dir, template):
+    """input_ids and step_ids of the first chain, as the strategy builds them."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.markers import add_marker_tokens
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    add_marker_tokens(tok, template)
+    raw = load_dataset("json", data_files=cfg["datasets"][0]["path"], split="train")
+    row = ChainDatasetStrategy(template, tok, 512).wrap_dataset(raw)[0]
+    return torch.tensor([row["input_ids"]]), torch.tensor([row["step_ids"]])
+
+
+def _logits(model, ids, steps):
     from axolotl_mote.routing import route
     from axolotl_mote.tuner.model import get_routing_state
 
+    model.eval()
+    with torch.no_grad(), route(get_routing_state(model), steps, draw_key=5):
+        return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+@pytest.mark.parametrize("template", ["aligncot", "plan_solve_verify"])
+def test_reload_gives_the_trained_models_logits(
+    template, tiny_model_dir, tmp_path, reset_plugins, monkeypatch
+):
+    """The saved adapter, reloaded by load_mote_model and by Axolotl's own loader
+    (lora_model_dir -> post_lora_load), gives the logits of the model training ended
+    with: experts, marker rows and random prompt routing (same draws) included."""
+    import yaml
+    from axolotl.cli.config import load_cfg
+    from axolotl.loaders import ModelLoader, load_tokenizer
+
+    from axolotl_mote.loading import load_mote_model
+    from axolotl_mote.templates import load_template
+
+    records = None
+    if template == "plan_solve_verify":
+        records = [
+            json.loads(line)
+            for line in (REPO / "data" / "math_chains.jsonl").read_text().splitlines()
+        ][:4]
     cfg = base_config(
         tiny_model_dir,
         tmp_path,
         max_steps=4,
         learning_rate=5e-3,
-        mote={"template": "aligncot", "prompt_routing": "safe_answer"},
+        records=records,
+        mote={"template": template, "prompt_routing": "random"},
     )
+    trained = _capture_trained_model(monkeypatch)
     run_train(cfg, tmp_path)
     out = Path(cfg["output_dir"])
-    model, tok = load_mote_model(tiny_model_dir, out)
-    ids = tok("hello there", return_tensors="pt")["input_ids"]
-    steps = torch.full_like(ids, -2)
-    steps[0, 2:] = torch.tensor([0, 1, 2])[: ids.shape[1] - 2].repeat(10)[
-        : ids.shape[1] - 2
-    ]
-    with torch.no_grad(), route(get_routing_state(model), steps):
-        logits_plain = model(input_ids=ids).logits
+    ids, steps = _a_training_row(cfg, tiny_model_dir, load_template(template))
+    assert (steps == -2).any() and (steps >= 0).any()
+    expected = _logits(trained[0], ids, steps)
 
-    # the same adapter through Axolotl's own loader (lora_model_dir -> post_lora_load)
-    import yaml
-    from axolotl.cli.config import load_cfg
-    from axolotl.loaders import ModelLoader, load_tokenizer
+    model, tok = load_mote_model(tiny_model_dir, out, dtype="float32", device="cpu")
+    torch.testing.assert_close(_logits(model, ids, steps), expected, rtol=0, atol=1e-5)
 
     reset_plugins.plugins.clear()
-    reload_cfg = dict(cfg, lora_model_dir=str(out))
     path = tmp_path / "reload.yml"
-    path.write_text(yaml.safe_dump(reload_cfg))
+    path.write_text(yaml.safe_dump(dict(cfg, lora_model_dir=str(out))))
     parsed = load_cfg(str(path))
     ax_tok = load_tokenizer(parsed)
     ax_model, _ = ModelLoader(parsed, ax_tok, inference=True).load()
-    ax_model.eval()
-    with torch.no_grad(), route(get_routing_state(ax_model), steps):
-        logits_axolotl = ax_model(input_ids=ids).logits
-    torch.testing.assert_close(logits_plain, logits_axolotl, rtol=0, atol=1e-5)
-    # and the marker rows were trained and restored (not the resize init)
-    assert tok.convert_tokens_to_ids("<|response|>") == ax_tok.convert_tokens_to_ids(
-        "<|response|>"
+    assert ax_tok.get_vocab() == tok.get_vocab()
+    from axolotl_mote.generation.auto import uninstall
+
+    uninstall(ax_model)  # `inference=True` installed the marker router
+    torch.testing.assert_close(
+        _logits(ax_model, ids, steps), expected, rtol=0, atol=1e-5
     )
 
 

@@ -52,8 +52,14 @@ def write_records(
     return path
 
 
-def base_config(model_dir: Path, tmp: Path, **overrides: Any) -> dict[str, Any]:
-    data = write_records(tmp / "chains.jsonl")
+def base_config(
+    model_dir: Path,
+    tmp: Path,
+    records: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A small, fast ``axolotl train`` config on the tiny model and ``records``."""
+    data = write_records(tmp / "chains.jsonl", records)
     cfg: dict[str, Any] = {
         "base_model": str(model_dir),
         "plugins": ["axolotl_mote.MotePlugin"],
