@@ -26,12 +26,34 @@ def seed_model_init(cfg: Any) -> None:
     set_seed(resolve_settings(cfg).seed)
 
 
+def keep_experts_off_the_output_head(cfg: Any, model: Any) -> None:
+    """``pre_lora_load``: never put experts on the output embedding (``lm_head``).
+
+    Axolotl drops the head from ``lora_target_linear`` by its usual name per model
+    type; where the name differs (GPT-NeoX in transformers 5 calls it ``lm_head``, not
+    ``embed_out``) the head would become a LoRA layer, and PEFT cannot then train its
+    marker rows (``trainable_token_indices cannot be applied to ... lora.Linear``).
+    Added to ``lora_exclude_modules`` before Axolotl builds the LoraConfig.
+    """
+    from axolotl_mote.markers import output_embedding_name
+
+    name = output_embedding_name(model)
+    if name is None or not cfg.get("lora_target_linear"):
+        return
+    excluded = cfg.get("lora_exclude_modules") or []
+    excluded = [excluded] if isinstance(excluded, str) else list(excluded)
+    if name not in excluded:
+        cfg["lora_exclude_modules"] = [*excluded, name]
+        LOG.info("MoTE: no experts on the output head %r (lora_exclude_modules)", name)
+
+
 def prepare_marker_rows(cfg: Any, model: Any) -> dict[str, Any]:
     """``pre_lora_load``: initialise new marker rows, then make them trainable.
 
     Returns the LoRA config kwargs (``trainable_token_indices``). Nothing to do when a
     trained adapter is loaded: its saved rows replace the base model's.
     """
+    keep_experts_off_the_output_head(cfg, model)
     opts = resolve_settings(cfg).options
     if cfg.get("lora_model_dir") or (
         opts.marker_init != "describe" and not opts.train_marker_embeddings

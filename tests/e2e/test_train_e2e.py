@@ -96,6 +96,11 @@ def test_train_saves_experts_and_config(tiny_model_dir, tmp_path, reset_plugins)
         "safe_answer",
     ]
     assert mote_cfg["expert_rank"] == 4
+    # the model card says what the adapter is, with PEFT's tags and the base model
+    from axolotl_mote.integration.saving import CARD_HEADING
+
+    card = (out / "README.md").read_text()
+    assert CARD_HEADING in card and "- axolotl-mote" in card and "- mote" in card
     # rank blocks: 3 experts + shared, rank 4 each
     assert set(adapter_cfg["rank_pattern"].values()) == {16}
     from safetensors.torch import load_file

@@ -263,3 +263,50 @@ def build_mote(
                 param.copy_(torch.randn_like(param) * 0.3)
     model.eval()
     return model, config
+
+
+#: Tiny configs of the architectures the plugin is tested on (through axolotl train).
+#: Each brings its own layout: q/k/v bias (Qwen2), q/k norms (Qwen3), tied and
+#: soft-capped logits (Gemma2), fused qkv_proj/gate_up_proj (Phi-3), fused
+#: query_key_value with an untied ``embed_out`` head (GPT-NeoX).
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "gemma2": (
+        "Gemma2Config",
+        {"head_dim": 16, "tie_word_embeddings": True, "query_pre_attn_scalar": 16},
+    ),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": True}),
+}
+
+
+def save_tiny_architecture(name: str, out_dir, tokenizer, seed: int = 0):
+    """Save a randomly initialised 2-layer ``name`` model sized to ``tokenizer``."""
+    import transformers
+
+    cls_name, extra = ARCHITECTURES[name]
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    if name == "gpt_neox":  # its own names for the sizes
+        common.pop("num_key_value_heads")
+    common.update(extra)
+    config = getattr(transformers, cls_name)(**common)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
