@@ -103,3 +103,49 @@ def test_a_rejected_example_names_the_fix(monkeypatch, reset_plugins):
     raw["attn_implementation"] = "flash_attention_2"
     with pytest.raises(ValueError, match="step_skip_prob"):
         _validate(raw, 1)
+
+
+# (config, GPUs it is written for): the paper's settings, or a stated deviation
+PAPER_EXAMPLES = [
+    ("llama3.1-8b-1gpu.yml", 1),
+    ("llama3.1-8b-2x8-zero3.yml", 16),
+    ("llama3.1-8b-qlora.yml", 1),
+]
+
+
+@pytest.mark.parametrize("name, gpus", PAPER_EXAMPLES)
+def test_8b_examples_use_the_papers_settings(name, gpus):
+    path = REPO / "example_configs" / name
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["learning_rate"] == 2e-5 and cfg["num_epochs"] == 3
+    assert cfg["lora_r"] == 16 and cfg["mote"]["alpha"] == 0.5
+    assert cfg["micro_batch_size"] * cfg["gradient_accumulation_steps"] * gpus == 16
+    assert "Paper settings" in path.read_text()
+
+
+@pytest.mark.parametrize("name", ["llama3.1-70b-zero3-offload.yml", "quickstart.yml"])
+def test_other_examples_state_their_deviations(name):
+    text = (REPO / "example_configs" / name).read_text()
+    assert "Deviations" in text or "Deliberately not the paper's" in text
+
+
+def test_the_readme_minimal_config_validates(monkeypatch, reset_plugins):
+    """The YAML a new user copies from the README passes Axolotl's own validation."""
+    monkeypatch.chdir(REPO)
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Minimal config")[1].split("```yaml\n")[1].split("```")[0]
+    cfg = _validate(yaml.safe_load(block), 1)
+    assert cfg.plugins == ["axolotl_mote.MotePlugin"] and cfg.mote is not None
+
+
+def test_flash_attention_without_p_turns_step_skipping_off_with_a_note(
+    monkeypatch, reset_plugins
+):
+    from axolotl_mote.settings import resolve_settings
+
+    monkeypatch.chdir(REPO)
+    raw = yaml.safe_load((REPO / "example_configs/llama3.1-8b-1gpu.yml").read_text())
+    raw["attn_implementation"] = "flash_attention_2"
+    del raw["mote"]["step_skip_prob"]
+    settings = resolve_settings(_validate(raw, 1))
+    assert settings.step_skip_prob == 0 and "sdpa" in settings.step_skip_note
