@@ -32,6 +32,13 @@ class SkipPositions(str, Enum):
     SHIFT = "shift"
 
 
+class MarkerTokens(str, Enum):
+    """Where the marker tokens come from."""
+
+    NEW = "new"
+    RESERVED = "reserved"
+
+
 class MarkerInit(str, Enum):
     """Initial rows of newly added marker tokens."""
 
@@ -108,6 +115,15 @@ class MoteOptions(BaseModel):
         description="Train the embedding (and untied lm_head) rows of the stage "
         "markers through PEFT's trainable_token_indices, so the model learns to "
         "emit them; the rest of the embedding stays frozen.",
+    )
+    marker_tokens: MarkerTokens = Field(
+        default=MarkerTokens.NEW.value,
+        description="'new' adds the markers to the vocabulary (the embedding is "
+        "resized; adapters still save only the new rows). 'reserved' renames unused "
+        "reserved special tokens of the tokenizer (Llama-3's "
+        "<|reserved_special_token_N|>) to the markers through Axolotl's "
+        "added_tokens_overrides: no resize at all. Fails, naming the count, when the "
+        "tokenizer has too few.",
     )
     marker_init: MarkerInit = Field(
         default=MarkerInit.DESCRIBE.value,

@@ -154,8 +154,10 @@ def load_mote_model(
         )
     else:
         model = base_model
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    rows = config.vocab_size or len(tokenizer)
+    if model.get_input_embeddings().num_embeddings < rows:
+        # the new rows' values come from the adapter (trainable tokens): no mean init
+        model.resize_token_embeddings(rows, mean_resizing=False)
     model = PeftModel.from_pretrained(
         model, str(adapter_dir), is_trainable=is_trainable
     )

@@ -197,3 +197,35 @@ def output_embedding_name(model: Any) -> str | None:
         if module is out and name:
             return name.split(".")[-1]
     return None
+
+
+#: Names of unused reserved special tokens in common tokenizers (Llama-3, Qwen).
+RESERVED_TOKEN = re.compile(r"^<\|(reserved_special_token_\d+|reserved_\d+)\|>$")
+
+
+def reserved_token_overrides(
+    tokenizer: Any, template: PromptTemplate
+) -> dict[int, str]:
+    """``{token id: marker}`` renaming unused reserved special tokens to the markers.
+
+    For Axolotl's ``added_tokens_overrides`` (``mote.marker_tokens: reserved``): the
+    vocabulary keeps its size, so nothing is resized. Markers the tokenizer already
+    has are left alone. Raises naming the counts when there are too few.
+    """
+    vocab = tokenizer.get_vocab()
+    wanted = [m for m in template.markers if m not in vocab]
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    listed = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    reserved = sorted(  # a token named in the special-token lists cannot be renamed
+        i
+        for i, tok in decoder.items()
+        if RESERVED_TOKEN.match(str(tok.content)) and str(tok.content) not in listed
+    )
+    if len(reserved) < len(wanted):
+        raise ValueError(
+            f"mote.marker_tokens: reserved needs {len(wanted)} unused reserved special "
+            f"tokens (<|reserved_special_token_N|>) for the markers of "
+            f"{template.name!r}, the tokenizer has {len(reserved)}; use "
+            "mote.marker_tokens: new"
+        )
+    return dict(zip(reserved, wanted))

@@ -89,4 +89,4 @@ class MotePlugin(BasePlugin):
     def post_train(self, cfg, model) -> None:
         from axolotl_mote.integration.saving import write_mote_config
 
-        write_mote_config(cfg, cfg.output_dir)
+        write_mote_config(cfg, cfg.output_dir, model)

@@ -26,7 +26,7 @@ class MoteSaveCallback(TrainerCallback):
         if state.is_world_process_zero:
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(ckpt):
-                write_mote_config(self.cfg, ckpt)
+                write_mote_config(self.cfg, ckpt, kwargs.get("model"))
         return control
 
 

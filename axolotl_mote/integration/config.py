@@ -39,16 +39,47 @@ def prepare_raw_config(cfg: dict) -> None:
         template = load_template(opts.get("template") or "aligncot")
     except (ValueError, FileNotFoundError, TypeError):
         return  # validation names the bad template with the fix
-    special = cfg.get("special_tokens") or {}
-    extra = list(special.get("additional_special_tokens") or [])
-    extra += [m for m in template.markers if m not in extra]
-    special["additional_special_tokens"] = extra
-    cfg["special_tokens"] = special
+    if opts.get("marker_tokens") == "reserved":
+        use_reserved_tokens(cfg, template)
+    else:
+        special = cfg.get("special_tokens") or {}
+        extra = list(special.get("additional_special_tokens") or [])
+        extra += [m for m in template.markers if m not in extra]
+        special["additional_special_tokens"] = extra
+        cfg["special_tokens"] = special
     _refuse_merging_routed_adapter(cfg)
     if opts.get("validate_files", True):
         validate_dataset_files(cfg, template)
     else:
         refuse_empty_files(cfg)
+
+
+def use_reserved_tokens(cfg: dict, template: PromptTemplate) -> None:
+    """``mote.marker_tokens: reserved``: rename unused reserved special tokens to the
+    markers through Axolotl's ``added_tokens_overrides`` (no vocabulary resize)."""
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.markers import reserved_token_overrides
+
+    source = (
+        cfg.get("tokenizer_config") or cfg.get("base_model_config") or cfg["base_model"]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, trust_remote_code=bool(cfg.get("trust_remote_code"))
+    )
+    overrides = {
+        int(k): v for k, v in (cfg.get("added_tokens_overrides") or {}).items()
+    }
+    taken = set(overrides.values())
+    new = {
+        i: m
+        for i, m in reserved_token_overrides(tokenizer, template).items()
+        if m not in taken and i not in overrides
+    }
+    overrides.update(new)
+    cfg["added_tokens_overrides"] = overrides
+    if new:
+        LOG.info("MoTE: markers on reserved tokens (no resize): %s", new)
 
 
 def _refuse_merging_routed_adapter(cfg: dict) -> None:

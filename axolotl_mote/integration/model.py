@@ -75,9 +75,25 @@ def marker_trainable_token_indices(
     settings = resolve_settings(cfg)
     if not settings.options.train_marker_embeddings:
         return {}
-    ids = marker_ids(tokenizer, settings.template)
+    ids = set(marker_ids(tokenizer, settings.template))
+    # every row the resize added (e.g. resize_token_embeddings_to_32x padding) is saved
+    # with the markers: adapters leave the embedding matrices out (tuner/model.py)
+    rows = model.get_input_embeddings().num_embeddings
+    ids |= set(range(min(_base_vocab_rows(cfg), rows), rows))
     user = cfg.get("peft_trainable_token_indices")
     return {"trainable_token_indices": trainable_token_indices(model, ids, user)}
+
+
+def _base_vocab_rows(cfg: Any) -> int:
+    """Embedding rows of the base checkpoint, before any resize."""
+    from transformers import AutoConfig
+
+    source = cfg.get("base_model_config") or cfg.base_model
+    config = AutoConfig.from_pretrained(
+        source, trust_remote_code=bool(cfg.get("trust_remote_code"))
+    )
+    text = getattr(config, "get_text_config", lambda: config)()
+    return int(getattr(text, "vocab_size", 0) or 0)
 
 
 def init_new_marker_rows(cfg: Any, model: Any, tokenizer: Any) -> dict[str, str]:

@@ -54,15 +54,39 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def write_mote_config(cfg: Any, out_dir: str | os.PathLike | None) -> Path | None:
+def write_mote_config(
+    cfg: Any, out_dir: str | os.PathLike | None, model: Any = None
+) -> Path | None:
     """Write mote_config.json and the card section into ``out_dir`` (idempotent,
-    main process only)."""
+    main process only). ``model`` records the trained vocabulary size."""
+    import dataclasses
+
     if out_dir is None or not _is_main_process():
         return None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = resolve_settings(cfg).config.save(out_dir)
+    config = resolve_settings(cfg).config
+    rows = embedding_rows(model)
+    if rows is not None:
+        config = dataclasses.replace(config, vocab_size=rows)
+    path = config.save(out_dir)
     write_model_card(out_dir)
     return path
+
+
+def embedding_rows(model: Any) -> int | None:
+    """The model's vocabulary size after any resize (``resize_token_embeddings``
+    updates the config), read from the config: no weight is touched, which under
+    ZeRO-3 would need a gather."""
+    while (
+        model is not None and not hasattr(model, "config") and hasattr(model, "module")
+    ):
+        model = model.module  # DDP / DeepSpeed engine
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    return int(rows) if rows else None
 
 
 def write_model_card(out_dir: str | os.PathLike) -> Path:

@@ -92,6 +92,13 @@ class MoteConfig:
     template_data: dict[str, Any] | None = field(
         default=None, metadata={"help": "The full template, for self-description."}
     )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows of the trained (resized) embedding: loaders resize the base "
+            "model to it, so a compact adapter gives the trained logits."
+        },
+    )
     format_version: int = 1
 
     def __post_init__(self) -> None:

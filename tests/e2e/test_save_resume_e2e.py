@@ -170,3 +170,46 @@ def test_loss_falls_and_stage_metrics_are_logged(
     assert all(h.get("tokens_safe_answer", 0) > 0 for h in train_logs)
     evals = [h for h in history if "eval_loss" in h]
     assert evals and any("eval_loss_safe_answer" in h for h in evals), evals
+
+
+def test_markers_on_reserved_tokens_need_no_resize(
+    tmp_path, reset_plugins, monkeypatch
+):
+    """mote.marker_tokens: reserved renames unused reserved tokens to the markers:
+    the vocabulary keeps its size, and the adapter still reloads to the trained model."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.loading import load_mote_model
+    from axolotl_mote.templates import load_template
+    from axolotl_mote.tiny import build_tiny_tokenizer, save_random_llama
+
+    tok = build_tiny_tokenizer()
+    reserved = [
+        AddedToken(f"<|reserved_special_token_{i}|>", special=True, normalized=False)
+        for i in range(10)
+    ]
+    tok.add_tokens(reserved)  # as Llama-3 has them: special added tokens, unlisted
+    rows = len(tok)
+    model_dir = save_random_llama(tmp_path / "model", tok)
+    cfg = base_config(
+        model_dir,
+        tmp_path,
+        max_steps=2,
+        learning_rate=5e-3,
+        mote={"template": "aligncot", "marker_tokens": "reserved"},
+    )
+    trained = _capture_trained_model(monkeypatch)
+    run_train(cfg, tmp_path)
+    out = Path(cfg["output_dir"])
+    saved = AutoTokenizer.from_pretrained(out)
+    assert len(saved) == rows  # nothing added
+    first = tok.convert_tokens_to_ids("<|reserved_special_token_0|>")
+    assert saved.convert_tokens_to_ids("<|analysis|>") == first
+    assert json.loads((out / "mote_config.json").read_text())["vocab_size"] == rows
+    template = load_template("aligncot")
+    ids, steps = _a_training_row(cfg, out, template)
+    expected = _logits(trained[0], ids, steps)
+    model, _ = load_mote_model(model_dir, out, dtype="float32", device="cpu")
+    assert model.get_base_model().config.vocab_size == rows
+    torch.testing.assert_close(_logits(model, ids, steps), expected, rtol=0, atol=1e-5)

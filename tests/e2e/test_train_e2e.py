@@ -106,6 +106,17 @@ def test_train_saves_experts_and_config(tiny_model_dir, tmp_path, reset_plugins)
     from safetensors.torch import load_file
 
     weights = load_file(str(out / "adapter_model.safetensors"))
+    # compact: the experts and the new rows only, never the full embedding matrices
+    assert not any("base_layer" in k for k in weights), sorted(weights)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    lora = [k for k in weights if "lora_" in k]
+    rows = [k for k in weights if "trainable_tokens" in k]
+    assert set(lora) | set(rows) == set(weights)
+    size = (out / "adapter_model.safetensors").stat().st_size
+    assert size <= 1.10 * tensor_bytes, (size, tensor_bytes)
+    from transformers import AutoTokenizer
+
+    assert mote_cfg["vocab_size"] == len(AutoTokenizer.from_pretrained(out))
     b_keys = [k for k in weights if "lora_B" in k]
     assert b_keys and all(weights[k].shape[1] == 16 for k in b_keys)
     # trained: B is no longer all zeros in every block
