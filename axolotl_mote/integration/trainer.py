@@ -12,7 +12,9 @@ Per micro-batch, :meth:`MoteTrainer._routed`:
 
 Random draws (prompt routing, skipped stages) are seeded from (seed, global step,
 micro-step, rank): a resumed run draws what an uninterrupted run would have drawn.
-Per-stage loss and token counts go through Axolotl's ``store_metrics`` into the logs.
+Per-stage loss and token counts (``metrics.py``) are summed on the device over the
+micro-steps between two log calls and added to the logs there: no full-vocabulary copy
+of the logits, one host synchronisation per logging step.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from axolotl_mote.constants import IGNORE_INDEX, STEP_IDS_KEY
+from axolotl_mote.constants import STEP_IDS_KEY
+from axolotl_mote.log import get_logger
+from axolotl_mote.metrics import StageMetrics
 from axolotl_mote.routing import draw_seed, route
 from axolotl_mote.settings import MoteSettings, resolve_settings
 from axolotl_mote.tuner.model import get_routing_state
+
+LOG = get_logger("axolotl_mote")
 
 
 def skip_steps(
@@ -152,35 +157,31 @@ class MoteTrainer(AxolotlTrainer):
         if not track:
             return result
         loss, outputs = result
-        self._store_stage_metrics(outputs, inputs.get("labels"), model.training)
+        self._stage_metrics(model.training).add(
+            getattr(outputs, "logits", None),
+            inputs["labels"],
+            self._mote_batch_steps,
+        )
         return (loss, outputs) if return_outputs else loss
 
-    @torch.no_grad()
-    def _store_stage_metrics(self, outputs: Any, labels: Any, training: bool) -> None:
-        logits = getattr(outputs, "logits", None)
-        steps = self._mote_batch_steps
-        if logits is None or labels is None or steps is None:
-            return
-        # position t predicts labels[t+1]; the target token's stage owns the loss
-        logits = logits[:, :-1].float()  # [B, T-1, V]
-        targets = labels[:, 1:].to(logits.device)  # [B, T-1]
-        stage_of_target = steps[:, 1:].to(logits.device)  # [B, T-1]
-        token_loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(targets)
-        valid = targets != IGNORE_INDEX
-        metrics: dict[str, Any] = {}
-        prefix = "" if training else "eval_"
-        for idx, name in enumerate(self.mote.stage_names):
-            sel = valid & (stage_of_target == idx)
-            count = int(sel.sum())
-            metrics[f"{prefix}tokens_{name}"] = (count, "sum")
-            if count:
-                metrics[f"{prefix}loss_{name}"] = (
-                    float(token_loss[sel].mean()),
-                    "mean",
-                )
-        self.store_metrics(metrics, train_eval="train" if training else "eval")
+    # --- per-stage metrics (metrics.py): summed on the device, synced when logged ----
+    def _stage_metrics(self, training: bool) -> StageMetrics:
+        key = "_mote_train_metrics" if training else "_mote_eval_metrics"
+        metrics = self.__dict__.get(key)
+        if metrics is None:
+            metrics = StageMetrics(self.mote.stage_names)
+            self.__dict__[key] = metrics
+        return metrics
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        evaluating = any(k.startswith("eval_") for k in logs)
+        metrics = self._stage_metrics(training=not evaluating)
+        if not metrics.has_loss and not self.__dict__.get("_mote_said_no_loss"):
+            self.__dict__["_mote_said_no_loss"] = True
+            LOG.warning(
+                "MoTE: per-stage loss is off: the model's loss keeps no logits (a "
+                "fused loss such as Liger or Cut-Cross-Entropy); tokens per stage are "
+                "still logged"
+            )
+        logs.update(metrics.flush("eval_" if evaluating else ""))
+        super().log(logs, *args, **kwargs)
