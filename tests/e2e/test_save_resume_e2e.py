@@ -176,7 +176,8 @@ def test_markers_on_reserved_tokens_need_no_resize(
     tmp_path, reset_plugins, monkeypatch
 ):
     """mote.marker_tokens: reserved renames unused reserved tokens to the markers:
-    the vocabulary keeps its size, and the adapter still reloads to the trained model."""
+    the vocabulary keeps its size, and the adapter still reloads to the trained
+    model."""
     from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
