@@ -1,5 +1,6 @@
 """QLoRA: a 4-bit base through the real ``axolotl train`` on CPU (bitsandbytes' CPU
-backend), saved, reloaded in 4-bit by ``load_mote_model`` and generating with routing."""
+backend), saved, reloaded in 4-bit by ``load_mote_model`` and generating with
+routing."""
 
 from __future__ import annotations
 
