@@ -32,6 +32,13 @@ class SkipPositions(str, Enum):
     SHIFT = "shift"
 
 
+class StepSkipAttention(str, Enum):
+    """How sdpa applies the step-skipping draw."""
+
+    REGIONS = "regions"
+    DENSE = "dense"
+
+
 class MarkerTokens(str, Enum):
     """Where the marker tokens come from."""
 
@@ -85,6 +92,15 @@ class MoteOptions(BaseModel):
         "masks (sdpa, eager, flex_attention), and 0 with a logged note under flash "
         "attention. 0 turns it off: plain causal attention, the paper's '- step "
         "skipping' variant.",
+    )
+    step_skip_attention: StepSkipAttention = Field(
+        default=StepSkipAttention.REGIONS.value,
+        description="With attn_implementation sdpa: 'regions' runs attention as "
+        "causal attention over gathered key regions (no T x T mask, close to plain "
+        "causal speed at any length; models with sliding-window or soft-capped "
+        "attention fall back to 'dense'); 'dense' passes the full [B, 1, T, T] step "
+        "mask to sdpa (the reference the regions are tested against). eager and "
+        "flex_attention always use their own mask.",
     )
     skip_stages: list[str] | None = Field(
         default=None,

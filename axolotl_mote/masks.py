@@ -54,6 +54,7 @@ these masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -323,6 +324,69 @@ def check_attn_implementation(attn_implementation: str) -> None:
     )
 
 
+@dataclass
+class SkipDraw:
+    """One batch's step-skipping draw, before it becomes a mask or regions."""
+
+    step_ids: torch.Tensor  # [B, T] on the output device
+    seq: torch.Tensor  # [B, T] sequence numbers (0 = padding)
+    hidden: torch.Tensor  # [B, S+1, E] hidden stages
+    is_marker: torch.Tensor | None  # [B, T] markers kept visible, or None
+    position_ids: torch.Tensor | None  # [B, T] the batch's, on the output device
+
+
+def draw_step_skipping(
+    inputs: dict[str, Any],
+    *,
+    step_ids: torch.Tensor,
+    hideable: list[int],
+    p: float,
+    generator: torch.Generator | None,
+    marker_ids: set[int] | None,
+    markers_visible: bool,
+    device: torch.device | str | None = None,
+) -> SkipDraw:
+    """Check the batch and draw which stages each sequence hides."""
+    device = torch.device(device) if device is not None else step_ids.device
+    step_ids = step_ids.to(device)
+    input_ids = inputs.get("input_ids")
+    if input_ids is not None and tuple(input_ids.shape) != tuple(step_ids.shape):
+        raise StepSkipError(
+            f"step_ids {tuple(step_ids.shape)} do not match input_ids "
+            f"{tuple(input_ids.shape)}"
+        )
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise StepSkipError(
+            f"step skipping needs a 2D attention_mask (or none), got shape "
+            f"{tuple(attention_mask.shape)}: the batch already carries a prepared mask"
+        )
+    position_ids = inputs.get("position_ids")
+    position_ids = position_ids.to(device) if position_ids is not None else None
+    seq = sequence_ids(
+        position_ids,
+        attention_mask.to(device) if attention_mask is not None else None,
+        step_ids,
+    )
+    hidden = sample_hidden_stages(step_ids, seq, hideable, p, generator)
+    is_marker = None
+    if markers_visible and marker_ids:
+        if input_ids is None:
+            raise StepSkipError("skip_markers_visible needs input_ids in the batch")
+        ids = torch.tensor(sorted(marker_ids), device=device)
+        is_marker = torch.isin(input_ids.to(device), ids)
+    return SkipDraw(step_ids, seq, hidden, is_marker, position_ids)
+
+
+def _shifted(draw: SkipDraw) -> torch.Tensor:
+    base = draw.position_ids
+    if base is None:
+        base = positions_in_sequence(draw.seq)
+    return shifted_position_ids(
+        base, draw.step_ids, draw.seq, draw.hidden, draw.is_marker
+    )
+
+
 def apply_step_skipping(
     inputs: dict[str, Any],
     *,
@@ -345,49 +409,63 @@ def apply_step_skipping(
     shifted ``position_ids`` (created per sequence when absent). ``mask_dtype`` is the
     eager mask's dtype (use the model's); ``device`` is where outputs go (default:
     ``step_ids``'s; a ``BlockMask`` is not moved by the Trainer, so build it on the
-    model's device).
+    model's device). The dense masks are the reference the region plan
+    (:func:`plan_step_skipping`) is tested against.
     """
     if p <= 0 or not hideable:
         return inputs
     check_attn_implementation(attn_implementation)
-    device = torch.device(device) if device is not None else step_ids.device
-    step_ids = step_ids.to(device)
-    input_ids = inputs.get("input_ids")
-    if input_ids is not None and tuple(input_ids.shape) != tuple(step_ids.shape):
-        raise StepSkipError(
-            f"step_ids {tuple(step_ids.shape)} do not match input_ids "
-            f"{tuple(input_ids.shape)}"
-        )
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise StepSkipError(
-            f"step skipping needs a 2D attention_mask (or none), got shape "
-            f"{tuple(attention_mask.shape)}: the batch already carries a prepared mask"
-        )
-    position_ids = inputs.get("position_ids")
-    seq = sequence_ids(
-        position_ids.to(device) if position_ids is not None else None,
-        attention_mask.to(device) if attention_mask is not None else None,
-        step_ids,
-    )
-    hidden = sample_hidden_stages(step_ids, seq, hideable, p, generator)
-    is_marker = None
-    if markers_visible and marker_ids:
-        if input_ids is None:
-            raise StepSkipError("skip_markers_visible needs input_ids in the batch")
-        ids = torch.tensor(sorted(marker_ids), device=device)
-        is_marker = torch.isin(input_ids.to(device), ids)
+    draw = draw_step_skipping(
+        inputs, step_ids=step_ids, hideable=hideable, p=p, generator=generator,
+        marker_ids=marker_ids, markers_visible=markers_visible, device=device,
+    )  # fmt: skip
     out = dict(inputs)
+    args = (draw.step_ids, draw.seq, draw.hidden, draw.is_marker)
     if attn_implementation == "flex_attention":
-        out["attention_mask"] = flex_block_mask(step_ids, seq, hidden, is_marker)
+        out["attention_mask"] = flex_block_mask(*args)
     else:
-        mask = build_step_skip_mask(step_ids, seq, hidden, is_marker)
+        mask = build_step_skip_mask(*args)
         out["attention_mask"] = DENSE_BACKENDS[attn_implementation](mask, mask_dtype)
     if shift_positions:
-        base = position_ids.to(device) if position_ids is not None else None
-        if base is None:
-            base = positions_in_sequence(seq)
-        out["position_ids"] = shifted_position_ids(
-            base, step_ids, seq, hidden, is_marker
-        )
+        out["position_ids"] = _shifted(draw)
     return out
+
+
+def plan_step_skipping(
+    inputs: dict[str, Any],
+    *,
+    step_ids: torch.Tensor,
+    hideable: list[int],
+    p: float,
+    generator: torch.Generator | None,
+    marker_ids: set[int] | None,
+    markers_visible: bool,
+    shift_positions: bool,
+    device: torch.device | str | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Step skipping as attention regions (``attention.py``): no ``T × T`` mask.
+
+    Returns ``(inputs, plan)``: a shallow copy of ``inputs`` with shifted
+    ``position_ids`` (``shift_positions``) and its attention mask untouched, and the
+    :class:`~axolotl_mote.attention.RegionPlan` to run the forward under. The same
+    draw as :func:`apply_step_skipping` for the same generator state.
+    """
+    from axolotl_mote.attention import plan_regions
+
+    if p <= 0 or not hideable:
+        return inputs, None
+    draw = draw_step_skipping(
+        inputs, step_ids=step_ids, hideable=hideable, p=p, generator=generator,
+        marker_ids=marker_ids, markers_visible=markers_visible, device=device,
+    )  # fmt: skip
+    content, vis_marker = _token_roles(
+        draw.step_ids, draw.seq, draw.hidden, draw.is_marker
+    )
+    # a visible marker of a hidden stage is cut off from its hidden content as well, so
+    # it starts the next region: mark the content alone as the hidden span
+    plan = plan_regions(draw.step_ids, draw.seq, content)
+    del vis_marker
+    out = dict(inputs)
+    if shift_positions:
+        out["position_ids"] = _shifted(draw)
+    return out, plan

@@ -1,19 +1,26 @@
-"""Train-step time and peak memory of MoTE routing vs plain PEFT LoRA, in one run.
+"""Train-step time of MoTE routing vs plain PEFT LoRA: paired, interleaved, one process.
 
-Variants, same random Llama (hidden 1024, 4 layers, seq 512, batch 2, fp32, sdpa), all 7
-linear layers targeted, same batches:
+Variants, on the same random Llama (fp32, sdpa, all 7 linear layers targeted), same
+batches:
 
 * ``lora_r``   one PEFT LoRA of rank r
 * ``lora_4r``  one PEFT LoRA of rank 4r (equal parameters to MoTE with 3 experts +
   shared)
-* ``mote``     MoTE: 3 step experts + shared expert, rank r each (rank blocks + mask)
+* ``mote``     MoTE: 3 step experts + shared expert, rank r each (MoteVariant, masked
+  path)
 * ``naive``    the naive per-expert loop (separate experts, gather + index_add)
 
-Each variant runs in its own process (peak RSS is per process), sequentially. A train
-step is forward + backward + AdamW; the median of the timed steps after warm-up is
-reported. The last printed line is one JSON object with the ratios.
+All variants live in one process and take turns: each round runs one train step
+(forward + backward + AdamW) of every variant, in a rotating order, timed in process CPU
+time (what other tenants of a shared machine do stretches wall time, not the work). The
+ratio of a round is MoTE's step over ``lora_r``'s step of the *same* round, so slow
+drift of the machine cancels; the reported ratio is the median over rounds, with the
+spread (interquartile range). Two widths by default: hidden 1,024 (4 layers) and hidden
+4,096 (an 8B layer; 1 layer, shorter sequence to fit the time). The last line is one
+JSON object: ``mote_vs_lora_r`` (hidden 1,024), ``mote_vs_lora_r_4096``, their spreads,
+and the other ratios.
 
-    python benchmarks/routing_overhead.py            # full size (~3 min on 2 cores)
+    python benchmarks/routing_overhead.py          # both widths, ~6 min on 2 cores
     python benchmarks/routing_overhead.py --quick    # small shapes, for a smoke test
 """
 
@@ -21,11 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -103,100 +106,89 @@ def make_steps(args):
     return steps
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> dict:
+def one_step(model, state, steps, ids, opt, key: int) -> None:
+    if state is not None:
+        state.set(steps, draw_key=key)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if state is not None:
+        state.clear()
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Interleaved rounds of every variant at one shape; paired per-round ratios."""
     import torch
 
     torch.set_num_threads(args.threads)
-    model, state, steps = build(variant, args)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    runs = {}
+    for variant in VARIANTS:
+        model, state, steps = build(variant, args)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[variant] = (model, state, steps, torch.optim.AdamW(params, lr=1e-4))
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 8000, (args.batch, args.seq), generator=gen)
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        if state is not None:
-            state.set(steps, draw_key=i)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if state is not None:
-            state.clear()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "variant": variant,
-        "step_s": statistics.median(times),
-        "peak_rss_mb": peak_kb / 1024,
-        "trainable_params": sum(p.numel() for p in params),
-    }
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for i in range(args.warmup + args.rounds):
+        order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+        for variant in order:
+            model, state, steps, opt = runs[variant]
+            start = time.process_time()
+            one_step(model, state, steps, ids, opt, key=i)
+            if i >= args.warmup:
+                times[variant].append(time.process_time() - start)
+
+    def paired(a: str, b: str) -> tuple[float, float]:
+        ratios = [x / y for x, y in zip(times[a], times[b])]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        return round(statistics.median(ratios), 3), round(q[2] - q[0], 3)
+
+    out = {"ms": {v: round(1000 * statistics.median(t), 1) for v, t in times.items()}}
+    for a, b in (("mote", "lora_r"), ("mote", "lora_4r"), ("lora_4r", "lora_r")):
+        out[f"{a}_vs_{b}"], out[f"{a}_vs_{b}_iqr"] = paired(a, b)
+    out["naive_vs_lora_r"], _ = paired("naive", "lora_r")
+    return out
+
+
+VARIANTS = ["lora_r", "lora_4r", "mote", "naive"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--hidden", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.quick:
-        args.hidden, args.layers, args.seq, args.steps, args.warmup = 128, 2, 128, 2, 1
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args)))
-        return
-    results = {}
-    passthrough = [a for a in sys.argv[1:] if a != "--quick"]
-    if args.quick:
-        passthrough += [
-            "--hidden",
-            "128",
-            "--layers",
-            "2",
-            "--seq",
-            "128",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-        ]
-    for variant in ("lora_r", "lora_4r", "mote", "naive"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--variant", variant, *passthrough],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=dict(os.environ),
-        )
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[variant]
+    result: dict = {}
+    for hidden in args.hidden:
+        shape = argparse.Namespace(**vars(args))
+        shape.hidden = hidden
+        # an 8B-wide layer costs ~16x a 1024-wide one: fewer layers, shorter batches
+        shape.layers, shape.seq = (4, 512) if hidden <= 1024 else (1, 256)
+        if args.quick:
+            shape.hidden, shape.layers, shape.seq = 128, 2, 128
+            shape.rounds, shape.warmup = 3, 1
+        r = measure(shape)
+        suffix = "" if hidden <= 1024 else f"_{hidden}"
         print(
-            f"{variant:>8}: step {r['step_s'] * 1000:8.1f} ms   peak RSS "
-            f"{r['peak_rss_mb']:8.0f} MB   trainable {r['trainable_params']:,}",
+            f"hidden {shape.hidden}, layers {shape.layers}, seq {shape.seq}, batch "
+            f"{shape.batch}, rank {shape.rank}, threads {shape.threads}: step ms "
+            f"{r['ms']}; mote/lora_r {r['mote_vs_lora_r']} (IQR "
+            f"{r['mote_vs_lora_r_iqr']}), mote/lora_4r {r['mote_vs_lora_4r']}, "
+            f"lora_4r/lora_r {r['lora_4r_vs_lora_r']}, naive/lora_r "
+            f"{r['naive_vs_lora_r']}",
             flush=True,
         )
-    base, wide = results["lora_r"], results["lora_4r"]
-    ratios = {
-        "mote_vs_lora_r": round(results["mote"]["step_s"] / base["step_s"], 3),
-        "mote_vs_lora_4r": round(results["mote"]["step_s"] / wide["step_s"], 3),
-        "naive_vs_lora_r": round(results["naive"]["step_s"] / base["step_s"], 3),
-        "mem_mote_vs_lora_r": round(
-            results["mote"]["peak_rss_mb"] / base["peak_rss_mb"], 3
-        ),
-    }
-    print(
-        f"shape: hidden {args.hidden}, layers {args.layers}, seq {args.seq}, "
-        f"batch {args.batch}, rank {args.rank}, threads {args.threads}"
-    )
-    print(json.dumps(ratios))
+        for key, value in r.items():
+            if key != "ms":
+                result[key + suffix] = value
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -177,3 +177,25 @@ def test_a_mote_adapter_says_what_it_is_and_plain_loaders_refuse_it(tmp_path):
         load_base_model(tmp_path)
     with pytest.raises(ValueError, match="is a MoTE adapter"):
         HFChatGenerator(str(tmp_path))
+
+
+def test_attached_models_save_compact_adapters(
+    tiny_model_dir, tokenizer_and_template, tmp_path
+):
+    """The resized vocabulary's embedding matrices stay out of the adapter unless asked
+    for; detaching restores PEFT's own save_pretrained."""
+    from safetensors.torch import load_file
+
+    from axolotl_mote.tuner.model import detach_mote
+
+    tokenizer, template = tokenizer_and_template
+    model, _ = build_mote(tiny_model_dir, tokenizer, template, train_markers=True)
+    model.save_pretrained(tmp_path / "compact")
+    keys = load_file(str(tmp_path / "compact" / "adapter_model.safetensors")).keys()
+    assert any("trainable_tokens" in k for k in keys)
+    assert not any("base_layer" in k for k in keys)
+    model.save_pretrained(tmp_path / "full", save_embedding_layers=True)
+    keys = load_file(str(tmp_path / "full" / "adapter_model.safetensors")).keys()
+    assert any("base_layer" in k for k in keys)
+    detach_mote(model)
+    assert "save_pretrained" not in vars(model)

@@ -19,8 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "axolotl_mote"
 #: layer -> modules (a name ending in ".*" covers a subpackage)
 LAYERS: dict[int, list[str]] = {
     0: ["constants", "log", "resources"],
-    1: ["templates", "routing", "masks", "deepspeed", "tiny", "smollm2"],
-    2: ["markers", "tuner", "tuner.config", "tuner.reference", "data.schema"],
+    1: ["templates", "routing", "attention", "deepspeed", "tiny", "smollm2", "metrics"],
+    2: ["markers", "masks", "tuner", "tuner.config", "tuner.reference", "data.schema"],
     3: ["args", "tuner.layer", "data.format", "data.stats", "export"],
     4: ["settings", "tuner.model", "generation.router", "generation.plan"],
     5: ["data.*", "generation.*", "loading"],

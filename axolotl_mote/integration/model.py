@@ -171,6 +171,7 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
                     "mote.shared_expert as in training"
                 )
     attach_mote(model, config)
+    use_step_skip_regions(settings, model)
     if loading_for_inference(cfg):  # `axolotl inference`: route by the emitted markers
         from axolotl.loaders import load_tokenizer
 
@@ -191,6 +192,32 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
         )
         if settings.step_skip_note:
             LOG.warning(settings.step_skip_note)
+
+
+def use_step_skip_regions(settings: Any, model: Any) -> bool:
+    """Run sdpa through ``attention.py``'s regions when step skipping is on.
+
+    The registered attention function is plain sdpa whenever no plan is active
+    (evaluation, generation), so only training batches change. Models with
+    sliding-window or soft-capped attention keep the dense mask.
+    """
+    from axolotl_mote.attention import register, supports_regions
+
+    if (
+        settings.step_skip_prob <= 0
+        or settings.attn_implementation != "sdpa"
+        or settings.options.step_skip_attention != "regions"
+    ):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not supports_regions(base.config):
+        LOG.info(
+            "MoTE: step skipping uses the dense mask (sliding-window or soft-capped "
+            "attention)"
+        )
+        return False
+    base.set_attn_implementation(register())
+    return True
 
 
 def loading_for_inference(cfg: Any) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
+from axolotl_mote.attention import regions_active, uses_regions
 from axolotl_mote.constants import STEP_IDS_KEY
 from axolotl_mote.log import get_logger
 from axolotl_mote.metrics import StageMetrics
@@ -42,26 +43,38 @@ def skip_steps(
     step_ids: torch.Tensor,
     key: int,
     marker_ids: set[int],
-) -> None:
-    """Apply step skipping to a training batch in place (a no-op at p = 0)."""
+    regions: bool = False,
+) -> Any:
+    """Apply step skipping to a training batch in place (a no-op at p = 0).
+
+    ``regions``: the model runs ``attention.py``'s region attention; returns the plan
+    to hold active around forward and backward (the attention mask stays as it is).
+    Otherwise the dense (or flex) step mask replaces ``attention_mask``; returns None.
+    """
     if settings.step_skip_prob <= 0 or not settings.hideable:
-        return
-    from axolotl_mote.masks import apply_step_skipping
+        return None
+    from axolotl_mote.masks import apply_step_skipping, plan_step_skipping
 
     options = settings.options
-    generator = torch.Generator().manual_seed(draw_seed(settings.seed, "skip", key))
-    new_inputs = apply_step_skipping(
-        inputs,
+    kwargs = dict(
         step_ids=step_ids,
         hideable=list(settings.hideable),
         p=settings.step_skip_prob,
-        generator=generator,
+        generator=torch.Generator().manual_seed(draw_seed(settings.seed, "skip", key)),
         marker_ids=marker_ids,
         markers_visible=bool(options.skip_markers_visible),
         shift_positions=options.skip_positions == "shift",
-        attn_implementation=settings.attn_implementation,
     )
-    inputs.update(new_inputs)
+    if regions:
+        new_inputs, plan = plan_step_skipping(inputs, **kwargs)
+        inputs.update(new_inputs)
+        return plan
+    inputs.update(
+        apply_step_skipping(
+            inputs, attn_implementation=settings.attn_implementation, **kwargs
+        )
+    )
+    return None
 
 
 class MoteTrainer(AxolotlTrainer):
@@ -116,11 +129,19 @@ class MoteTrainer(AxolotlTrainer):
                 f"{tuple(inputs['input_ids'].shape)}"
             )
         key = self._draw_key(training)
+        plan = None
         if training:  # evaluation never hides stages
-            skip_steps(self.mote, inputs, step_ids, key, self._marker_ids())
+            plan = skip_steps(
+                self.mote,
+                inputs,
+                step_ids,
+                key,
+                self._marker_ids(),
+                uses_regions(model),
+            )
         self._mote_batch_steps = step_ids
         state = get_routing_state(model)
-        with route(state, step_ids, draw_key=key):
+        with route(state, step_ids, draw_key=key), regions_active(plan):
             try:
                 yield
             finally:

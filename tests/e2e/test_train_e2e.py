@@ -136,41 +136,63 @@ def _flex_trainable() -> bool:
 
 
 @pytest.mark.parametrize(
-    "attn",
+    "attn, kernel",
     [
-        "sdpa",
-        "eager",
+        ("sdpa", "regions"),
+        ("sdpa", "dense"),
+        ("eager", "dense"),
         pytest.param(
             "flex_attention",
+            "dense",
             marks=pytest.mark.skipif(
                 not _flex_trainable(),
                 reason="flex attention trains on GPU only (no CPU backward)",
             ),
         ),
     ],
+    ids=["sdpa-regions", "sdpa-dense", "eager", "flex"],
 )
 def test_train_with_step_skipping_packed(
-    attn, tiny_model_dir, tmp_path, reset_plugins, monkeypatch
+    attn, kernel, tiny_model_dir, tmp_path, reset_plugins, monkeypatch
 ):
-    """Packing on, step skipping on: the model receives 4D masks that hide stages."""
+    """Packing on, step skipping on: every batch's attention hides only what it may.
+
+    The dense mask (sdpa-dense, eager) or the regions (sdpa's default) of every trained
+    batch are checked against an independent expectation: causal attention inside
+    each packed sample, minus pairs whose key is an intermediate stage and whose query
+    is another stage's token."""
     import axolotl_mote.masks as masks
+    from axolotl_mote.attention import regions_to_mask
 
     calls: list[tuple[dict, torch.Tensor]] = []
-    original = masks.apply_step_skipping
+    kinds: set[str] = set()
+    dense, regional = masks.apply_step_skipping, masks.plan_step_skipping
 
-    def spy(inputs, **kwargs):
-        out = original(inputs, **kwargs)
+    def spy_dense(inputs, **kwargs):
+        out = dense(inputs, **kwargs)
+        kinds.add("dense")
         calls.append((dict(inputs, step_ids=kwargs["step_ids"]), out["attention_mask"]))
         return out
 
-    monkeypatch.setattr(masks, "apply_step_skipping", spy)
+    def spy_regions(inputs, **kwargs):
+        out, plan = regional(inputs, **kwargs)
+        kinds.add("regions")
+        calls.append((dict(inputs, step_ids=kwargs["step_ids"]), regions_to_mask(plan)))
+        return out, plan
+
+    monkeypatch.setattr(masks, "apply_step_skipping", spy_dense)
+    monkeypatch.setattr(masks, "plan_step_skipping", spy_regions)
     cfg = base_config(
         tiny_model_dir,
         tmp_path,
         sample_packing=True,
         max_steps=3,
         attn_implementation=attn,
-        mote={"template": "aligncot", "step_skip_prob": 0.9},
+        mote={
+            "template": "aligncot",
+            "step_skip_prob": 0.9,
+            "step_skip_attention": kernel,
+        },
     )
     run_train(cfg, tmp_path)
     assert calls, "step skipping was never applied"
@@ -179,6 +201,7 @@ def test_train_with_step_skipping_packed(
 
         assert isinstance(calls[0][1], BlockMask)
         return
+    assert kinds == {kernel}  # the step mask took the path the config asks for
     hidden_pairs = 0
     for inputs, mask in calls:
         steps, pos = inputs["step_ids"], inputs["position_ids"]
