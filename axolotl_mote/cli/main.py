@@ -20,6 +20,8 @@ _COMMANDS = {
     "prepare-smollm2": "axolotl_mote.cli.model_cmd:prepare_smollm2",
     "generate": "axolotl_mote.cli.generate_cmd:generate",
     "export": "axolotl_mote.cli.export_cmd:export",
+    "serve": "axolotl_mote.cli.serve_cmd:serve",
+    "client": "axolotl_mote.cli.serve_cmd:client",
     "generate-data": "axolotl_mote.cli.datagen_cmd:generate_data",
     "evaluate": "axolotl_mote.cli.evaluate_cmd:evaluate",
 }

@@ -170,7 +170,9 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
                     f"{getattr(config, field)!r}; use the same template, lora_r and "
                     "mote.shared_expert as in training"
                 )
-    attach_mote(model, config)
+    # compact adapters need the new rows saved as trainable tokens: without marker
+    # training the full embedding matrices are saved, or a reload could not be exact
+    attach_mote(model, config, compact_save=settings.options.train_marker_embeddings)
     use_step_skip_regions(settings, model)
     if loading_for_inference(cfg):  # `axolotl inference`: route by the emitted markers
         from axolotl.loaders import load_tokenizer

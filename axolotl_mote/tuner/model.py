@@ -25,13 +25,19 @@ def inner_model(model: Any) -> torch.nn.Module:
 
 
 def attach_mote(
-    model: Any, config: MoteConfig, adapter_name: str = "default"
+    model: Any,
+    config: MoteConfig,
+    adapter_name: str = "default",
+    compact_save: bool = True,
 ) -> RoutingState:
     """Route every PEFT LoRA layer of ``model``; return the model's routing state.
 
     Each layer gets a :class:`~axolotl_mote.tuner.layer.MoteVariant`, its one MoTE
     forward. Every layer is checked before any is changed, so a refused layer leaves
     the model untouched. Idempotent: attaching again replaces the previous state.
+    ``compact_save``: ``save_pretrained`` leaves the full embedding matrices out
+    (:class:`CompactSaving`); only right when every row a resize added is saved as
+    trainable tokens.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -67,7 +73,8 @@ def attach_mote(
         )
     for name, module, rank in checked:
         state.handles.append(install_variant(module, adapter_name, state, rank, name))
-    state.handles.append(CompactSaving(model))
+    if compact_save:
+        state.handles.append(CompactSaving(model))
     inner = inner_model(model)
     for target in {id(model): model, id(inner): inner}.values():
         object.__setattr__(target, STATE_ATTR, state)

@@ -243,8 +243,11 @@ def build_mote(
         template_data=template.model_dump(mode="json", exclude={"source"}),
     )
     extra = {"task_type": task_type}
-    if train_markers:
-        extra["trainable_token_indices"] = {"embed_tokens": sorted(ids)}
+    if train_markers:  # both rows, as the plugin trains them on an untied head
+        extra["trainable_token_indices"] = {
+            "embed_tokens": sorted(ids),
+            "lm_head": sorted(ids),
+        }
     model, _, _ = mote_model(
         config,
         base=base,

@@ -1,0 +1,278 @@
+"""The stage-switching client: MoTE chains from a server with per-request adapters.
+
+Any OpenAI-compatible completions endpoint that picks a LoRA adapter per request (vLLM
+``--lora-modules``, SGLang ``--lora-paths``, ``axolotl-mote serve``) can generate MoTE
+chains stage by stage, the way ``generate_chains`` does:
+
+1. the prompt is rendered exactly as in training (the template's chat format,
+   ``data/format.py``) and sent as token ids, so marker strings in it stay text;
+2. the next stage is chosen: *adaptive* — one token from the current adapter (the
+   ``prompt`` adapter before any stage), biased onto the start markers the plan rules
+   allow (later stages up to the first one that cannot be skipped); *forced* — the next
+   stage of the plan;
+3. the stage is generated with its own adapter until its end marker (a stop token), or
+   its token limit, then step 2 again; after the answer stage the chain ends.
+
+The one approximation is the server's: every token of a request goes through the
+request's adapter, so earlier stages are recomputed with the current stage's expert
+(docs/serving.md measures what that changes). Requests go through the ``openai``
+client with timeouts and retries; a server error is raised as :class:`ServingError`
+naming the URL, the adapter and what the server said, never swallowed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+#: Bias that makes one of the allowed start markers the next token.
+MARKER_BIAS = 100.0
+
+
+class ServingError(RuntimeError):
+    """The server could not be reached, refused the request, or timed out."""
+
+
+class Backend(Protocol):
+    def complete(
+        self,
+        adapter: str,
+        prompt_ids: list[int],
+        *,
+        max_tokens: int,
+        stop_token_ids: list[int],
+        logit_bias: dict[int, float] | None = None,
+    ) -> tuple[list[int], str]:
+        """(generated token ids without the stop token, finish reason)."""
+
+
+class HTTPBackend:
+    """An OpenAI-compatible ``/v1/completions`` endpoint, through the ``openai`` client.
+
+    ``adapter_field``: ``model`` (vLLM, ``axolotl-mote serve``: the adapter is the model
+    name) or ``lora_path`` (SGLang: sent in the request body beside ``model``).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str = "EMPTY",
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        adapter_field: str = "model",
+        served_model: str | None = None,
+    ) -> None:
+        try:
+            from openai import OpenAI
+        except ImportError as err:  # pragma: no cover - a declared dependency
+            raise ImportError(
+                "the stage-switching client needs the openai package: pip install "
+                "'axolotl-mote[serve]'"
+            ) from err
+        if adapter_field not in ("model", "lora_path"):
+            raise ValueError("adapter_field must be 'model' or 'lora_path'")
+        self.base_url = base_url
+        self.api = OpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
+        )
+        self.adapter_field = adapter_field
+        self.served_model = served_model
+
+    def complete(self, adapter, prompt_ids, *, max_tokens, stop_token_ids,
+                 logit_bias=None):  # fmt: skip
+        import openai
+
+        extra: dict[str, Any] = {
+            "stop_token_ids": list(stop_token_ids),
+            "skip_special_tokens": False,
+            "return_token_ids": True,
+        }
+        model = adapter
+        if self.adapter_field == "lora_path":
+            extra["lora_path"] = adapter
+            model = self.served_model or adapter
+        try:
+            response = self.api.completions.create(
+                model=model,
+                prompt=list(prompt_ids),
+                max_tokens=max_tokens,
+                temperature=0.0,
+                logit_bias={str(k): v for k, v in (logit_bias or {}).items()},
+                extra_body=extra,
+            )
+        except openai.APITimeoutError as err:
+            raise ServingError(
+                f"{self.base_url}: the request for adapter {adapter!r} timed out"
+            ) from err
+        except openai.APIConnectionError as err:
+            raise ServingError(f"{self.base_url}: cannot connect ({err})") from err
+        except openai.APIStatusError as err:
+            raise ServingError(
+                f"{self.base_url}: the server refused the request for adapter "
+                f"{adapter!r} (HTTP {err.status_code}): {_message(err)}"
+            ) from err
+        choice = response.choices[0]
+        ids = getattr(choice, "token_ids", None)
+        if ids is None and choice.model_extra:
+            ids = choice.model_extra.get("token_ids")
+        if ids is None:
+            raise ServingError(
+                f"{self.base_url}: the server returned no token ids; use a server "
+                "that supports return_token_ids (vLLM >= 0.10, axolotl-mote serve)"
+            )
+        return [int(t) for t in ids], str(choice.finish_reason)
+
+
+def _message(err: Any) -> str:
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(err)
+
+
+@dataclass
+class ClientChain:
+    """One chain generated stage by stage through a server."""
+
+    messages: list[dict[str, str]]
+    plan: list[str]
+    stages: dict[str, str]
+    token_ids: list[int] = field(default_factory=list)  # markers included
+    answer: str | None = None
+    finish_reason: str = "answer_end"
+
+
+class StageClient:
+    """Stage-switching generation against a :class:`Backend` (usually HTTP)."""
+
+    def __init__(self, backend: Backend, manifest: dict[str, Any], tokenizer: Any):
+        from axolotl_mote.data.format import ChainFormatter
+        from axolotl_mote.templates import PromptTemplate
+
+        self.backend = backend
+        self.manifest = manifest
+        self.template = PromptTemplate.model_validate(manifest["template_data"])
+        self.formatter = ChainFormatter(self.template, tokenizer)
+        self.tokenizer = tokenizer
+        self.stages = manifest["stages"]
+        self.answer = next(
+            i
+            for i, s in enumerate(self.stages)
+            if s["name"] == manifest["answer_stage"]
+        )
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, backend: Backend) -> StageClient:
+        """A client for a serving bundle folder (its manifest and base tokenizer)."""
+        from transformers import AutoTokenizer
+
+        from axolotl_mote.serving.bundle import MANIFEST_NAME
+
+        bundle = Path(bundle)
+        manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+        return cls(backend, manifest, AutoTokenizer.from_pretrained(bundle / "base"))
+
+    def _reachable(self, after: int | None) -> list[int]:
+        out = []
+        for i in range((after + 1) if after is not None else 0, len(self.stages)):
+            out.append(i)
+            if not self.stages[i]["skippable"]:
+                break
+        return out
+
+    def generate(
+        self,
+        prompt: str | list[dict[str, str]],
+        plan: Sequence[str] | None = None,
+        max_new_tokens: int = 256,
+        max_stage_tokens: int | None = None,
+    ) -> ClientChain:
+        """One chain; ``plan``: stage names/keys to force, None lets the model
+        choose."""
+        from axolotl_mote.generation import parse_plan
+
+        messages = (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        )
+        forced = parse_plan(list(plan) if plan else None, self.template)
+        ids = self.formatter.prompt_ids(messages)
+        chain = ClientChain(messages=messages, plan=[], stages={})
+        current: int | None = None
+        budget = max_new_tokens
+        while budget > 0:
+            if forced is not None:
+                pending = [s for s in forced if current is None or s > current]
+                if not pending:
+                    break
+                nxt = pending[0]
+            else:
+                nxt = self._choose(ids, current)
+            stage = self.stages[nxt]
+            ids.append(stage["start_id"])
+            chain.token_ids.append(stage["start_id"])
+            budget -= 1
+            limit = min(budget, max_stage_tokens or budget)
+            content, reason = self.backend.complete(
+                stage["adapter"], ids, max_tokens=max(limit, 1),
+                stop_token_ids=[stage["end_id"]],
+            )  # fmt: skip
+            content = content[:limit]
+            ids += content + [stage["end_id"]]
+            chain.token_ids += content + [stage["end_id"]]
+            budget -= len(content) + 1
+            text = self.tokenizer.decode(content, skip_special_tokens=True)
+            chain.plan.append(stage["name"])
+            chain.stages[stage["name"]] = text
+            current = nxt
+            if nxt == self.answer:
+                chain.answer = text
+                break
+        if chain.answer is None:
+            chain.finish_reason = "length"
+        return chain
+
+    def _choose(self, ids: list[int], current: int | None) -> int:
+        """The next stage, picked by the model among the reachable ones."""
+        reachable = self._reachable(current)
+        if len(reachable) == 1:
+            return reachable[0]
+        adapter = (
+            self.manifest["prompt_adapter"]
+            if current is None
+            else self.stages[current]["adapter"]
+        )
+        bias = {self.stages[i]["start_id"]: MARKER_BIAS for i in reachable}
+        token, _ = self.backend.complete(
+            adapter, ids, max_tokens=1, stop_token_ids=[], logit_bias=bias
+        )
+        by_id = {self.stages[i]["start_id"]: i for i in reachable}
+        if not token or token[0] not in by_id:
+            raise ServingError(
+                f"the server ignored logit_bias (token {token[:1]} is not a start "
+                f"marker of {[self.stages[i]['name'] for i in reachable]}); force the "
+                "stages with a plan"
+            )
+        return by_id[token[0]]
+
+
+class LocalBackend:
+    """The server's computation in-process (``engine.py``): for tests and fidelity."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def complete(self, adapter, prompt_ids, *, max_tokens, stop_token_ids,
+                 logit_bias=None):  # fmt: skip
+        from axolotl_mote.serving.engine import complete_with_adapter
+
+        out = complete_with_adapter(
+            self.model, adapter, prompt_ids, max_tokens=max_tokens,
+            stop_token_ids=stop_token_ids, logit_bias=logit_bias,
+        )  # fmt: skip
+        return out.token_ids, out.finish_reason
