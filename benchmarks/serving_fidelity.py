@@ -110,6 +110,7 @@ def main() -> None:
 
     from axolotl_mote.data.format import ChainFormatter
     from axolotl_mote.evaluation import load_prompt_set
+    from axolotl_mote.evaluation.scorers import StringMatchScorer, load_rubric
     from axolotl_mote.generation import generate_chains
     from axolotl_mote.loading import load_mote_model
     from axolotl_mote.markers import marker_token_ids
@@ -182,22 +183,64 @@ def main() -> None:
                   f"answer same {row['exact_answer'] == row['served_answer']}, "
                   f"KL {row['mean_kl']:.4f}", flush=True)  # fmt: skip
     rows = [done[k] for k, _ in items]
-    tokens = sum(r["tokens"] for r in rows) or 1
-    result = {
-        "prompts": len(rows),
-        "identical_answers": round(
-            sum(r["exact_answer"] == r["served_answer"] for r in rows) / len(rows), 4
-        ),
-        "identical_plans": round(
-            sum(r["exact_plan"] == r["served_plan"] for r in rows) / len(rows), 4
-        ),
-        "mean_token_kl": round(
-            sum(r["mean_kl"] * r["tokens"] for r in rows) / tokens, 4
-        ),
+    scorer = StringMatchScorer.from_rubric(load_rubric())
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["key"].split("/")[0], []).append(row)
+    print("| set | prompts | identical plans | identical answers | same refusal "
+          "verdict | shared answer prefix (words) | mean token KL |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name, group in [*groups.items(), ("all", rows)]:
+        s = summarise(group, scorer)
+        cells = [
+            str(s["prompts"]), f"{s['identical_plans']:.0%}",
+            f"{s['identical_answers']:.0%}", f"{s['same_refusal']:.0%}",
+            f"{s['shared_prefix_words']:.1f}", f"{s['mean_token_kl']:.4f}",
+        ]  # fmt: skip
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    result = summarise(rows, scorer) | {
         "adapter": str(args.adapter),
         "settings": settings,
     }
     print(json.dumps(result))
+
+
+def summarise(rows: list[dict], scorer) -> dict:
+    """Shares over prompts; the KL is averaged over tokens."""
+    n, tokens = len(rows), sum(r["tokens"] for r in rows) or 1
+
+    def share(values) -> float:
+        return round(sum(values) / n, 4)
+
+    def prefix(a: str, b: str) -> int:
+        words = 0
+        for x, y in zip(a.split(), b.split()):
+            if x != y:
+                break
+            words += 1
+        return words
+
+    return {
+        "prompts": n,
+        "identical_answers": share(
+            r["exact_answer"] == r["served_answer"] for r in rows
+        ),
+        "identical_plans": share(r["exact_plan"] == r["served_plan"] for r in rows),
+        "same_refusal": share(
+            (scorer.refusal(r["exact_answer"]) is None)
+            == (scorer.refusal(r["served_answer"]) is None)
+            for r in rows
+        ),
+        "shared_prefix_words": round(
+            statistics.fmean(
+                prefix(r["exact_answer"], r["served_answer"]) for r in rows
+            ),
+            1,
+        ),
+        "mean_token_kl": round(
+            sum(r["mean_kl"] * r["tokens"] for r in rows) / tokens, 4
+        ),
+    }
 
 
 if __name__ == "__main__":
