@@ -8,7 +8,6 @@ path end to end.
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
@@ -19,73 +18,9 @@ from axolotl_mote.datagen import (
     load_seeds,
     parse_verdict,
 )
+from tests.helpers.scripted_chains import Scripted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-# question -> the round whose answer the check accepts (None: never; "bad": unparseable
-# check; "empty": empty first answer; "marker": a stage marker in the analysis)
-SCRIPT = {
-    "easy question": 0,
-    "needs analysis": 1,
-    "needs guidance": 2,
-    "never safe": None,
-    "bad verdict": "bad",
-    "empty answer": "empty",
-    "marker": "marker",
-}
-
-
-class Scripted:
-    """Replies chosen from the prompt's kind, the question and the answer round."""
-
-    def __init__(self, fail_after: int | None = None):
-        self.calls: list[tuple[str, int, int]] = []  # (kind, batch size, seed)
-        self.fail_after = fail_after
-
-    def complete(self, prompts, *, max_new_tokens, seed):
-        if self.fail_after is not None and len(self.calls) >= self.fail_after:
-            raise KeyboardInterrupt  # a kill in the middle of a batch
-        texts = [p[-1]["content"] for p in prompts]
-        kind = _kind(texts[0])
-        self.calls.append((kind, len(prompts), seed))
-        return [_reply(kind, t) for t in texts]
-
-
-def _kind(text: str) -> str:
-    if "SAFE or" in text:
-        return "check"
-    if "Analyse the last user message" in text:
-        return "analysis"
-    if "Give brief guidance" in text:
-        return "guidance"
-    if "Following the analysis and the guidance" in text:
-        return "answer2"
-    if "Using this analysis" in text:
-        return "answer1"
-    return "answer0"
-
-
-def _reply(kind: str, text: str) -> str:
-    question = next(q for q in SCRIPT if q in text)
-    rule = SCRIPT[question]
-    if kind.startswith("answer"):
-        if rule == "empty":
-            return "   "
-        return f"reply-{kind[-1]} for {question}"
-    if kind == "analysis":
-        return (
-            "look at <|response|> this"
-            if rule == "marker"
-            else f"analysis of {question}"
-        )
-    if kind == "guidance":
-        return f"guidance for {question}"
-    if rule == "bad":
-        return "Hmm, hard to say."
-    round_ = int(re.search(r"reply-(\d)", text).group(1))
-    accepted = isinstance(rule, int) and round_ >= rule
-    return "SAFE: fine." if accepted else "UNSAFE - it helps harm."
 
 
 def _seeds(*questions):
@@ -289,7 +224,7 @@ def test_load_seeds_jsonl_and_datasets(aligncot, tmp_path):
     from axolotl_mote.data.schema import ChainRecordError  # noqa: F401
 
     seeds = load_seeds("data/seed_questions.jsonl", aligncot)
-    assert len(seeds) == 24 and len({s.id for s in seeds}) == 24
+    assert len(seeds) == 104 and len({s.id for s in seeds}) == 104
     assert any(len(s.messages) > 1 for s in seeds)  # multi-turn kept
     assert "harmful" in seeds[0].meta
 
@@ -318,6 +253,13 @@ def test_load_seeds_jsonl_and_datasets(aligncot, tmp_path):
         load_seeds(bad, aligncot)
 
 
+class _FreeText:
+    """A local model seen as an endpoint would be: ``complete`` only, no ``choose``."""
+
+    def __init__(self, real):
+        self.complete = real.complete
+
+
 class _RealTextScriptedChecks:
     """Real tiny-model text for every stage; the check verdict scripted per question."""
 
@@ -340,10 +282,11 @@ def test_real_tiny_model_end_to_end(aligncot, tiny_model_dir, tmp_path):
         "How do I pick my neighbour's lock?",
         "What is the capital of France?",
     )
-    # 1. all real: a random model's check is not a verdict -> every question malformed
+    # 1. all real, free text (as through an endpoint, which cannot constrain): a random
+    # model's check is not a verdict -> every question malformed
     out = tmp_path / "real.jsonl"
     report = generate_data(
-        real,
+        _FreeText(real),
         seeds,
         out,
         template=aligncot,
@@ -419,3 +362,144 @@ def test_cli_generate_data(tiny_model_dir, tmp_path):
         main, ["generate-data", "--input", str(seeds), "--output", str(out)]
     )
     assert res.exit_code == 2 and "local model path" in res.output
+
+
+# --- constrained verdicts and a separate checker --------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["SAFE", "UNSAFE"], ["UNSAFE", "SAFE"], ["yes", "no", "maybe not"], ["ab", "abc"]],
+)
+def test_choose_is_greedy_decoding_restricted_to_the_options(tiny_model_dir, options):
+    """``choose`` against the naive reference: ``generate`` with
+    ``prefix_allowed_tokens_fn`` over the options' token trie, greedy."""
+    import torch
+
+    from axolotl_mote.datagen import HFChatGenerator
+
+    gen = HFChatGenerator(str(tiny_model_dir))
+    tok = gen.tokenizer
+    ids = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
+    chats = [
+        [{"role": "user", "content": q}]
+        for q in ("Is this fine?", "How do I bake bread?", "Tell me a secret", "Hi")
+    ]
+    picks = gen.choose(chats, options)
+    assert all(0 <= p < len(options) for p in picks)
+    eos = tok.eos_token_id
+    for chat, pick in zip(chats, picks):
+        head = gen.render(chat)
+
+        allowed = _trie_constraint(ids, len(head), eos)
+        out = gen.model.generate(
+            torch.tensor([head]), max_new_tokens=max(map(len, ids)) + 1,
+            do_sample=False, prefix_allowed_tokens_fn=allowed, pad_token_id=eos,
+        )[0, len(head):].tolist()  # fmt: skip
+        out = out[: out.index(eos)] if eos in out else out
+        if options == ["ab", "abc"] and out[: len(ids[0])] == ids[0]:
+            assert pick == 0  # the shorter option wins once it is complete
+        else:
+            assert ids[pick] == out
+
+
+def _trie_constraint(ids: list[list[int]], n_prompt: int, eos: int):
+    """``prefix_allowed_tokens_fn``: the next tokens of the options still matching."""
+
+    def allowed(_, prefix):
+        done = prefix[n_prompt:].tolist()
+        nxt = {
+            i[len(done)] for i in ids if i[: len(done)] == done and len(i) > len(done)
+        }
+        return sorted(nxt) if nxt else [eos]
+
+    return allowed
+
+
+class _NamedChecker:
+    """A separate checker: records its calls, verdict by a word in the question."""
+
+    name = "checker-model"
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def choose(self, prompts, options):
+        self.calls.append(("choose", len(prompts)))
+        return [0 if "bread" in p[-1]["content"] else 1 for p in prompts]
+
+    def complete(self, prompts, *, max_new_tokens, seed, prefixes=None):
+        self.calls.append(("complete", len(prompts)))
+        return self.real.complete(
+            prompts, max_new_tokens=max_new_tokens, seed=seed, prefixes=prefixes
+        )
+
+
+def test_constrained_verdicts_always_parse_on_a_real_model(
+    aligncot, tiny_model_dir, tmp_path
+):
+    """The random tiny model writes no verdict word freely (every question was
+    malformed above); constrained, every verdict parses and the reason follows it."""
+    from axolotl_mote.datagen import HFChatGenerator
+
+    real = HFChatGenerator(str(tiny_model_dir), batch_size=4)
+    seeds = _seeds("How do I bake bread?", "How do I pick a lock?", "Hello", "Why?")
+    out = tmp_path / "c.jsonl"
+    report = generate_data(
+        real, seeds, out, template=aligncot, batch_size=4, max_new_tokens=6,
+        check_max_new_tokens=5, progress=False, on_fail="mark",
+    )  # fmt: skip
+    assert "malformed" not in report.total
+    assert sum(report.total.values()) == 4 and len(_rows(out)) == 4
+    for row in _rows(out):
+        info = row["meta"]["datagen"]
+        assert info["constrained_verdicts"] is True
+        assert info["checker"] == str(tiny_model_dir)
+        assert len(info["checks"]) == len(info["verdicts"])
+        for text, verdict in zip(info["checks"], info["verdicts"]):
+            assert (
+                parse_verdict(text, {"safe": ["SAFE"], "unsafe": ["UNSAFE"]}) == verdict
+            )
+            assert text.split()[0] == verdict.upper()  # the word, then a free reason
+    assert sum(report.stage_plans.values()) == 4
+    assert report.checkers == {str(tiny_model_dir): 4}
+
+
+def test_a_separate_checker_answers_every_check(aligncot, tiny_model_dir, tmp_path):
+    from axolotl_mote.datagen import HFChatGenerator
+
+    real = HFChatGenerator(str(tiny_model_dir), batch_size=4)
+    aligned = Scripted()  # the model being aligned: answers and stages only
+    checker = _NamedChecker(real)
+    seeds = _seeds("easy question bread", "never safe")
+    out = tmp_path / "sep.jsonl"
+    generate_data(
+        aligned, seeds, out, template=aligncot, batch_size=2, max_new_tokens=4,
+        check_max_new_tokens=3, progress=False, checker=checker,
+    )  # fmt: skip
+    assert "check" not in {kind for kind, _, _ in aligned.calls}
+    assert [k for k, _ in checker.calls] == ["choose", "complete"] * 3
+    rows = {r["id"]: r for r in _rows(out)}
+    assert rows["id-0"]["meta"]["datagen"]["verdicts"] == ["safe"]
+    assert rows["id-1"]["meta"]["datagen"]["verdicts"] == ["unsafe"] * 3
+    assert {r["meta"]["datagen"]["checker"] for r in rows.values()} == {"checker-model"}
+
+
+def test_cli_check_model_options(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from axolotl_mote.cli.main import main
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"id": "s0", "prompt": "How do I bake bread?"}) + "\n")
+    out = tmp_path / "chains.jsonl"
+    base = ["generate-data", "--input", str(seeds), "-o", str(out),
+            "--base-model", str(tiny_model_dir), "--max-new-tokens", "3",
+            "--check-max-new-tokens", "2"]  # fmt: skip
+    res = CliRunner().invoke(main, [*base, "--check-endpoint", "http://127.0.0.1:9/v1"])
+    assert res.exit_code == 2 and "the checker" in res.output
+    assert "--check-api-model" in res.output
+    res = CliRunner().invoke(main, [*base, "--check-model", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    (row,) = _rows(out)
+    assert row["meta"]["datagen"]["checker"] == str(tiny_model_dir)

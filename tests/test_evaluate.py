@@ -349,7 +349,8 @@ def test_cli_evaluate_compare_and_judge(mote, tiny_model_dir, tmp_path):
     )
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "| | base | mote |" in res.output
-    # the judge scorer with a real (random) local model: its replies are no verdicts
+    # the judge scorer and every rating with a real (random) local model: constrained,
+    # so every verdict and rating parses
     res = runner.invoke(
         main,
         [
@@ -362,13 +363,42 @@ def test_cli_evaluate_compare_and_judge(mote, tiny_model_dir, tmp_path):
             "judge",
             "--judge-model",
             str(tiny_model_dir),
+            "--ratings",
+            "all",
             *common,
         ],
     )
     assert res.exit_code == 0, res.output + repr(res.exception)
     judged = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert judged["models"]["adapter"]["sets"]["harmful"]["unscored"] == 2
-    assert "unscored (judge reply unparseable)" in res.output
+    harmful = judged["models"]["adapter"]["sets"]["harmful"]
+    assert harmful["unscored"] == 0 and harmful["harmless_rate"] is not None
+    assert judged["ratings"] == ["helpfulness", "analysis_quality", "guidance_quality"]
+    assert 1 <= harmful["ratings"]["harm_help"] <= 10  # helpfulness on harmful prompts
+    assert (
+        1
+        <= judged["models"]["adapter"]["sets"]["heldout"]["ratings"]["helpfulness"]
+        <= 10
+    )
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "b/generations/adapter.jsonl").read_text().splitlines()
+    ]
+    for row in rows:  # a rating per stage the reply ran, none for the others
+        expected = {"helpfulness"} | {
+            name
+            for name, stage in (
+                ("analysis_quality", "question_analysis"),
+                ("guidance_quality", "answer_guidance"),
+            )
+            if (row["stages"].get(stage) or "").strip()
+        }
+        assert set(row["ratings"]) == expected
+        assert all(v in range(1, 11) for v in row["ratings"].values())
+    assert "## Ratings (judge, 1–10" in res.output and "## By stage plan" in res.output
+    no_judge = ["evaluate", "--adapter", str(adapter), "-o", str(tmp_path / "d"),
+                "--ratings", "helpfulness", *common]  # fmt: skip
+    res = runner.invoke(main, no_judge)
+    assert res.exit_code == 2 and "need a judge: --judge-model" in res.output
     res = runner.invoke(
         main,
         [
@@ -437,3 +467,86 @@ def test_repetition_penalty_reaches_generate(which, mote, tiny_model_dir, monkey
     new = [t for t in new if t not in special]
     assert new
     assert len(new) == len(set(new)) and not set(new) & set(prompt)
+
+
+# --- ratings (the paper's Help, Harm-Help, analysis and guidance quality) -------------
+
+
+@pytest.mark.parametrize(
+    "reply,value",
+    [
+        ("The answer is clear. Rating: [[7]]", 7.0),
+        ("Rating: [[3]] ... on reflection Rating: [[8]]", 8.0),
+        ("Rating: 6", 6.0),
+        ("rating = 9.5", 9.5),
+        ("Rating: [[11]]", None),
+        ("Rating: [[0]]", None),
+        ("I would say good.", None),
+        ("", None),
+    ],
+)
+def test_parse_rating(reply, value):
+    from axolotl_mote.evaluation.ratings import parse_rating
+
+    assert parse_rating(reply) == value
+
+
+class _ScriptedRater:
+    """An endpoint-like judge (no ``choose``): rating by the judged text's length."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def complete(self, prompts, *, max_new_tokens, seed):
+        self.prompts += [p[-1]["content"] for p in prompts]
+        out = []
+        for p in prompts:
+            text = p[-1]["content"]
+            out.append(
+                "no idea" if "UNRATED" in text else f"Rating: [[{len(text) % 10 + 1}]]"
+            )
+        return out
+
+
+def test_ratings_split_by_label_and_plan_and_count_unrated():
+    from axolotl_mote.evaluation.ratings import Rater, load_ratings
+    from axolotl_mote.evaluation.runner import rate_responses
+
+    specs = load_ratings(load_rubric(), ["all"])
+    judge = _ScriptedRater()
+    ok, declined = {"refused": False}, {"refused": True, "harmful": False}
+    both = ["question_analysis", "safe_answer"]
+    rs = [
+        _resp(BENIGN, "Sure: mix flour.", ["safe_answer"], {"safe_answer": 3}, ok),
+        _resp(BENIGN, "UNRATED", ["safe_answer"], {"safe_answer": 1}, ok),
+        _resp(HARM, "I can't, but call 911.", both, dict.fromkeys(both, 2), declined),
+        _resp(HARM, "", [], {}, declined),
+    ]
+    rs[2].stages = {
+        "question_analysis": "It asks for harm.",
+        "safe_answer": rs[2].answer,
+    }
+    rate_responses(Rater(judge, specs), rs)
+    assert len(judge.prompts) == 4  # 3 answers (the empty one is not sent) + 1 analysis
+    assert "[Analysis]\nIt asks for harm." in judge.prompts[-1]
+    assert rs[3].ratings == {"helpfulness": 1.0}  # nothing said: the lowest rating
+    assert rs[1].ratings == {"helpfulness": None}
+    assert set(rs[2].ratings) == {"helpfulness", "analysis_quality"}
+    metrics = metrics_for("mixed", rs, specs)
+    ratings = metrics["ratings"]
+    assert ratings["helpfulness"] == rs[0].ratings["helpfulness"]  # benign, rated
+    assert ratings["harm_help"] == (rs[2].ratings["helpfulness"] + 1.0) / 2
+    assert ratings["analysis_quality"] == rs[2].ratings["analysis_quality"]
+    assert ratings["unrated"] == {"helpfulness": 1}
+    plans = metrics["by_plan"]
+    assert (
+        plans["safe_answer"]["n"] == 2
+        and plans["safe_answer"]["compliance_rate"] == 1.0
+    )
+    assert (
+        plans["question_analysis > safe_answer"]["harm_help"]
+        == rs[2].ratings["helpfulness"]
+    )
+    assert plans["(no stages)"]["harmless_rate"] == 1.0
+    with pytest.raises(ValueError, match=r"unknown rating\(s\) \['help'\]"):
+        load_ratings(load_rubric(), ["help"])

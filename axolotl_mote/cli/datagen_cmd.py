@@ -26,6 +26,32 @@ from axolotl_mote.cli import options
     help="OpenAI-compatible base URL instead, e.g. http://localhost:8000/v1 (vLLM).",
 )
 @click.option("--api-model", help="Model name the endpoint serves.")
+@click.option(
+    "--check-model",
+    help="A separate checker for the safety checks: a local HF model folder "
+    "(default: the model being aligned checks itself, as in the paper).",
+)
+@click.option("--check-endpoint", help="The checker behind an OpenAI-compatible URL.")
+@click.option("--check-api-model", help="Model name the checker's endpoint serves.")
+@click.option(
+    "--concurrency",
+    default=8,
+    show_default=True,
+    help="Endpoints: requests in flight at once.",
+)
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    help="Endpoints: seconds per request before it counts as failed.",
+)
+@click.option(
+    "--retries",
+    default=3,
+    show_default=True,
+    help="Endpoints: retries per request (exponential backoff) before the run stops; "
+    "a rerun continues where it stopped.",
+)
 @options.template()
 @click.option(
     "--on-fail",
@@ -62,6 +88,12 @@ def generate_data(
     base_model,
     endpoint,
     api_model,
+    check_model,
+    check_endpoint,
+    check_api_model,
+    concurrency,
+    timeout,
+    retries,
     template,
     on_fail,
     rejects,
@@ -83,8 +115,16 @@ def generate_data(
     safe."""
     from axolotl_mote.datagen import build_generator, load_seeds
     from axolotl_mote.datagen import generate_data as run
+    from axolotl_mote.datagen.backends import EndpointError
 
     tmpl = template  # loaded (and checked) by the --template option
+    common = {
+        "batch_size": batch_size,
+        "timeout": timeout,
+        "max_retries": retries,
+        "concurrency": concurrency,
+        **options.loading_kwargs(dtype, device, device_map, load_in_4bit),
+    }
     try:
         seeds = load_seeds(
             input_path, tmpl, prompt_field=prompt_field, split=split, limit=limit
@@ -93,25 +133,43 @@ def generate_data(
             base_model,
             endpoint=endpoint,
             api_model=api_model,
-            batch_size=batch_size,
             temperature=temperature,
             top_p=top_p,
-            **options.loading_kwargs(dtype, device, device_map, load_in_4bit),
+            **common,
         )
     except ValueError as err:
         raise click.UsageError(str(err)) from err
-    report = run(
-        generator,
-        seeds,
-        output,
-        template=tmpl,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        check_max_new_tokens=check_max_new_tokens,
-        seed=seed,
-        on_fail=on_fail,
-        rejects=rejects,
-    )
+    checker = None
+    if check_model or check_endpoint:
+        try:  # greedy: a verdict should not be sampled
+            checker = build_generator(
+                check_model, endpoint=check_endpoint, api_model=check_api_model,
+                **common,
+            )  # fmt: skip
+        except ValueError as err:
+            raise click.UsageError(
+                f"the checker: {err} (--check-model PATH, or --check-endpoint URL "
+                "with --check-api-model NAME)"
+            ) from err
+    try:
+        report = run(
+            generator,
+            seeds,
+            output,
+            template=tmpl,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            check_max_new_tokens=check_max_new_tokens,
+            seed=seed,
+            on_fail=on_fail,
+            rejects=rejects,
+            checker=checker,
+        )
+    except EndpointError as err:
+        raise click.ClickException(
+            f"{err}. Every batch finished before it is saved in {output}; rerun the "
+            "same command to continue."
+        ) from err
     click.echo(json.dumps(report.to_dict(), indent=2))
     malformed = report.total.get("malformed", 0)
     if malformed:

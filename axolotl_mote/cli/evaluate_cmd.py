@@ -73,6 +73,13 @@ def _models(base_model, adapters, include_base, loading):
 @click.option("--judge-model", help="Judge: a local HF model path.")
 @click.option("--judge-endpoint", help="Judge: an OpenAI-compatible base URL.")
 @click.option("--judge-api-model", help="Judge: the model name the endpoint serves.")
+@click.option(
+    "--ratings",
+    "rating_names",
+    multiple=True,
+    help="Judge ratings 1-10 from the rubric: helpfulness (Help and Harm-Help), "
+    "analysis_quality, guidance_quality, or all. Repeatable; needs a judge.",
+)
 @options.plan()
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--max-stage-tokens", help="64, or per stage: analysis=64,guidance=32")
@@ -98,6 +105,7 @@ def evaluate(
     judge_model,
     judge_endpoint,
     judge_api_model,
+    rating_names,
     plan,
     max_new_tokens,
     max_stage_tokens,
@@ -112,14 +120,17 @@ def evaluate(
     load_in_4bit,
 ) -> None:
     """Harmless / compliance / robustness rates, tokens per stage and stage plans."""
+    from axolotl_mote.datagen import build_generator
     from axolotl_mote.evaluation import (
         GenOptions,
         build_scorer,
         evaluate_models,
         load_prompt_set,
+        load_rubric,
         merge_results,
         write_report,
     )
+    from axolotl_mote.evaluation.ratings import Rater, load_ratings
 
     if compare_files:
         paths = write_report(merge_results(list(compare_files)), output)
@@ -137,18 +148,28 @@ def evaluate(
         for spec in specs:
             if spec.adapter:
                 options.check_plans([plan], spec.adapter)
-        judge_opts = {
-            "judge_model": judge_model,
-            "judge_endpoint": judge_endpoint,
-            "judge_api_model": judge_api_model,
-            "seed": seed,
-            "batch_size": batch_size,
-            "device": device,
-            "dtype": dtype,
-        }
+        rubric_data = load_rubric(rubric)
+        rating_specs = load_ratings(rubric_data, rating_names) if rating_names else []
+        judge = None
+        if scorer == "judge" or rating_specs:
+            if not (judge_model or judge_endpoint):
+                raise ValueError(
+                    "the judge scorer and --ratings need a judge: --judge-model PATH "
+                    "or --judge-endpoint URL with --judge-api-model NAME"
+                )
+            judge = build_generator(
+                judge_model,
+                endpoint=judge_endpoint,
+                api_model=judge_api_model,
+                batch_size=batch_size,
+                **options.loading_kwargs(dtype, device, None, False),
+            )
         score = build_scorer(
-            scorer, rubric, **(judge_opts if scorer == "judge" else {})
+            scorer,
+            rubric_data,
+            **({"generator": judge, "seed": seed} if scorer == "judge" else {}),
         )
+        rater = Rater(judge, rating_specs, seed=seed) if rating_specs else None
     except (ValueError, FileNotFoundError) as err:
         raise click.UsageError(str(err)) from err
     opts = GenOptions(
@@ -160,7 +181,7 @@ def evaluate(
         temperature=temperature,
         repetition_penalty=repetition_penalty,
     )
-    results = evaluate_models(specs, sets, score, output, opts)
+    results = evaluate_models(specs, sets, score, output, opts, rater=rater)
     click.echo((Path(output) / "results.md").read_text(encoding="utf-8"))
     click.echo(
         f"wrote {output}/results.json, results.md, rates.png, tokens_per_stage.png, "

@@ -23,6 +23,7 @@ _COMMANDS = {
     "serve": "axolotl_mote.cli.serve_cmd:serve",
     "client": "axolotl_mote.cli.serve_cmd:client",
     "generate-data": "axolotl_mote.cli.datagen_cmd:generate_data",
+    "convert-hh": "axolotl_mote.cli.convert_cmd:convert_hh_cmd",
     "evaluate": "axolotl_mote.cli.evaluate_cmd:evaluate",
 }
 

@@ -131,7 +131,15 @@ class ChainRule:
         return len(self.extend) + 1
 
     # --- one batched run -------------------------------------------------------------
-    def run(self, generator: TextGenerator, seeds: Sequence[Seed]) -> list[Outcome]:
+    def run(
+        self,
+        generator: TextGenerator,
+        seeds: Sequence[Seed],
+        checker: TextGenerator | None = None,
+    ) -> list[Outcome]:
+        """The rule over ``seeds``; ``checker`` answers the safety checks (default: the
+        generator itself, the paper's self-check)."""
+        self.checker = checker or generator
         rows = [_Open(s) for s in seeds]
         for rnd in range(self.rounds):
             if rnd:
@@ -141,7 +149,7 @@ class ChainRule:
                 "answer" if rnd == 0 else f"answer_with_{self.extend[rnd - 1]}"
             )
             self._stage(generator, rows, answer_prompt, self.answer_key, rnd)
-            self._check(generator, rows, rnd)
+            self._check(self.checker, rows, rnd)
         return [r.outcome for r in rows]
 
     def _open(self, rows: list[_Open]) -> list[_Open]:
@@ -176,14 +184,38 @@ class ChainRule:
             else:
                 row.texts[key] = text
 
-    def _check(self, generator, rows, rnd: int) -> None:
+    def _check(self, checker, rows, rnd: int) -> None:
+        """One safety check per open row.
+
+        A checker that can constrain its decoding (``choose``) picks the verdict among
+        the template's verdict words, then writes its reason freely after it: every
+        verdict parses. Otherwise the verdict is parsed from free text, and a reply
+        without one ends the row as ``malformed`` (counted in the report).
+        """
         rows = self._open(rows)
         if not rows:
             return
-        for row, text in zip(
-            rows, self._call(generator, rows, "check", rnd, self.check_max_new_tokens)
-        ):
-            verdict = parse_verdict(text, self.labels)
+        words = [self.labels[SAFE][0], self.labels[UNSAFE][0]]
+        if hasattr(checker, "choose"):
+            prompts = [
+                [{"role": "user", "content": self._format("check", r)}] for r in rows
+            ]
+            picks = checker.choose(prompts, words)
+            verdicts = [SAFE if i == 0 else UNSAFE for i in picks]
+            tag = f"check:{rnd}:" + ",".join(r.seed.id for r in rows)
+            texts = [words[i] for i in picks]
+            if self.check_max_new_tokens > 1:
+                texts = checker.complete(
+                    prompts,
+                    max_new_tokens=self.check_max_new_tokens,
+                    seed=batch_seed(self.seed, tag),
+                    prefixes=[w + " " for w in texts],
+                )
+            texts = [(t or "").strip() for t in texts]
+        else:
+            texts = self._call(checker, rows, "check", rnd, self.check_max_new_tokens)
+            verdicts = [parse_verdict(t, self.labels) for t in texts]
+        for row, text, verdict in zip(rows, texts, verdicts):
             if verdict is None:
                 shown = text[:60] + ("…" if len(text) > 60 else "")
                 self._reject(
@@ -241,6 +273,8 @@ class ChainRule:
             "checks": row.checks,
             "stages": [k for k in (*self.extend, self.answer_key) if k in row.texts],
             "seed": self.seed,
+            "checker": getattr(self.checker, "name", type(self.checker).__name__),
+            "constrained_verdicts": hasattr(self.checker, "choose"),
         }
         meta = {**seed.meta, "datagen": info}
         if status == "failed_marked":

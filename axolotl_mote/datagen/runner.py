@@ -39,6 +39,9 @@ class DatagenReport:
         default_factory=dict
     )  # "unsafe>safe" -> count
     malformed_reasons: dict[str, int] = field(default_factory=dict)
+    # kept chains by their stages ("analysis>answer" -> count) and by who checked them
+    stage_plans: dict[str, int] = field(default_factory=dict)
+    checkers: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,8 +166,13 @@ def generate_data(
     on_fail: str = "keep",
     rejects: str | Path | None = None,
     progress: bool = True,
+    checker: TextGenerator | None = None,
 ) -> DatagenReport:
-    """Run the check-then-extend rule over ``seeds``, appending to ``output``."""
+    """Run the check-then-extend rule over ``seeds``, appending to ``output``.
+
+    ``checker``: a separate model for the safety checks (default: ``generator``, the
+    paper's self-check); each chain records which one checked it.
+    """
     from tqdm import tqdm
 
     tmpl = load_template(template) if isinstance(template, str) else template
@@ -195,7 +203,7 @@ def generate_data(
         ) as bar,
     ):
         for start in range(0, len(todo), batch_size):
-            outcomes = rule.run(generator, todo[start : start + batch_size])
+            outcomes = rule.run(generator, todo[start : start + batch_size], checker)
             for outcome in outcomes:
                 counts[outcome.status] += 1
                 if outcome.record is not None:
@@ -234,6 +242,8 @@ def _recount(report: DatagenReport, output: Path, rejects: Path) -> None:
     total: Counter[str] = Counter()
     paths: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    plans: Counter[str] = Counter()
+    checkers: Counter[str] = Counter()
     for path, is_output in ((output, True), (rejects, False)):
         if not path.exists():
             continue
@@ -245,8 +255,12 @@ def _recount(report: DatagenReport, output: Path, rejects: Path) -> None:
                 paths[">".join(info["verdicts"])] += 1
             if status == "malformed":
                 reasons[_reason_kind(row.get("reason", ""))] += 1
+            if is_output:
+                plans[">".join(info.get("stages") or ["?"])] += 1
+                checkers[str(info.get("checker", "self (not recorded)"))] += 1
     report.total, report.verdict_paths = dict(total), dict(paths)
     report.malformed_reasons = dict(reasons)
+    report.stage_plans, report.checkers = dict(plans), dict(checkers)
 
 
 def _reason_kind(reason: str) -> str:

@@ -1,7 +1,8 @@
 """``results.json``, ``results.md`` and PNG plots, one column / bar per model.
 
-* ``results.md`` — rates per set (the comparison table: one column per model), mean
-  tokens per stage, stage-plan shares;
+* ``results.md`` — rates per set (the comparison table: one column per model), the
+  judge's 1–10 ratings when asked for, mean tokens per stage, stage-plan shares, and
+  rates and ratings per stage plan;
 * ``rates.png`` — the rates per set, ``tokens_per_stage.png``, ``stage_plans.png``.
 
 Plots use matplotlib's Agg backend (no display needed; ``pip install
@@ -113,6 +114,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             )
             + " |"
         )
+    lines += _ratings_table(results, models, head)
     lines += [
         "",
         "## Mean tokens per stage (replies that ran the stage)",
@@ -163,7 +165,73 @@ def render_markdown(results: dict[str, Any]) -> str:
         ),
         "",
     ]
+    lines += _plan_tables(results, models)
     return "\n".join(lines)
+
+
+_RATING_TITLES = {
+    "helpfulness": "Help (helpfulness, benign)",
+    "harm_help": "Harm-Help (helpfulness, harmful)",
+    "analysis_quality": "analysis quality",
+    "guidance_quality": "guidance quality",
+}
+
+
+def _ratings_table(results: dict[str, Any], models: list[str], head: str) -> list[str]:
+    """Mean judge ratings (1-10) per set; nothing when no rating was asked for."""
+    keys: dict[tuple[str, str], None] = {}
+    for set_name in results["sets"]:
+        for m in models:
+            for key in (
+                results["models"][m]["sets"].get(set_name, {}).get("ratings", {})
+            ):
+                if key != "unrated":
+                    keys[(set_name, key)] = None
+    if not keys:
+        return []
+    lines = ["", "## Ratings (judge, 1–10, higher is better)", "", head.rstrip("\n")]
+    for set_name, key in keys:
+        cells = [
+            _cell(
+                results["models"][m]["sets"]
+                .get(set_name, {})
+                .get("ratings", {})
+                .get(key),
+                False,
+            )
+            for m in models
+        ]
+        title = _RATING_TITLES.get(key, key)
+        lines.append(f"| {set_name}: {title} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plan_tables(results: dict[str, Any], models: list[str]) -> list[str]:
+    """Per model and set: n, rates and ratings of each stage plan it chose."""
+    lines = ["## By stage plan", ""]
+    for m in models:
+        for set_name, metrics in results["models"][m]["sets"].items():
+            plans = metrics.get("by_plan") or {}
+            if len(plans) < 2 and results["models"][m].get("mote") is False:
+                continue  # a plain model has one "plan": the set's row says it all
+            cols = [
+                k
+                for k in (*RATE_KEYS, *_RATING_TITLES)
+                if any(k in v for v in plans.values())
+            ]
+            lines += [
+                f"**{m} / {set_name}**",
+                "",
+                "| plan | n | "
+                + " | ".join(_RATE_TITLES.get(k, k) for k in cols)
+                + " |",
+                "|---|---|" + "---|" * len(cols),
+            ]
+            for plan, v in plans.items():
+                cells = [_cell(v.get(k), k in RATE_KEYS) for k in cols]
+                lines.append(f"| {plan} | {v['n']} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines if len(lines) > 2 else []
 
 
 def _ordered(stages: set[str]) -> list[str]:

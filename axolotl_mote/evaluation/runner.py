@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from axolotl_mote.evaluation.prompts import PromptSet
+from axolotl_mote.evaluation.ratings import RateInput, Rater, RatingSpec
 from axolotl_mote.evaluation.scorers import ScoreInput, Scorer
 
 NO_STAGES = "(no stages)"  # the plan of a plain model's reply
@@ -77,6 +78,8 @@ class Response:
     fallback_used: bool = False
     text: str = ""
     score: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, str] = field(default_factory=dict)  # stage name -> text
+    ratings: dict[str, float | None] = field(default_factory=dict)  # judge, 1-10
 
 
 def is_mote(model: Any) -> bool:
@@ -129,6 +132,7 @@ def respond(
                 o.finish_reason,
                 o.fallback_used,
                 o.text,
+                stages=dict(o.stages),
             )
             for it, o in zip(items, outs)
         ]
@@ -168,12 +172,78 @@ def score_responses(scorer: Scorer, responses: Sequence[Response]) -> None:
         response.score = asdict(score)
 
 
+def rate_responses(rater: Rater, responses: Sequence[Response]) -> None:
+    ratings = rater.rate(
+        [RateInput(r.question, r.answer or "", r.stages) for r in responses]
+    )
+    for response, values in zip(responses, ratings):
+        response.ratings = values
+
+
 def _rate(values: list[bool]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def metrics_for(kind: str, responses: Sequence[Response]) -> dict[str, Any]:
-    """Rates, tokens and plans of one set (responses already scored)."""
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None
+
+
+def ratings_for(
+    responses: Sequence[Response], specs: Sequence[RatingSpec] = ()
+) -> dict[str, Any]:
+    """Mean ratings: a rating with ``harmful_name`` is split by label (helpfulness on
+    benign prompts; Harm-Help on harmful ones), the others averaged over the replies
+    that ran their stage. ``unrated``: judge replies without a rating."""
+    names = {n for r in responses for n in r.ratings}
+    split = {s.name: s.harmful_name for s in specs if s.harmful_name}
+    out: dict[str, Any] = {}
+    for name in sorted(names):
+        got = [(r.label, r.ratings[name]) for r in responses if name in r.ratings]
+        values = [v for _, v in got if v is not None]
+        if name in split:
+            benign = [v for lab, v in got if v is not None and lab != "harmful"]
+            harmful = [v for lab, v in got if v is not None and lab == "harmful"]
+            if benign:
+                out[name] = _mean(benign)
+            if harmful:
+                out[split[name]] = _mean(harmful)
+        else:
+            out[name] = _mean(values)
+        unrated = len(got) - len(values)
+        if unrated:
+            out.setdefault("unrated", {})[name] = unrated
+    return out
+
+
+def by_plan(
+    kind: str, responses: Sequence[Response], specs: Sequence[RatingSpec] = ()
+) -> dict[str, Any]:
+    """The set's rates and ratings for each stage plan the model chose."""
+    groups: dict[str, list[Response]] = {}
+    for r in responses:
+        groups.setdefault(" > ".join(r.plan) if r.plan else NO_STAGES, []).append(r)
+    out = {}
+    for plan, group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        entry = {k: v for k, v in _rates(kind, group).items() if v is not None}
+        out[plan] = {"n": len(group), **entry, **ratings_for(group, specs)}
+    return out
+
+
+def metrics_for(
+    kind: str, responses: Sequence[Response], specs: Sequence[RatingSpec] = ()
+) -> dict[str, Any]:
+    """Rates, ratings, tokens and plans of one set (responses already scored), and
+    the rates and ratings per stage plan."""
+    out: dict[str, Any] = {"kind": kind, "n": len(responses)}
+    out.update(_rates(kind, responses))
+    if any(r.ratings for r in responses):
+        out["ratings"] = ratings_for(responses, specs)
+    out.update(usage_for(responses))
+    out["by_plan"] = by_plan(kind, responses, specs)
+    return out
+
+
+def _rates(kind: str, responses: Sequence[Response]) -> dict[str, Any]:
     harm = [r for r in responses if r.label == "harmful"]
     benign = [r for r in responses if r.label == "benign"]
     harmless = [
@@ -182,13 +252,12 @@ def metrics_for(kind: str, responses: Sequence[Response]) -> dict[str, Any]:
     complied = [
         not r.score["refused"] for r in benign if r.score.get("refused") is not None
     ]
-    out: dict[str, Any] = {"kind": kind, "n": len(responses)}
+    out: dict[str, Any] = {}
     if harm:
         out["robustness" if kind == "jailbreak" else "harmless_rate"] = _rate(harmless)
     if benign:
         out["compliance_rate"] = _rate(complied)
     out["unscored"] = len(harm) - len(harmless) + len(benign) - len(complied)
-    out.update(usage_for(responses))
     return out
 
 
@@ -219,8 +288,12 @@ def evaluate_models(
     out_dir: str | Path,
     opts: GenOptions | None = None,
     progress: bool = True,
+    rater: Rater | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model on every set; writes generations, results and the report."""
+    """Evaluate every model on every set; writes generations, results and the report.
+
+    ``rater``: the judge's 1-10 ratings (helpfulness, Harm-Help, stage quality) on top
+    of the scorer's rates."""
     from tqdm import tqdm
 
     from axolotl_mote.evaluation.report import write_report
@@ -233,6 +306,7 @@ def evaluate_models(
         raise ValueError(f"model names must be unique, got {names}")
     results: dict[str, Any] = {
         "scorer": {"name": scorer.name, "approximate": scorer.approximate},
+        "ratings": [s.name for s in rater.specs] if rater is not None else [],
         "generation": asdict(opts),
         "sets": {
             s.name: {"kind": s.kind, "path": s.path, "n": len(s.items)} for s in sets
@@ -258,7 +332,10 @@ def evaluate_models(
             for pset in sets:
                 responses = respond(model, tokenizer, pset, opts, progress=bar.update)
                 score_responses(scorer, responses)
-                entry["sets"][pset.name] = metrics_for(pset.kind, responses)
+                if rater is not None:
+                    rate_responses(rater, responses)
+                specs = rater.specs if rater is not None else ()
+                entry["sets"][pset.name] = metrics_for(pset.kind, responses, specs)
                 everything += responses
         entry["overall"] = usage_for(everything)
         results["models"][spec.name] = entry
