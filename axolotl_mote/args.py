@@ -46,6 +46,13 @@ class MarkerTokens(str, Enum):
     RESERVED = "reserved"
 
 
+class Experts(str, Enum):
+    """How tokens reach the LoRA blocks."""
+
+    ROUTED = "routed"
+    SINGLE = "single"
+
+
 class MarkerInit(str, Enum):
     """Initial rows of newly added marker tokens."""
 
@@ -74,6 +81,15 @@ class MoteOptions(BaseModel):
         default=True,
         description="Add a shared expert active on every token. false gives the "
         "paper's '- shared expert' ablation.",
+    )
+    experts: Experts = Field(
+        default=Experts.ROUTED.value,
+        description="'routed': MoTE, each token to its stage's expert (plus the "
+        "shared one). 'single': no routing, every token through all the blocks at "
+        "weight 1, i.e. one plain LoRA of rank (experts + shared) x lora_r with the "
+        "same markers, data, step skipping and budget: the paper's single-LoRA "
+        "baseline on full chains (Table 4). Its adapter is a plain PEFT LoRA; "
+        "per-stage export does not apply.",
     )
     prompt_routing: str = Field(
         default="random",

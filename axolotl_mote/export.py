@@ -127,6 +127,12 @@ def export_stage_adapters(
             f"{weights_path} not found: export reads safetensors adapters (save with "
             "safe_serialization, Axolotl's default)"
         )
+    if config.experts == "single":
+        raise ValueError(
+            f"{adapter_dir} was trained with mote.experts: single: one LoRA on every "
+            "token, no per-stage experts to export. It is a plain PEFT LoRA: load it "
+            "with PeftModel.from_pretrained (or merge_and_unload) as it is"
+        )
     tensors = load_file(str(weights_path))
     _check_supported(peft_config, tensors)
     wanted = stages or config.stage_names

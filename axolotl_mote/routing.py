@@ -81,6 +81,7 @@ class RoutingState:
         "shared_expert",
         "prompt_routing",
         "seed",
+        "single",
         "config",
         "fast_path",
         "packs",
@@ -99,6 +100,7 @@ class RoutingState:
         prompt_routing: int | str,
         seed: int = 42,
         config: Any = None,
+        single: bool = False,
     ) -> None:
         if not (isinstance(prompt_routing, int) or prompt_routing in PROMPT_ROUTINGS):
             raise ValueError(
@@ -110,6 +112,9 @@ class RoutingState:
         self.shared_expert = shared_expert
         self.prompt_routing = prompt_routing
         self.seed = int(seed)
+        #: no routing: every token through every block at weight 1 (one plain LoRA of
+        #: rank n_blocks * r, ``mote.experts: single``, the single-LoRA baseline).
+        self.single = bool(single)
         #: the MoteConfig the layers were attached with (template, stage names).
         self.config = config
         #: False forces the masked path everywhere (A/B benchmarks, debugging).
@@ -228,6 +233,9 @@ class RoutingState:
         return self._cache[key]
 
     def _coefficients_of(self, steps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.single:  # one LoRA: every block at 1 on every non-padding token
+            valid = (steps != PAD_STEP).to(dtype)[..., None]
+            return valid.repeat(*(1,) * steps.dim(), self.n_blocks)
         steps = self._resolve_prompt(steps)  # [B, T], no PROMPT_STEP left
         valid = steps != PAD_STEP  # [B, T]
         step_weight = self.alpha if self.shared_expert else 1.0
@@ -278,7 +286,11 @@ class RoutingState:
             ids = set(steps.flatten().tolist())
             if len(ids) == 1:
                 (step,) = ids
-                if step != PROMPT_STEP or self.prompt_routing != "random":
+                if (
+                    step != PROMPT_STEP
+                    or self.prompt_routing != "random"
+                    or self.single
+                ):
                     return self._row_of(step, dtype)
         # mixed ids can still share coefficients (a prompt routed to the stage of the
         # other tokens), and random prompt draws live in the coefficient tensor

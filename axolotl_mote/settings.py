@@ -80,6 +80,7 @@ def _resolve(key: str) -> MoteSettings:
         alpha=float(options.alpha),
         shared_expert=bool(options.shared_expert),
         prompt_routing=str(options.prompt_routing),
+        experts=str(options.experts),
         seed=seed,
         template=template.name,
         template_data=template.model_dump(mode="json", exclude={"source"}),

@@ -87,6 +87,12 @@ class MoteConfig:
         default="random",
         metadata={"help": "random | shared | expected | a stage name."},
     )
+    experts: str = field(
+        default="routed",
+        metadata={
+            "help": "routed (MoTE) | single (one LoRA on every token, no routing)."
+        },
+    )
     seed: int = field(default=42, metadata={"help": "Seed of random prompt routing."})
     template: str = field(default="aligncot", metadata={"help": "Template name."})
     template_data: dict[str, Any] | None = field(
@@ -110,6 +116,10 @@ class MoteConfig:
             self.prompt_routing,
             self._stage_index,
         )
+        if self.experts not in ("routed", "single"):
+            problems.append(
+                f"mote.experts must be 'routed' or 'single', got {self.experts!r}"
+            )
         if problems:
             raise ValueError("invalid MoTE config:\n  - " + "\n  - ".join(problems))
 

@@ -49,6 +49,7 @@ def attach_mote(
         prompt_routing=config.prompt_routing_index(),
         seed=config.seed,
         config=config,
+        single=config.experts == "single",
     )
     # built by MoteConfig.peft_kwargs(): user rank patterns give other ranks per layer
     peft_config = (getattr(model, "peft_config", None) or {}).get(adapter_name)

@@ -145,3 +145,36 @@ def test_detached_model_is_the_plain_rank_R_lora():
         torch.testing.assert_close(
             model(input_ids=ids).logits, plain(input_ids=ids).logits, **TOL
         )
+
+
+@pytest.mark.parametrize("shared_expert", [True, False])
+def test_single_experts_is_the_plain_rank_R_lora_on_every_token(shared_expert):
+    """``mote.experts: single`` (the single-LoRA baseline on full chains): any step ids,
+    prompt routing random or not, give the plain rank n_blocks * r LoRA; padding gets
+    nothing, exactly as in a routed model."""
+    config = mote_config(experts="single", shared_expert=shared_expert)
+    model, state, pristine = mote_model(config)
+    weights = {
+        name: (
+            layer.lora_A["default"].weight.detach().clone(),
+            layer.lora_B["default"].weight.detach().clone(),
+        )
+        for name, layer in lora_layers(model).items()
+    }
+    plain = _plain_lora(pristine, config.peft_rank, 8.0 * config.n_blocks, weights)
+    steps = MIXED.clone()
+    steps[steps == X] = 1  # no padding: every token is a content token
+    ids = input_ids_for(steps)
+    with torch.no_grad():
+        with route(state, steps):
+            logits = model(input_ids=ids).logits
+        with route(state, torch.full_like(steps, P)):  # the prompt routing is moot
+            prompt_only = model(input_ids=ids).logits
+        expected = plain(input_ids=ids).logits
+    torch.testing.assert_close(logits, expected, **TOL)
+    torch.testing.assert_close(prompt_only, expected, **TOL)
+    routed, routed_state, _ = mote_model(mote_config(shared_expert=shared_expert))
+    with torch.no_grad(), route(routed_state, steps):
+        assert not torch.allclose(routed(input_ids=ids).logits, expected, atol=1e-3)
+    with pytest.raises(ValueError, match="mote.experts must be 'routed' or 'single'"):
+        mote_config(experts="one")
