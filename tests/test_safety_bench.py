@@ -70,7 +70,9 @@ def test_budgets_are_identical_apart_from_the_arm(tmp_path):
     cfgs = bench.arm_configs(
         tmp_path / "model", data, tmp_path, epochs=3, seed=7, lora_r=None, tiny=False
     )
-    lora, mote = cfgs["lora"], cfgs["mote"]
+    assert set(cfgs) == set(bench.TRAINED)
+    lora, mote = cfgs["lora_answers"], cfgs["mote"]
+    single, noskip = cfgs["lora_chains"], cfgs["mote_noskip"]
     # the prepared-dataset cache follows the data's content (Axolotl keys it by config)
     before = mote["dataset_prepared_path"]
     data["chains"].write_text('{"prompt": "q", "answer": "b"}\n')
@@ -78,7 +80,10 @@ def test_budgets_are_identical_apart_from_the_arm(tmp_path):
         tmp_path / "model", data, tmp_path, epochs=3, seed=7, lora_r=None, tiny=False
     )
     assert again["mote"]["dataset_prepared_path"] != before
-    assert again["lora"]["dataset_prepared_path"] == lora["dataset_prepared_path"]
+    same = (
+        again["lora_answers"]["dataset_prepared_path"] == lora["dataset_prepared_path"]
+    )
+    assert same
     for key in (
         "num_epochs",
         "learning_rate",
@@ -92,40 +97,59 @@ def test_budgets_are_identical_apart_from_the_arm(tmp_path):
         "warmup_steps",
         "lora_target_linear",
     ):
-        assert lora[key] == mote[key], key
-    assert lora["num_epochs"] == 3 and lora["seed"] == 7 and not lora["sample_packing"]
+        assert lora[key] == mote[key] == single[key] == noskip[key], key
+    assert lora["num_epochs"] == 3 and lora["seed"] == 7
     assert "plugins" not in lora and mote["plugins"] == ["axolotl_mote.MotePlugin"]
     assert lora["lora_r"] == 4 * mote["lora_r"]
     assert lora["lora_alpha"] / lora["lora_r"] == mote["lora_alpha"] / mote["lora_r"]
+    # the chain arms differ from MoTE in exactly one mote: key each
+    diff = {k for k in single["mote"] if single["mote"][k] != mote["mote"].get(k)}
+    assert diff == {"experts"} and single["mote"]["experts"] == "single"
+    diff = {k for k in noskip["mote"] if noskip["mote"][k] != mote["mote"].get(k)}
+    assert diff == {"step_skip_prob"} and noskip["mote"]["step_skip_prob"] == 0
+    rest = {k for k in mote if k not in ("mote", "output_dir", "dataset_prepared_path")}
+    assert all(single[k] == mote[k] == noskip[k] for k in rest)
+
+
+def test_wilson_interval():
+    bench = _bench()
+    lo, hi = bench.wilson(0.8, 20)
+    assert round(lo, 3) == 0.584 and round(hi, 3) == 0.919
+    assert bench.wilson(0.0, 10)[0] == 0.0 and bench.wilson(1.0, 10)[1] == 1.0
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end(tmp_path):
+def test_tiny_end_to_end_and_resume(tmp_path):
     bench = _bench()
-    summary = bench.main(
-        [
-            "--tiny",
-            "--limit",
-            "2",
-            "--max-new-tokens",
-            "8",
-            "--max-stage-tokens",
-            "2",
-            "--work-dir",
-            str(tmp_path / "w"),
-            "--xstest",
-            str(_xstest(tmp_path / "x.csv")),
-        ]
-    )
+    argv = [
+        "--tiny", "--limit", "2", "--max-new-tokens", "8", "--max-stage-tokens", "2",
+        "--work-dir", str(tmp_path / "w"), "--xstest", str(_xstest(tmp_path / "x.csv")),
+        "--seeds", "1", "--arms", "base", "lora_answers", "lora_chains", "mote",
+        "--routings", "random", "expected", "--threads", "1",
+    ]  # fmt: skip
+    summary = bench.main(argv)
     docs = tmp_path / "w" / "docs"
     assert (docs / "safety_smollm2.png").is_file()
     assert bench.TABLE_START in (docs / "safety_smollm2.md").read_text()
     saved = json.loads((docs / "safety_smollm2_results.json").read_text())
-    assert set(saved["results"]["models"]) == {"base", "lora", "mote"}
+    columns = saved["results"]["columns"]
+    assert list(columns) == ["base", "lora_answers", "lora_chains", "mote[random]",
+                             "mote[expected]"]  # fmt: skip
     assert "xstest_unsafe" in saved["results"]["sets"]
-    assert saved["results"]["models"]["mote"]["mote"] is True
-    assert saved["results"]["models"]["lora"]["mote"] is False
+    entry = columns["mote[random]"]["sets"]["xstest_unsafe"]["harmless_rate"]
     assert (
-        summary["training"]["lora"]["lora_r"]
-        == 4 * summary["training"]["mote"]["lora_r"]
+        len(entry["seeds"]) == 1
+        and entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
     )
+    single = json.loads(
+        (tmp_path / "w/train/lora_chains-s1/out/mote_config.json").read_text()
+    )
+    assert single["experts"] == "single"
+    assert summary["training"]["lora_chains-s1"]["reused"] is False
+    # a rerun trains and generates nothing again
+    cached = sorted((tmp_path / "w" / "eval").glob("*/*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again = bench.main(argv)
+    assert all(t["reused"] for t in again["training"].values())
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert again["table_markdown"] == summary["table_markdown"]

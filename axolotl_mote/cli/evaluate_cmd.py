@@ -81,6 +81,7 @@ def _models(base_model, adapters, include_base, loading):
     "analysis_quality, guidance_quality, or all. Repeatable; needs a judge.",
 )
 @options.plan()
+@options.prompt_routing()
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--max-stage-tokens", help="64, or per stage: analysis=64,guidance=32")
 @click.option("--batch-size", default=8, show_default=True)
@@ -107,6 +108,7 @@ def evaluate(
     judge_api_model,
     rating_names,
     plan,
+    prompt_routing,
     max_new_tokens,
     max_stage_tokens,
     batch_size,
@@ -176,6 +178,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         max_stage_tokens=options.stage_limits(max_stage_tokens),
         plan=plan,
+        prompt_routing=prompt_routing,
         batch_size=batch_size,
         seed=seed,
         temperature=temperature,

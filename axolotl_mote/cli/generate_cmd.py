@@ -139,6 +139,7 @@ def base_answers(
 )
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@options.prompt_routing()
 @options.model_loading
 @click.option(
     "--compare-base",
@@ -163,6 +164,7 @@ def generate(
     repetition_penalty,
     batch_size,
     seed,
+    prompt_routing,
     dtype,
     device,
     device_map,
@@ -219,6 +221,7 @@ def generate(
                 batch_size=batch_size,
                 do_sample=do_sample,
                 progress=bar.update,
+                prompt_routing=prompt_routing,
                 **gen_kwargs,
             )
         except ValueError as err:  # a plan or stage the template does not have

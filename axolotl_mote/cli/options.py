@@ -93,6 +93,17 @@ def plan() -> Callable:
     )
 
 
+def prompt_routing() -> Callable:
+    return click.option(
+        "--prompt-routing",
+        default=None,
+        help="Override the adapter's prompt routing at inference: random (one drawn "
+        "step expert per prompt), expected (every step expert at alpha/E: the "
+        "expected value of random), shared, or a stage name/key. Default: the "
+        "adapter's own.",
+    )
+
+
 def model_loading(func: Callable) -> Callable:
     """``--dtype``, ``--device``, ``--device-map``, ``--load-in-4bit``."""
     func = click.option(

@@ -58,6 +58,7 @@ class GenOptions:
     max_new_tokens: int = 256
     max_stage_tokens: int | dict[str, int] | None = None
     plan: str | None = None  # None/"adaptive", "full", or "analysis>answer"…
+    prompt_routing: str | None = None  # None: the adapter's; random/expected/shared
     batch_size: int = 8
     seed: int = 0
     temperature: float | None = None  # None: greedy
@@ -117,6 +118,7 @@ def respond(
             batch_size=opts.batch_size,
             seed=opts.seed,
             progress=progress,
+            prompt_routing=opts.prompt_routing,
             **sample,
         )
         return [
