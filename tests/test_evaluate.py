@@ -7,6 +7,7 @@ The generation runs the real stage-routed path on the tiny random MoTE model
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -467,6 +468,29 @@ def test_repetition_penalty_reaches_generate(which, mote, tiny_model_dir, monkey
     new = [t for t in new if t not in special]
     assert new
     assert len(new) == len(set(new)) and not set(new) & set(prompt)
+
+
+@pytest.mark.parametrize("routing", ["expected", "shared", "answer"])
+def test_prompt_routing_override_reaches_generation(mote, routing):
+    """``GenOptions.prompt_routing`` (``evaluate --prompt-routing``) generates exactly
+    what ``generate_chains(prompt_routing=...)`` does."""
+    from axolotl_mote.evaluation.runner import respond
+    from axolotl_mote.generation import generate_chains
+
+    model, tokenizer = mote[0], mote[1]
+    pset = load_prompt_set("data/eval/benign_scary.jsonl", limit=6)
+    opts = GenOptions(max_new_tokens=10, max_stage_tokens=3, batch_size=3)
+    ours = respond(
+        model,
+        tokenizer,
+        pset,
+        GenOptions(**{**asdict(opts), "prompt_routing": routing}),
+    )
+    expected = generate_chains(
+        model, tokenizer, [it.messages for it in pset.items], max_new_tokens=10,
+        max_stage_tokens=3, batch_size=3, seed=0, prompt_routing=routing,
+    )  # fmt: skip
+    assert [r.text for r in ours] == [o.text for o in expected]
 
 
 # --- ratings (the paper's Help, Harm-Help, analysis and guidance quality) -------------
