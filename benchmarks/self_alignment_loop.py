@@ -91,7 +91,26 @@ def chain_mix(path: Path) -> dict[str, float]:
     }
 
 
-def render(report: dict, mix: dict, written: dict, results: dict, command: str) -> str:
+def self_check_blind_spot(path: Path) -> dict[str, int]:
+    """Kept chains the string scorer disagrees with: harmful seeds answered without a
+    refusal (yet checked SAFE), benign ones refused."""
+    from axolotl_mote.evaluation.scorers import StringMatchScorer, load_rubric
+
+    scorer = StringMatchScorer.from_rubric(load_rubric())
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    harmful = [r for r in rows if (r.get("meta") or {}).get("harmful")]
+    benign = [r for r in rows if (r.get("meta") or {}).get("harmful") is False]
+    return {
+        "harmful": len(harmful),
+        "harmful_complied": sum(scorer.refusal(r["answer"]) is None for r in harmful),
+        "benign": len(benign),
+        "benign_refused": sum(scorer.refusal(r["answer"]) is not None for r in benign),
+    }
+
+
+def render(
+    report: dict, mix: dict, written: dict, results: dict, command: str, blind: dict
+) -> str:
     models = list(results["models"])
     lines = [
         START,
@@ -123,7 +142,10 @@ def render(report: dict, mix: dict, written: dict, results: dict, command: str) 
     plans = ", ".join(f"{p}: {n}" for p, n in report.get("stage_plans", {}).items())
     lines += [
         "",
-        f"Kept chains by stages: {plans}.",
+        f"Kept chains by stages: {plans}. Of the {blind['harmful']} harmful seed "
+        f"questions, {blind['harmful_complied']} kept an answer that the string scorer "
+        f"calls a compliance (checked SAFE by the model itself); of the "
+        f"{blind['benign']} benign ones, {blind['benign_refused']} kept a refusal.",
         "",
         "**Rates** (string scorer, greedy; higher is better):",
         "",
@@ -217,13 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
         for k, v in (("epochs", args.epochs), ("eval_limit", args.eval_limit))
         if v is not None
     )
-    block = render(report, mix, written, results, command)
+    blind = self_check_blind_spot(chains)
+    block = render(report, mix, written, results, command, blind)
     write_docs(args.docs, block)
     print(block)
     summary = {
         "total": report["total"],
         "stage_plans": report.get("stage_plans"),
         "mix": mix,
+        "self_check_blind_spot": blind,
         "bundled_mix": written,
         "rates": {
             m: {s: _rates(r) for s, r in e["sets"].items()}
