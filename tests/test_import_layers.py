@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "axolotl_mote"
 
 #: layer -> modules (a name ending in ".*" covers a subpackage)
 LAYERS: dict[int, list[str]] = {
-    0: ["constants", "log", "resources"],
+    0: ["constants", "log", "resources", "endpoints"],
     1: ["templates", "routing", "attention", "deepspeed", "tiny", "smollm2", "metrics"],
     2: ["markers", "masks", "tuner", "tuner.config", "tuner.reference", "data.schema"],
     3: ["args", "tuner.layer", "data.format", "data.stats", "export"],

@@ -12,7 +12,7 @@ in order. Two ship here:
   HTTP server on 127.0.0.1 (``tests/test_datagen_endpoint.py``).
 
 A generator may also have ``choose(prompts, options) -> list[int]``: constrained
-decoding over a closed set of replies (the local model scores each option). The
+decoding over a closed set of replies (greedy over the options' tokens). The
 check-then-extend rule uses it for verdicts, which then always parse.
 
 Tests pass their own object with the same method (a scripted generator) to drive the
@@ -26,6 +26,8 @@ import re
 import zlib
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+from axolotl_mote.endpoints import openai_client, request
 
 Messages = list[dict[str, str]]
 
@@ -230,27 +232,19 @@ class OpenAIChatGenerator:
         max_retries: int = 3,
         concurrency: int = 8,
     ) -> None:
-        try:
-            from openai import OpenAI
-        except ImportError as err:  # pragma: no cover - a declared extra
-            raise ImportError(
-                "an endpoint backend needs the openai package: pip install "
-                "'axolotl-mote[serve]'"
-            ) from err
         self.base_url, self.model = base_url.rstrip("/"), model
         self.name = f"{model} @ {self.base_url}"
         self.temperature, self.top_p = temperature, top_p
         self.concurrency = max(1, concurrency)
-        self.api = OpenAI(
-            base_url=self.base_url,
+        self.api = openai_client(
+            self.base_url,
             api_key=os.environ.get(api_key_env) or "EMPTY",
             timeout=timeout,
             max_retries=max_retries,
+            needed_by="an endpoint backend",
         )
 
     def _one(self, messages: Messages, max_new_tokens: int, seed: int) -> str:
-        import openai
-
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -260,16 +254,12 @@ class OpenAIChatGenerator:
         }
         if self.top_p is not None:
             body["top_p"] = self.top_p
-        try:
-            reply = self.api.chat.completions.create(**body)
-        except openai.APITimeoutError as err:
-            raise EndpointError(f"{self.name}: the request timed out") from err
-        except openai.APIConnectionError as err:
-            raise EndpointError(f"{self.name}: cannot connect ({err})") from err
-        except openai.APIStatusError as err:
-            raise EndpointError(
-                f"{self.name}: HTTP {err.status_code} from the server: {err.message}"
-            ) from err
+        reply = request(
+            lambda: self.api.chat.completions.create(**body),
+            error=EndpointError,
+            where=self.name,
+            what="a chat completion",
+        )
         return (reply.choices[0].message.content or "").strip()
 
     def complete(

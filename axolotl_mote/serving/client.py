@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from axolotl_mote.endpoints import openai_client, request
+
 #: Bias that makes one of the allowed start markers the next token.
 MARKER_BIAS = 100.0
 
@@ -66,26 +68,21 @@ class HTTPBackend:
         adapter_field: str = "model",
         served_model: str | None = None,
     ) -> None:
-        try:
-            from openai import OpenAI
-        except ImportError as err:  # pragma: no cover - a declared dependency
-            raise ImportError(
-                "the stage-switching client needs the openai package: pip install "
-                "'axolotl-mote[serve]'"
-            ) from err
         if adapter_field not in ("model", "lora_path"):
             raise ValueError("adapter_field must be 'model' or 'lora_path'")
         self.base_url = base_url
-        self.api = OpenAI(
-            base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
+        self.api = openai_client(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            needed_by="the stage-switching client",
         )
         self.adapter_field = adapter_field
         self.served_model = served_model
 
     def complete(self, adapter, prompt_ids, *, max_tokens, stop_token_ids,
                  logit_bias=None):  # fmt: skip
-        import openai
-
         extra: dict[str, Any] = {
             "stop_token_ids": list(stop_token_ids),
             "skip_special_tokens": False,
@@ -95,26 +92,19 @@ class HTTPBackend:
         if self.adapter_field == "lora_path":
             extra["lora_path"] = adapter
             model = self.served_model or adapter
-        try:
-            response = self.api.completions.create(
+        response = request(
+            lambda: self.api.completions.create(
                 model=model,
                 prompt=list(prompt_ids),
                 max_tokens=max_tokens,
                 temperature=0.0,
                 logit_bias={str(k): v for k, v in (logit_bias or {}).items()},
                 extra_body=extra,
-            )
-        except openai.APITimeoutError as err:
-            raise ServingError(
-                f"{self.base_url}: the request for adapter {adapter!r} timed out"
-            ) from err
-        except openai.APIConnectionError as err:
-            raise ServingError(f"{self.base_url}: cannot connect ({err})") from err
-        except openai.APIStatusError as err:
-            raise ServingError(
-                f"{self.base_url}: the server refused the request for adapter "
-                f"{adapter!r} (HTTP {err.status_code}): {_message(err)}"
-            ) from err
+            ),
+            error=ServingError,
+            where=self.base_url,
+            what=f"the request for adapter {adapter!r}",
+        )
         choice = response.choices[0]
         ids = getattr(choice, "token_ids", None)
         if ids is None and choice.model_extra:
@@ -125,15 +115,6 @@ class HTTPBackend:
                 "that supports return_token_ids (vLLM >= 0.10, axolotl-mote serve)"
             )
         return [int(t) for t in ids], str(choice.finish_reason)
-
-
-def _message(err: Any) -> str:
-    body = getattr(err, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return str(err)
 
 
 @dataclass
