@@ -35,7 +35,7 @@ DEMO_PROMPTS = [
 SMOLLM2_DIR = Path(".cache") / "models" / "SmolLM2-135M-Instruct"
 
 
-def _env() -> dict[str, str]:
+def offline_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
@@ -87,7 +87,7 @@ def prepare_config(out: Path, tiny: bool, epochs: float | None) -> Path:
 def train(config: Path) -> None:
     cmd = ["axolotl", "train", str(config), "--launcher", "python"]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=_env())
+    subprocess.run(cmd, check=True, env=offline_env())
 
 
 def compare(

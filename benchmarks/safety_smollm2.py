@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_train_chains": len(chains),
         "training": training,
         "generation": gen | {"greedy": True},
-        "eval_seconds_this_run": round(eval_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),  # every evaluation, cached or not
         "total_seconds": round(time.time() - started, 1),
         "table_markdown": table,
         "results": results,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,26 +44,15 @@ def sh(*cmd: str, env: dict | None = None) -> str:
 
 
 def environment(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        AXOLOTL_DO_NOT_TRACK="1",
-        WANDB_MODE="disabled",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=str(threads),
-    )
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
+    from axolotl_mote.quickstart import offline_env
+
+    return offline_env() | {"OMP_NUM_THREADS": str(threads)}
 
 
 def train(name: str, data: Path, base: Path, work: Path, env: dict, epochs) -> Path:
     from axolotl_mote.quickstart import content_keyed_dir
 
     adapter = work / name / "adapter"
-    if (adapter / "mote_config.json").is_file():
-        print(f"[{name}] reusing {adapter}", flush=True)
-        return adapter
     cfg = yaml.safe_load((REPO / "example_configs" / "quickstart.yml").read_text())
     cfg["base_model"] = str(base)
     cfg["datasets"][0]["path"] = str(data)
@@ -74,9 +62,13 @@ def train(name: str, data: Path, base: Path, work: Path, env: dict, epochs) -> P
     )
     if epochs is not None:
         cfg["num_epochs"] = epochs
-    config = work / name / "config.yml"
+    config, text = work / name / "config.yml", yaml.safe_dump(cfg, sort_keys=False)
+    done = (adapter / "mote_config.json").is_file()
+    if done and config.is_file() and config.read_text() == text:
+        print(f"[{name}] reusing {adapter} (same config)", flush=True)
+        return adapter
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    config.write_text(text)
     sh("axolotl", "train", str(config), "--launcher", "python", env=env)
     return adapter
 
@@ -218,19 +210,23 @@ def main(argv: list[str] | None = None) -> dict:
         "bundled": train("bundled", REPO / "data" / "chains.jsonl", base, work, env,
                          args.epochs),
     }  # fmt: skip
-    results_path = work / "eval" / "results.json"
-    if not results_path.is_file():
-        cmd = ["axolotl-mote", "evaluate", "--include-base", "--base-model", str(base),
-               "-o", str(work / "eval"), "--batch-size", str(args.batch_size),
-               "--max-new-tokens", str(args.max_new_tokens), "--max-stage-tokens", "48",
-               "--repetition-penalty", "1.2"]  # fmt: skip
-        for name, path in adapters.items():
-            cmd += ["--adapter", f"{name}={path}"]
-        for stem in SETS:
-            cmd += ["--prompts", str(REPO / "data" / "eval" / f"{stem}.jsonl")]
-        if args.eval_limit:
-            cmd += ["--limit", str(args.eval_limit)]
+    results_path, done = work / "eval" / "results.json", work / "eval" / "command.json"
+    cmd = ["axolotl-mote", "evaluate", "--include-base", "--base-model", str(base),
+           "-o", str(work / "eval"), "--batch-size", str(args.batch_size),
+           "--max-new-tokens", str(args.max_new_tokens), "--max-stage-tokens", "48",
+           "--repetition-penalty", "1.2"]  # fmt: skip
+    for name, path in adapters.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    for stem in SETS:
+        cmd += ["--prompts", str(REPO / "data" / "eval" / f"{stem}.jsonl")]
+    if args.eval_limit:
+        cmd += ["--limit", str(args.eval_limit)]
+    fresh = max(p.stat().st_mtime for p in adapters.values())  # adapters trained now?
+    cached = results_path.is_file() and done.is_file()
+    if not (cached and json.loads(done.read_text()) == cmd
+            and results_path.stat().st_mtime > fresh):  # fmt: skip
         sh(*cmd, env=env)
+        done.write_text(json.dumps(cmd))
     results = json.loads(results_path.read_text())
     mix = chain_mix(chains)
     written = chain_mix(REPO / "data" / "chains.jsonl")

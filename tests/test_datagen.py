@@ -18,7 +18,7 @@ from axolotl_mote.datagen import (
     load_seeds,
     parse_verdict,
 )
-from tests.helpers.scripted_chains import Scripted
+from tests.helpers.scripted_chains import QUESTIONS, Scripted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -150,17 +150,6 @@ def test_template_without_generation_prompts_is_rejected():
 
     with pytest.raises(ValueError, match="lacks .*'answer', 'check', 'plan'"):
         ChainRule(load_template("plan_solve_verify"))
-
-
-QUESTIONS = [
-    "easy question",
-    "needs analysis",
-    "bad verdict",
-    "needs guidance",
-    "never safe",
-    "empty answer",
-    "easy question again",
-]
 
 
 def test_resume_after_interruption(aligncot, tmp_path):

@@ -16,23 +16,13 @@ import time
 
 import pytest
 
-from tests.helpers.scripted_chains import prompt_kind, scripted_reply
+from tests.helpers.scripted_chains import QUESTIONS, prompt_kind, scripted_reply
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from fastapi import FastAPI, Request  # noqa: E402  (module level: FastAPI resolves it)
 from fastapi.responses import JSONResponse  # noqa: E402
-
-QUESTIONS = [
-    "easy question",
-    "needs analysis",
-    "bad verdict",
-    "needs guidance",
-    "never safe",
-    "easy question again",
-    "needs analysis too",
-]
 
 
 class Behaviour:
@@ -144,9 +134,9 @@ def _strip(row):  # the run-specific fields
 def test_every_branch_over_http(server, tmp_path):
     url, behaviour = server
     report = _run(url, tmp_path / "a.jsonl")
-    assert report.total == {"passed": 5, "failed_kept": 1, "malformed": 1}
-    assert report.malformed_reasons == {"unparseable check verdict": 1}
-    assert report.checkers == {f"scripted @ {url}": 6}
+    assert report.total == {"passed": 4, "failed_kept": 1, "malformed": 2}
+    assert report.malformed_reasons == {"unparseable check verdict": 1, "empty text": 1}
+    assert report.checkers == {f"scripted @ {url}": 5}
     rows = {r["id"]: r for r in _lines(tmp_path / "a.jsonl")}
     assert rows["id-3"]["meta"]["datagen"]["stages"] == [
         "analysis",

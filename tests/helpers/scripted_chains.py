@@ -18,6 +18,17 @@ SCRIPT = {
     "marker": "marker",
 }
 
+# one question per branch of the rule, in an order that spreads them over batches
+QUESTIONS = [
+    "easy question",
+    "needs analysis",
+    "bad verdict",
+    "needs guidance",
+    "never safe",
+    "empty answer",
+    "easy question again",
+]
+
 
 class Scripted:
     """Replies chosen from the prompt's kind, the question and the answer round."""

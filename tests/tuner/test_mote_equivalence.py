@@ -127,17 +127,22 @@ def test_one_expert_everywhere_is_a_plain_peft_lora(overrides, step, kind):
     assert not torch.allclose(logits, base, atol=1e-3)  # the experts do contribute
 
 
-def test_detached_model_is_the_plain_rank_R_lora():
-    """detach_mote removes every hook: no routing needed, all blocks always active."""
-    config = mote_config()
-    model, state, pristine = mote_model(config)
-    weights = {
+def _all_blocks(model) -> dict:
+    """Per layer, (A, B) of the whole rank n_blocks * r LoRA (clones)."""
+    return {
         name: (
             layer.lora_A["default"].weight.detach().clone(),
             layer.lora_B["default"].weight.detach().clone(),
         )
         for name, layer in lora_layers(model).items()
     }
+
+
+def test_detached_model_is_the_plain_rank_R_lora():
+    """detach_mote removes every hook: no routing needed, all blocks always active."""
+    config = mote_config()
+    model, state, pristine = mote_model(config)
+    weights = _all_blocks(model)
     ids = input_ids_for(MIXED)
     detach_mote(model)
     plain = _plain_lora(pristine, config.peft_rank, 8.0 * config.n_blocks, weights)
@@ -154,13 +159,7 @@ def test_single_experts_is_the_plain_rank_R_lora_on_every_token(shared_expert):
     nothing, exactly as in a routed model."""
     config = mote_config(experts="single", shared_expert=shared_expert)
     model, state, pristine = mote_model(config)
-    weights = {
-        name: (
-            layer.lora_A["default"].weight.detach().clone(),
-            layer.lora_B["default"].weight.detach().clone(),
-        )
-        for name, layer in lora_layers(model).items()
-    }
+    weights = _all_blocks(model)
     plain = _plain_lora(pristine, config.peft_rank, 8.0 * config.n_blocks, weights)
     steps = MIXED.clone()
     steps[steps == X] = 1  # no padding: every token is a content token
