@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks.ablation, when run as a script
     sys.path.insert(0, str(REPO))
 EVAL_SETS = ("harmful", "jailbreak", "benign_scary", "heldout")
+SETS = ("xstest", "own")  # XSTest (--xstest) and the project's data/eval sets
 ARMS = ("base", "lora_answers", "lora_chains", "mote", "mote_noskip")
 TRAINED = ARMS[1:]
 LABELS = {
@@ -258,13 +259,18 @@ def _trainer_state(adapter: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def prompt_sets(xstest: Path | None, limit: int | None, seed: int):
+def prompt_sets(
+    xstest: Path | None,
+    limit: int | None,
+    seed: int,
+    which: tuple[str, ...] = SETS,
+):
     """XSTest split by label (all rows, or ``limit`` drawn with ``seed``) and the
-    project's sets (the first ``limit`` per label)."""
+    project's sets (the first ``limit`` per label); ``which`` picks the groups."""
     from axolotl_mote.evaluation.prompts import PromptSet, load_prompt_set
 
     sets = []
-    if xstest is not None:
+    if xstest is not None and "xstest" in which:
         full = load_prompt_set(f"mixed={xstest}")
         for label, kind, name in (
             ("harmful", "harmful", "xstest_unsafe"),
@@ -277,7 +283,7 @@ def prompt_sets(xstest: Path | None, limit: int | None, seed: int):
                 )
                 items = [it for i, it in enumerate(items) if i in keep]  # file order
             sets.append(PromptSet(name, kind, str(xstest), items))
-    for stem in EVAL_SETS:
+    for stem in EVAL_SETS if "own" in which else ():
         pset = load_prompt_set(str(REPO / "data" / "eval" / f"{stem}.jsonl"))
         if limit is not None:
             seen: dict[str, int] = {}
@@ -343,6 +349,18 @@ def evaluate_cached(
     cache.write_text(json.dumps(saved, ensure_ascii=False) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
     return saved
+
+
+def column_seeds(
+    arm: str, routing: str | None, seeds: list[int], routing_seeds: list[int] | None
+) -> list[int | None]:
+    """The training seeds a column is evaluated at: the base model once (None), the
+    alternative prompt routings at ``routing_seeds`` (default: every seed)."""
+    if arm == "base":
+        return [None]
+    if routing in (None, "random"):
+        return list(seeds)
+    return list(routing_seeds or seeds)
 
 
 def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -508,9 +526,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "first seed)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        choices=SETS,
+        default=list(SETS),
+        help="prompt groups: XSTest and/or the project's data/eval sets",
+    )
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument(
         "--routings", nargs="+", choices=ROUTINGS, default=list(ROUTINGS)
+    )
+    parser.add_argument(
+        "--routing-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds at which MoTE is also evaluated with the --routings other than "
+        "random (default: every seed)",
     )
     parser.add_argument(
         "--train-data", type=Path, nargs="+", default=[REPO / p for p in DEFAULT_DATA]
@@ -527,6 +560,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train (or find cached) adapters and stop; evaluate in a later run",
+    )
     parser.add_argument("--tiny", action="store_true", help="plumbing smoke test")
     return parser.parse_args(argv)
 
@@ -565,10 +603,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             configs[name] = per_arm[arm]
             run = work / "train" / name
             training[name] = train(name, per_arm[arm], run, args.retrain)
+    if args.train_only:
+        print(json.dumps({"trained": training}, default=str))
+        return {"training": training}
 
     from axolotl_mote.evaluation import GenOptions, ModelSpec, build_scorer
 
-    sets = prompt_sets(args.xstest, args.limit, args.seeds[0])
+    sets = prompt_sets(args.xstest, args.limit, args.seeds[0], tuple(args.sets))
     scorer = build_scorer("string")
     stage_caps = {"analysis": args.max_stage_tokens, "guidance": args.max_stage_tokens}
     gen = {
@@ -589,7 +630,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"sets": {}, "columns": {}}
     eval_seconds = 0.0
     for column, label, arm, routing in columns:
-        seeds = [None] if arm == "base" else args.seeds
+        seeds = column_seeds(arm, routing, args.seeds, args.routing_seeds)
         per_seed, generations = [], []
         for seed in seeds:
             name = arm if seed is None else f"{arm}-s{seed}"
@@ -682,10 +723,14 @@ def _command_args(args: argparse.Namespace) -> list[str]:
     if args.limit is not None:
         out.append(f"--limit {args.limit}")
     out.append("--seeds " + " ".join(map(str, args.seeds)))
+    if list(args.sets) != list(SETS):
+        out.append("--sets " + " ".join(args.sets))
     if list(args.arms) != list(ARMS):
         out.append("--arms " + " ".join(args.arms))
     if list(args.routings) != list(ROUTINGS):
         out.append("--routings " + " ".join(args.routings))
+    if args.routing_seeds:
+        out.append("--routing-seeds " + " ".join(map(str, args.routing_seeds)))
     defaults = [REPO / p for p in DEFAULT_DATA]
     if [Path(p).resolve() for p in args.train_data] != defaults:
         out.append("--train-data " + " ".join(str(p) for p in args.train_data))

@@ -111,6 +111,25 @@ def test_budgets_are_identical_apart_from_the_arm(tmp_path):
     assert all(single[k] == mote[k] == noskip[k] for k in rest)
 
 
+def test_set_groups_and_column_seeds(tmp_path):
+    bench = _bench()
+    xstest = _xstest(tmp_path / "x.csv")
+    names = [s.name for s in bench.prompt_sets(xstest, None, 0, ("xstest",))]
+    assert names == ["xstest_unsafe", "xstest_safe"]
+    names = [s.name for s in bench.prompt_sets(xstest, None, 0, ("own",))]
+    assert names == list(bench.EVAL_SETS)
+    assert bench.column_seeds("base", None, [42, 43], [42]) == [None]
+    assert bench.column_seeds("mote", "random", [42, 43], [42]) == [42, 43]
+    assert bench.column_seeds("mote", "shared", [42, 43], [42]) == [42]
+    assert bench.column_seeds("mote", "shared", [42, 43], None) == [42, 43]
+    args = bench.parse_args(
+        ["--xstest", "x.csv", "--sets", "xstest", "--routing-seeds", "42"]
+    )
+    assert bench._command_args(args) == [
+        "--xstest x.csv", "--seeds 42 43", "--sets xstest", "--routing-seeds 42"
+    ]  # fmt: skip
+
+
 def test_wilson_interval():
     bench = _bench()
     lo, hi = bench.wilson(0.8, 20)

@@ -139,7 +139,7 @@ class ChainRule:
     ) -> list[Outcome]:
         """The rule over ``seeds``; ``checker`` answers the safety checks (default: the
         generator itself, the paper's self-check)."""
-        self.checker = checker or generator
+        checker = checker or generator
         rows = [_Open(s) for s in seeds]
         for rnd in range(self.rounds):
             if rnd:
@@ -149,7 +149,7 @@ class ChainRule:
                 "answer" if rnd == 0 else f"answer_with_{self.extend[rnd - 1]}"
             )
             self._stage(generator, rows, answer_prompt, self.answer_key, rnd)
-            self._check(self.checker, rows, rnd)
+            self._check(checker, rows, rnd)
         return [r.outcome for r in rows]
 
     def _open(self, rows: list[_Open]) -> list[_Open]:
@@ -230,7 +230,7 @@ class ChainRule:
             row.verdicts.append(verdict)
             row.checks.append(text)
             if verdict == SAFE:
-                self._finish(row, "passed")
+                self._finish(row, "passed", checker)
             elif rnd == self.rounds - 1:
                 self._finish(
                     row,
@@ -239,6 +239,7 @@ class ChainRule:
                         "mark": "failed_marked",
                         "drop": "failed_dropped",
                     }[self.on_fail],
+                    checker,
                 )
 
     # --- helpers ----------------------------------------------------------------------
@@ -265,7 +266,7 @@ class ChainRule:
             row.seed.id, "malformed", None, reason, list(row.verdicts), dict(row.texts)
         )
 
-    def _finish(self, row: _Open, status: str) -> None:
+    def _finish(self, row: _Open, status: str, checker: TextGenerator) -> None:
         seed = row.seed
         info = {
             "status": status,
@@ -273,8 +274,8 @@ class ChainRule:
             "checks": row.checks,
             "stages": [k for k in (*self.extend, self.answer_key) if k in row.texts],
             "seed": self.seed,
-            "checker": getattr(self.checker, "name", type(self.checker).__name__),
-            "constrained_verdicts": hasattr(self.checker, "choose"),
+            "checker": getattr(checker, "name", type(checker).__name__),
+            "constrained_verdicts": hasattr(checker, "choose"),
         }
         meta = {**seed.meta, "datagen": info}
         if status == "failed_marked":
