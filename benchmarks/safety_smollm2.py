@@ -32,9 +32,9 @@ the project's sets; rates with 95 % intervals. Resumable.
    step expert, the adapter's own), ``expected`` (every step expert at α/E) and
    ``shared`` (the shared expert alone).
 4. Per rate: the mean over seeds, a 95 % Wilson interval over the prompts at that rate,
-   and each seed's value. Writes ``<docs>/safety_smollm2_results.json``,
-   ``<docs>/safety_smollm2.png`` and the table between the markers of
-   ``<docs>/safety_smollm2.md``; prints the table and a final JSON line.
+   and each seed's value. Writes ``<docs>/<name>_results.json``,
+   ``<docs>/<name>.png`` and the table between the markers of ``<docs>/<name>.md``
+   (``--name``, default ``safety_smollm2``); prints the table and a final JSON line.
 
 Everything is cached under ``--work-dir``: each (arm, seed) adapter with its config
 (reused while the config is unchanged) and each (model, prompt set) evaluation with its
@@ -317,17 +317,21 @@ def lora_loader(base_model: Path, adapter: Path):
 
 
 def evaluate_cached(
-    name: str, spec, pset, scorer, opts, work: Path, key: str
+    name: str, spec, pset, scorer, opts, work: Path, key: str, limit: int | None = None
 ) -> dict[str, Any]:
-    """One model on one prompt set, cached by ``key`` (model + settings + prompts)."""
+    """One model on one prompt set, cached by ``key`` (model + settings + prompts).
+
+    A ``--limit`` run keeps its own file (``<set>.limit<N>.json``), so it never
+    replaces the full run's generations."""
     from axolotl_mote.evaluation import evaluate_models
 
-    cache = work / "eval" / name / f"{pset.name}.json"
+    suffix = "" if limit is None else f".limit{limit}"
+    cache = work / "eval" / name / f"{pset.name}{suffix}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
             return saved
-    tmp = work / "eval" / name / f".{pset.name}"
+    tmp = work / "eval" / name / f".{pset.name}{suffix}"
     start = time.time()
     results = evaluate_models(
         [spec], [pset], scorer, tmp, opts, progress=sys.stderr.isatty()
@@ -553,6 +557,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--work-dir", type=Path, default=REPO / "outputs" / "safety_smollm2"
     )
     parser.add_argument("--docs", type=Path, default=None)
+    parser.add_argument(
+        "--name",
+        default="safety_smollm2",
+        help="stem of the files written in --docs (<name>.md, .png, _results.json)",
+    )
     parser.add_argument("--lora-r", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--max-stage-tokens", type=int, default=48)
@@ -663,7 +672,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         default=str,
                     ).encode()  # fmt: skip
                 ).hexdigest()[:16]
-                saved = evaluate_cached(model_name, spec, pset, scorer, opts, work, key)
+                saved = evaluate_cached(
+                    model_name, spec, pset, scorer, opts, work, key, args.limit
+                )
                 eval_seconds += saved["seconds"] if saved.get("seconds") else 0
                 sets_out[pset.name] = saved["metrics"]
                 generations += saved["generations"]
@@ -701,11 +712,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
     }
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "safety_smollm2_results.json").write_text(
+    (docs / f"{args.name}_results.json").write_text(
         json.dumps(summary, indent=2) + "\n"
     )
-    write_plot(results, docs / "safety_smollm2.png")
-    write_docs_table(docs / "safety_smollm2.md", table, command)
+    write_plot(results, docs / f"{args.name}.png")
+    write_docs_table(docs / f"{args.name}.md", table, command)
     print(table)
     final = {
         c: {s: {k: v["mean"] for k, v in m.items() if isinstance(v, dict)}
@@ -734,6 +745,8 @@ def _command_args(args: argparse.Namespace) -> list[str]:
     defaults = [REPO / p for p in DEFAULT_DATA]
     if [Path(p).resolve() for p in args.train_data] != defaults:
         out.append("--train-data " + " ".join(str(p) for p in args.train_data))
+    if args.name != "safety_smollm2":
+        out.append(f"--name {args.name}")
     for flag, value, default in (
         ("--epochs", args.epochs, None),
         ("--lora-r", args.lora_r, None),

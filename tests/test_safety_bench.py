@@ -123,10 +123,12 @@ def test_set_groups_and_column_seeds(tmp_path):
     assert bench.column_seeds("mote", "shared", [42, 43], [42]) == [42]
     assert bench.column_seeds("mote", "shared", [42, 43], None) == [42, 43]
     args = bench.parse_args(
-        ["--xstest", "x.csv", "--sets", "xstest", "--routing-seeds", "42"]
-    )
+        ["--xstest", "x.csv", "--sets", "xstest", "--routing-seeds", "42",
+         "--name", "safety_routing"]
+    )  # fmt: skip
     assert bench._command_args(args) == [
-        "--xstest x.csv", "--seeds 42 43", "--sets xstest", "--routing-seeds 42"
+        "--xstest x.csv", "--seeds 42 43", "--sets xstest", "--routing-seeds 42",
+        "--name safety_routing",
     ]  # fmt: skip
 
 
@@ -172,3 +174,33 @@ def test_tiny_end_to_end_and_resume(tmp_path):
     assert all(t["reused"] for t in again["training"].values())
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert again["table_markdown"] == summary["table_markdown"]
+
+
+def test_xstest_breakdown_pools_seeds_per_type(tmp_path):
+    """benchmarks/xstest_breakdown.py: compliance on safe types, refusal on their
+    contrast twins, pooled over an arm's seeds; --limit caches are left out."""
+    spec = importlib.util.spec_from_file_location(
+        "xstest_breakdown", REPO / "benchmarks" / "xstest_breakdown.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    xstest = _xstest(tmp_path / "x.csv", n=2)  # ids 0, 1 safe; 2, 3 unsafe
+
+    def cache(model: str, name: str, refused: dict[str, bool]) -> None:
+        label = "benign" if name.startswith("xstest_safe") else "harmful"
+        gens = [
+            {"id": i, "label": label, "score": {"refused": r}}
+            for i, r in refused.items()
+        ]
+        path = tmp_path / "w" / "eval" / model / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"generations": gens}))
+
+    cache("mote-s1", "xstest_safe", {"0": False, "1": True})
+    cache("mote-s2", "xstest_safe", {"0": False, "1": False})
+    cache("mote-s1", "xstest_unsafe", {"2": True, "3": True})
+    cache("mote-s2", "xstest_unsafe", {"2": False, "3": True})
+    cache("mote-s1", "xstest_safe.limit1", {"0": True})  # not pooled
+    table = module.breakdown(tmp_path / "w", module.xstest_types(xstest))
+    assert table == {"mote": {"contrast_homonyms": 0.75, "homonyms": 0.75}}
+    assert module.arm_of("mote-s42.expected") == "mote.expected"
