@@ -575,7 +575,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train (or find cached) adapters and stop; evaluate in a later run",
     )
     parser.add_argument("--tiny", action="store_true", help="plumbing smoke test")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sets == ["xstest"] and args.xstest is None:
+        parser.error("--sets xstest needs --xstest PATH (the XSTest prompts CSV)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -50,7 +50,12 @@ def breakdown(work: Path, types: dict[str, str]) -> dict[str, dict[str, float]]:
             score = gen["score"]
             if score.get("refused") is None:
                 continue
-            kind = types.get(str(gen["id"]), "?")
+            kind = types.get(str(gen["id"]))
+            if kind is None:
+                raise ValueError(
+                    f"{cache}: prompt id {gen['id']!r} is not in the XSTest CSV; pass "
+                    "the --xstest file the run was evaluated on"
+                )
             good = (
                 not score["refused"] if gen["label"] == "benign" else score["refused"]
             )

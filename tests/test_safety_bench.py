@@ -126,6 +126,8 @@ def test_set_groups_and_column_seeds(tmp_path):
         ["--xstest", "x.csv", "--sets", "xstest", "--routing-seeds", "42",
          "--name", "safety_routing"]
     )  # fmt: skip
+    with pytest.raises(SystemExit):  # XSTest chosen, no file given
+        bench.parse_args(["--sets", "xstest"])
     assert bench._command_args(args) == [
         "--xstest x.csv", "--seeds 42 43", "--sets xstest", "--routing-seeds 42",
         "--name safety_routing",
@@ -204,3 +206,6 @@ def test_xstest_breakdown_pools_seeds_per_type(tmp_path):
     table = module.breakdown(tmp_path / "w", module.xstest_types(xstest))
     assert table == {"mote": {"contrast_homonyms": 0.75, "homonyms": 0.75}}
     assert module.arm_of("mote-s42.expected") == "mote.expected"
+    cache("mote-s3", "xstest_safe", {"99": False})  # an id from another CSV
+    with pytest.raises(ValueError, match="'99' is not in the XSTest CSV"):
+        module.breakdown(tmp_path / "w", module.xstest_types(xstest))
