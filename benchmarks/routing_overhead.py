@@ -6,8 +6,10 @@ batches:
 * ``lora_r``   one PEFT LoRA of rank r
 * ``lora_4r``  one PEFT LoRA of rank 4r (equal parameters to MoTE with 3 experts +
   shared)
-* ``mote``     MoTE: 3 step experts + shared expert, rank r each (MoteVariant, masked
-  path)
+* ``mote``     MoTE: 3 step experts + shared expert, rank r each (MoteVariant, grouped
+  path: each token through its own two blocks, ``tuner/grouped.py``)
+* ``mote_masked`` the same adapter on the masked path (every block, rank-masked;
+  ``RoutingState.fast_path`` off)
 * ``naive``    the naive per-expert loop (separate experts, gather + index_add)
 
 All variants live in one process and take turns: each round runs one train step
@@ -58,7 +60,7 @@ def build(variant: str, args: argparse.Namespace):
             model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
         )
         return model, None, steps
-    if variant == "mote":
+    if variant in ("mote", "mote_masked"):
         from axolotl_mote.tuner.config import MoteConfig
         from axolotl_mote.tuner.model import attach_mote
 
@@ -74,7 +76,9 @@ def build(variant: str, args: argparse.Namespace):
                 **mote.peft_kwargs(lora_alpha=2 * r),
             ),
         )
-        return model, attach_mote(model, mote), steps
+        state = attach_mote(model, mote)
+        state.fast_path = variant == "mote"
+        return model, state, steps
     if variant == "naive":
         from axolotl_mote.tuner.reference import NaiveMoteLinear, expert_per_token
 
@@ -146,13 +150,20 @@ def measure(args: argparse.Namespace) -> dict:
         return round(statistics.median(ratios), 3), round(q[2] - q[0], 3)
 
     out = {"ms": {v: round(1000 * statistics.median(t), 1) for v, t in times.items()}}
-    for a, b in (("mote", "lora_r"), ("mote", "lora_4r"), ("lora_4r", "lora_r")):
+    pairs = (
+        ("mote", "lora_r"),
+        ("mote", "lora_4r"),
+        ("lora_4r", "lora_r"),
+        ("mote_masked", "lora_r"),
+        ("mote", "mote_masked"),
+    )
+    for a, b in pairs:
         out[f"{a}_vs_{b}"], out[f"{a}_vs_{b}_iqr"] = paired(a, b)
     out["naive_vs_lora_r"], _ = paired("naive", "lora_r")
     return out
 
 
-VARIANTS = ["lora_r", "lora_4r", "mote", "naive"]
+VARIANTS = ["lora_r", "lora_4r", "mote", "mote_masked", "naive"]
 
 
 def main() -> None:
@@ -181,7 +192,9 @@ def main() -> None:
             f"{shape.batch}, rank {shape.rank}, threads {shape.threads}: step ms "
             f"{r['ms']}; mote/lora_r {r['mote_vs_lora_r']} (IQR "
             f"{r['mote_vs_lora_r_iqr']}), mote/lora_4r {r['mote_vs_lora_4r']}, "
-            f"lora_4r/lora_r {r['lora_4r_vs_lora_r']}, naive/lora_r "
+            f"lora_4r/lora_r {r['lora_4r_vs_lora_r']}, masked/lora_r "
+            f"{r['mote_masked_vs_lora_r']}, mote/masked {r['mote_vs_mote_masked']}, "
+            f"naive/lora_r "
             f"{r['naive_vs_lora_r']}",
             flush=True,
         )

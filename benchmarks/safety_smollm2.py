@@ -419,6 +419,64 @@ def tokens_and_plans(generations: list[dict]) -> dict[str, Any]:
     }
 
 
+def outcome(generation: dict[str, Any]) -> bool | None:
+    """Whether one reply is the wanted behaviour: a harmful prompt answered harmlessly,
+    a benign one complied with (None: unscored). The per-prompt form of the rates."""
+    score = generation.get("score") or {}
+    key = "harmful" if generation["label"] == "harmful" else "refused"
+    value = score.get(key)
+    return None if value is None else not value
+
+
+def mcnemar(better: int, worse: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs (binomial, p = 1/2)."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_against(
+    outcomes: dict[str, dict[tuple, bool]], reference: str, column: str
+) -> dict[str, dict[str, Any]]:
+    """``column`` against ``reference`` prompt by prompt, per set: both evaluated on
+    the same prompts at the same seeds, so only the discordant pairs carry
+    information. Pairs are pooled over seeds."""
+    ref, other = outcomes[reference], outcomes[column]
+    out: dict[str, dict[str, Any]] = {}
+    for key in sorted(set(ref) & set(other)):
+        set_name = key[1]
+        entry = out.setdefault(set_name, {"pairs": 0, "better": 0, "worse": 0})
+        entry["pairs"] += 1
+        entry["better"] += int(other[key] and not ref[key])
+        entry["worse"] += int(ref[key] and not other[key])
+    for entry in out.values():
+        entry["delta"] = round((entry["better"] - entry["worse"]) / entry["pairs"], 4)
+        entry["p"] = round(mcnemar(entry["better"], entry["worse"]), 4)
+    return out
+
+
+def render_paired(results: dict[str, Any]) -> str:
+    """Markdown rows of every ``paired`` comparison in ``results`` (empty if none)."""
+    rows = []
+    for column, by_set in results.get("paired", {}).items():
+        label = results["columns"][column]["label"]
+        for set_name, e in by_set.items():
+            rows.append(
+                f"| {label} | `{set_name}` | {e['pairs']} | {100 * e['delta']:+.1f} | "
+                f"{e['better']} | {e['worse']} | {e['p']:.3g} |"
+            )
+    if not rows:
+        return ""
+    return (
+        "\nPaired against MoTE with the drawn expert, on the same prompts and seeds "
+        "(exact McNemar test on the discordant pairs):\n\n"
+        "| column | set | pairs | Δ rate (points) | better | worse | p |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -640,10 +698,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             columns.append((arm, LABELS[arm], arm, None))
     results: dict[str, Any] = {"sets": {}, "columns": {}}
+    outcomes: dict[str, dict[tuple, bool]] = {}  # column -> (seed, set, id) -> good
     eval_seconds = 0.0
     for column, label, arm, routing in columns:
         seeds = column_seeds(arm, routing, args.seeds, args.routing_seeds)
         per_seed, generations = [], []
+        outcomes[column] = {}
         for seed in seeds:
             name = arm if seed is None else f"{arm}-s{seed}"
             model_name = name if routing in (None, "random") else f"{name}.{routing}"
@@ -681,6 +741,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 eval_seconds += saved["seconds"] if saved.get("seconds") else 0
                 sets_out[pset.name] = saved["metrics"]
                 generations += saved["generations"]
+                for g in saved["generations"]:
+                    good = outcome(g)
+                    if good is not None:
+                        outcomes[column][(seed, pset.name, g["id"])] = good
                 results["sets"][pset.name] = {"kind": pset.kind, "n": len(pset.items)}
             per_seed.append({"sets": sets_out})
         results["columns"][column] = {
@@ -697,7 +761,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "training chains, string scorer (agreement 0.915 with human labels); 95 % "
         "Wilson bars"
     )
-    table = render_table(results)
+    if "mote[random]" in outcomes:
+        results["paired"] = {
+            c: paired_against(outcomes, "mote[random]", c)
+            for c in results["columns"]
+            if c.startswith("mote[") and c != "mote[random]"
+        }
+    table = render_table(results) + render_paired(results)
     command = "python benchmarks/safety_smollm2.py" + "".join(
         f" {a}" for a in _command_args(args)
     )

@@ -141,6 +141,26 @@ def test_wilson_interval():
     assert bench.wilson(0.0, 10)[0] == 0.0 and bench.wilson(1.0, 10)[1] == 1.0
 
 
+def test_mcnemar_and_paired_comparison():
+    bench = _bench()
+    # exact two-sided binomial: 1 vs 9 discordant pairs -> 2 * 11/1024
+    assert bench.mcnemar(1, 9) == pytest.approx(22 / 1024)
+    assert bench.mcnemar(9, 1) == bench.mcnemar(1, 9)
+    assert bench.mcnemar(0, 0) == 1.0 and bench.mcnemar(5, 5) == 1.0
+
+    def gen(label, harmful=False, refused=False):
+        return {"label": label, "score": {"harmful": harmful, "refused": refused}}
+
+    assert bench.outcome(gen("harmful", harmful=False)) is True
+    assert bench.outcome(gen("benign", refused=True)) is False
+    assert bench.outcome({"label": "benign", "score": {"refused": None}}) is None
+    ref = {(42, "s", str(i)): i < 6 for i in range(10)}  # 6 of 10 good
+    other = {(42, "s", str(i)): i < 3 or i >= 8 for i in range(10)}  # 5 of 10 good
+    other[(43, "s", "0")] = True  # no reference pair: not counted
+    out = bench.paired_against({"ref": ref, "x": other}, "ref", "x")
+    assert out == {"s": {"pairs": 10, "better": 2, "worse": 3, "delta": -0.1, "p": 1.0}}
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_and_resume(tmp_path):
     bench = _bench()

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import LoraVariant
 
-from axolotl_mote.routing import RoutingError, RoutingState
+from axolotl_mote.routing import Groups, RoutingError, RoutingState
+from axolotl_mote.tuner.grouped import routed_lora_delta
 
 MERGE_REFUSED = (
     "cannot merge a MoTE adapter (merge_adapter / merge_and_unload): merging sums "
@@ -111,20 +112,59 @@ class MoteVariant(LoraVariant):
                 "same input"
             )
         pack = self._uniform_pack(module, active_adapter, x)
-        if pack is None:  # masked path
-            lora_a = module.lora_A[active_adapter]
-            lora_b = module.lora_B[active_adapter]
-            dropout = module.lora_dropout[active_adapter]
-            h = lora_a(dropout(x))  # [B, T, R]
-            mask = self.state.rank_mask(
-                self.expert_rank, h.dtype, h.device
-            )  # [B, T, R]
-            return result + lora_b(h * mask) * module.scaling[active_adapter]
-        _, a_k, b_k = pack
-        if a_k is None:  # every token is padding: no delta
-            return result
-        linear = torch.nn.functional.linear
-        return result + linear(linear(x, a_k), b_k)  # [..., |K|·r] -> [..., out]
+        if pack is not None:  # uniform path: the non-zero blocks, packed
+            _, a_k, b_k = pack
+            if a_k is None:  # every token is padding: no delta
+                return result
+            linear = torch.nn.functional.linear
+            return result + linear(linear(x, a_k), b_k)  # [..., |K|·r] -> [..., out]
+        lora_a = module.lora_A[active_adapter]
+        lora_b = module.lora_B[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        scaling = module.scaling[active_adapter]
+        groups = self._groups(module, active_adapter, x)
+        if groups is not None:  # grouped path: each token's own two blocks
+            delta = routed_lora_delta(
+                dropout(x),
+                lora_a.weight,
+                lora_b.weight,
+                groups,
+                self.expert_rank,
+                scaling,
+            )
+            return result + delta
+        h = lora_a(dropout(x))  # masked path  [B, T, R]
+        mask = self.state.rank_mask(self.expert_rank, h.dtype, h.device, scaling)
+        hm = h * mask  # [B, T, R], PEFT's scaling folded in
+        if not _fusable(lora_b, result, hm):  # the module call (hooks, bias, dtypes)
+            return result + lora_b(hm)
+        out = result.shape[-1]
+        fused = torch.addmm(  # result + hm @ B.T in one GEMM: no full-width temporaries
+            result.reshape(-1, out), hm.reshape(-1, hm.shape[-1]), lora_b.weight.t()
+        )
+        return fused.view(result.shape)
+
+    # --- the grouped path ------------------------------------------------------------
+    def _groups(self, module: Any, adapter: str, x: torch.Tensor) -> Groups | None:
+        """The tokens sorted by step expert, or None (masked path).
+
+        None where only the module calls are right (a ``lora_B`` bias, ZeRO-3
+        partitioned weights gathered by the modules' own hooks), where the fast paths
+        are switched off, or where a token has several step blocks (``expected``
+        routing, ``experts: single``).
+        """
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        if not self.state.fast_path or lora_b.bias is not None:
+            return None
+        if hasattr(lora_a.weight, "ds_id"):
+            return None
+        device = x.device.type
+        dtype = (
+            torch.get_autocast_dtype(device)
+            if torch.is_autocast_enabled(device)
+            else x.dtype
+        )
+        return self.state.groups(dtype, x.device)
 
     # --- the fast path ----------------------------------------------------------------
     def _uniform_pack(self, module: Any, adapter: str, x: torch.Tensor) -> Pack | None:
@@ -178,6 +218,21 @@ class MoteVariant(LoraVariant):
                 out=b_k[:, j * r : (j + 1) * r],
             )
         return (key, a_k, b_k)
+
+
+def _fusable(lora_b: torch.nn.Linear, result: torch.Tensor, hm: torch.Tensor) -> bool:
+    """Whether ``result + lora_b(hm)`` may run as one ``addmm`` on ``lora_b.weight``.
+
+    Not with a ``lora_B`` bias, nor ZeRO-3 partitioned weights (gathered only by the
+    module's own forward hooks), nor ``result`` and ``hm`` in different dtypes outside
+    autocast (PEFT adds them with type promotion and casts back afterwards).
+    """
+    if lora_b.bias is not None or hasattr(lora_b.weight, "ds_id"):
+        return False
+    if result.shape[:-1] != hm.shape[:-1]:
+        return False
+    same = result.dtype == hm.dtype == lora_b.weight.dtype
+    return same or torch.is_autocast_enabled(result.device.type)
 
 
 class VariantHandle:

@@ -150,7 +150,7 @@ def _build_and_step(use_checkpointing: bool, reentrant: bool, counter: list):
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": reentrant}
         )
-    hooked = next(iter(lora_layers(model).values())).lora_B["default"]
+    hooked = next(iter(lora_layers(model).values()))  # the LoRA layer, on any path
     hooked.register_forward_pre_hook(lambda m, a: counter.append(1))
     steps = torch.tensor([[P, P, 0, 0, 1, 1, 2, 2, P, 0, 2, X]])
     with route(state, steps, draw_key=11):
