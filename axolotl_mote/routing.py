@@ -28,11 +28,6 @@ the same stage), :meth:`RoutingState.uniform_row` returns them, so a layer can c
 the few non-zero blocks alone (``tuner/layer.py``) instead of all of them masked. The
 packed copies of those blocks live in :attr:`RoutingState.packs` for one generated
 sequence: forwards that continue a KV cache keep them, anything else drops them.
-
-When the tokens differ but each has at most one step block (every rule but
-``expected``), :meth:`RoutingState.groups` sorts the tokens by their step expert, so a
-layer computes each token's two blocks alone (``tuner/grouped.py``) rather than all
-``n_blocks`` masked: the training path.
 """
 
 from __future__ import annotations
@@ -40,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -51,23 +46,6 @@ from axolotl_mote.constants import (
     PROMPT_STEP,
     SHARED_ONLY_STEP,
 )
-
-
-class Groups(NamedTuple):
-    """The tokens of a forward sorted by step expert (:meth:`RoutingState.groups`).
-
-    Over the flattened tokens ``N = B·T``: ``perm`` [M] the tokens that have a step
-    expert, stably sorted by it; ``counts`` the number of them per expert (E ints,
-    summing to M); ``step_coef`` [M] their step block's coefficient, in ``perm`` order;
-    ``shared_coef`` [N] every token's shared block coefficient (None without a shared
-    expert). A token of no expert (``shared`` prompt routing, padding) is not in
-    ``perm``.
-    """
-
-    perm: torch.Tensor
-    counts: tuple[int, ...]
-    step_coef: torch.Tensor
-    shared_coef: torch.Tensor | None
 
 
 class RoutingError(RuntimeError, ValueError):
@@ -330,39 +308,6 @@ class RoutingState:
         if not bool((coef == coef[:1]).all()):
             return None
         return tuple(coef[0].tolist())
-
-    # --- grouped routing: the training path ---------------------------------------
-    def groups(self, dtype: torch.dtype, device: torch.device) -> Groups | None:
-        """The tokens sorted by step expert, or None where a token has several.
-
-        Built from :meth:`coefficients` (the masked path's own values), once per set
-        of step ids. None for ``expected`` prompt or step tokens (every step block at
-        w / E) and for ``experts: single`` (every block at 1): those take the masked
-        path.
-        """
-        key = ("groups", dtype, device)
-        groups = self._cache.get(key, _MISSING)
-        if groups is _MISSING:
-            groups = self._groups(dtype, device)
-            self._cache[key] = groups
-        return groups
-
-    def _groups(self, dtype: torch.dtype, device: torch.device) -> Groups | None:
-        coef = self.coefficients(dtype, device).reshape(-1, self.n_blocks)  # [N, n]
-        step = coef[:, : self.num_experts]  # [N, E]
-        nonzero = step != 0
-        per_token = nonzero.sum(dim=1)  # [N]
-        if bool((per_token > 1).any()):
-            return None
-        routed = per_token == 1
-        expert = nonzero.to(torch.uint8).argmax(dim=1)  # [N]; 0 where none
-        key = torch.where(routed, expert, self.num_experts)
-        order = torch.sort(key, stable=True).indices  # routed first, by expert
-        counts = torch.bincount(expert[routed], minlength=self.num_experts)
-        counts_t = tuple(int(c) for c in counts.tolist())
-        perm = order[: sum(counts_t)]
-        shared = coef[:, self.num_experts] if self.shared_expert else None
-        return Groups(perm, counts_t, step.sum(dim=1)[perm], shared)
 
     def _row_of(self, step: int, dtype: torch.dtype) -> tuple[float, ...]:
         """The coefficients of one step id (not a random-routed prompt).

@@ -6,10 +6,10 @@ batches:
 * ``lora_r``   one PEFT LoRA of rank r
 * ``lora_4r``  one PEFT LoRA of rank 4r (equal parameters to MoTE with 3 experts +
   shared)
-* ``mote``     MoTE: 3 step experts + shared expert, rank r each (MoteVariant, grouped
-  path: each token through its own two blocks, ``tuner/grouped.py``)
-* ``mote_masked`` the same adapter on the masked path (every block, rank-masked;
-  ``RoutingState.fast_path`` off)
+* ``mote``     MoTE: 3 step experts + shared expert, rank r each (MoteVariant, masked
+  path, fused: scaling in the rank mask, ``result + delta`` as one ``addmm``)
+* ``mote_module`` the same in PEFT's module form, ``result + lora_B(h * mask) *
+  scaling`` (what MoteVariant did before the fusion; full-width temporaries)
 * ``naive``    the naive per-expert loop (separate experts, gather + index_add)
 
 All variants live in one process and take turns: each round runs one train step
@@ -32,6 +32,7 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -60,7 +61,7 @@ def build(variant: str, args: argparse.Namespace):
             model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
         )
         return model, None, steps
-    if variant in ("mote", "mote_masked"):
+    if variant in ("mote", "mote_module"):
         from axolotl_mote.tuner.config import MoteConfig
         from axolotl_mote.tuner.model import attach_mote
 
@@ -76,9 +77,7 @@ def build(variant: str, args: argparse.Namespace):
                 **mote.peft_kwargs(lora_alpha=2 * r),
             ),
         )
-        state = attach_mote(model, mote)
-        state.fast_path = variant == "mote"
-        return model, state, steps
+        return model, attach_mote(model, mote), steps
     if variant == "naive":
         from axolotl_mote.tuner.reference import NaiveMoteLinear, expert_per_token
 
@@ -96,6 +95,15 @@ def build(variant: str, args: argparse.Namespace):
             layer.expert_ids = experts
         return model, None, steps
     raise ValueError(variant)
+
+
+def module_form():
+    """MoteVariant in PEFT's module form for one step (the fused addmm refused)."""
+    from unittest import mock
+
+    from axolotl_mote.tuner import layer
+
+    return mock.patch.object(layer, "_fusable", return_value=False)
 
 
 def make_steps(args):
@@ -139,10 +147,13 @@ def measure(args: argparse.Namespace) -> dict:
         order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
         for variant in order:
             model, state, steps, opt = runs[variant]
-            start = time.process_time()
-            one_step(model, state, steps, ids, opt, key=i)
+            form = module_form() if variant == "mote_module" else nullcontext()
+            with form:
+                start = time.process_time()
+                one_step(model, state, steps, ids, opt, key=i)
+                elapsed = time.process_time() - start
             if i >= args.warmup:
-                times[variant].append(time.process_time() - start)
+                times[variant].append(elapsed)
 
     def paired(a: str, b: str) -> tuple[float, float]:
         ratios = [x / y for x, y in zip(times[a], times[b])]
@@ -154,8 +165,8 @@ def measure(args: argparse.Namespace) -> dict:
         ("mote", "lora_r"),
         ("mote", "lora_4r"),
         ("lora_4r", "lora_r"),
-        ("mote_masked", "lora_r"),
-        ("mote", "mote_masked"),
+        ("mote_module", "lora_r"),
+        ("mote", "mote_module"),
     )
     for a, b in pairs:
         out[f"{a}_vs_{b}"], out[f"{a}_vs_{b}_iqr"] = paired(a, b)
@@ -163,7 +174,7 @@ def measure(args: argparse.Namespace) -> dict:
     return out
 
 
-VARIANTS = ["lora_r", "lora_4r", "mote", "mote_masked", "naive"]
+VARIANTS = ["lora_r", "lora_4r", "mote", "mote_module", "naive"]
 
 
 def main() -> None:
@@ -192,8 +203,8 @@ def main() -> None:
             f"{shape.batch}, rank {shape.rank}, threads {shape.threads}: step ms "
             f"{r['ms']}; mote/lora_r {r['mote_vs_lora_r']} (IQR "
             f"{r['mote_vs_lora_r_iqr']}), mote/lora_4r {r['mote_vs_lora_4r']}, "
-            f"lora_4r/lora_r {r['lora_4r_vs_lora_r']}, masked/lora_r "
-            f"{r['mote_masked_vs_lora_r']}, mote/masked {r['mote_vs_mote_masked']}, "
+            f"lora_4r/lora_r {r['lora_4r_vs_lora_r']}, module/lora_r "
+            f"{r['mote_module_vs_lora_r']}, mote/module {r['mote_vs_mote_module']}, "
             f"naive/lora_r "
             f"{r['naive_vs_lora_r']}",
             flush=True,

@@ -453,7 +453,7 @@ def paired_against(
         entry["worse"] += int(ref[key] and not other[key])
     for entry in out.values():
         entry["delta"] = round((entry["better"] - entry["worse"]) / entry["pairs"], 4)
-        entry["p"] = round(mcnemar(entry["better"], entry["worse"]), 4)
+        entry["p"] = float(f"{mcnemar(entry['better'], entry['worse']):.3g}")
     return out
 
 
@@ -465,7 +465,8 @@ def render_paired(results: dict[str, Any]) -> str:
         for set_name, e in by_set.items():
             rows.append(
                 f"| {label} | `{set_name}` | {e['pairs']} | {100 * e['delta']:+.1f} | "
-                f"{e['better']} | {e['worse']} | {e['p']:.3g} |"
+                f"{e['better']} | {e['worse']} | "
+                f"{'< 0.001' if e['p'] < 0.001 else format(e['p'], '.2g')} |"
             )
     if not rows:
         return ""

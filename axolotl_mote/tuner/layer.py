@@ -10,12 +10,19 @@ step ids, then picks one of two computations of the same delta:
 * **masked** (the reference path; training, prefill, mixed batches)::
 
       h = lora_A(dropout(x))                  [B, T, R]     R = n_blocks · r
-      y = result + lora_B(h * mask) * s        mask [B, T, R]: block k repeated r times
+      y = addmm(result, h * (s · mask), B.T)   mask [B, T, R]: block k repeated r times
 
   where ``mask`` holds each token's block coefficients (``RoutingState.rank_mask``):
-  the routed step block × alpha and the shared block × (1 − alpha). Shapes are static,
-  every parameter joins every step (an expert without tokens gets an exact zero
+  the routed step block × alpha and the shared block × (1 − alpha). PEFT's scaling
+  ``s`` rides in the rank-sized mask and the sum in the GEMM, so no full-width
+  ``[B, T, out]`` temporary is made (PEFT's own form, ``result + lora_B(h * mask) * s``,
+  makes two, and their backward); that form stays where the module call is needed: a
+  ``lora_B`` bias, ZeRO-3 partitioned weights, mixed dtypes outside autocast. Shapes are
+  static, every parameter joins every step (an expert without tokens gets an exact zero
   gradient), and gradient-checkpoint recomputation reads the same, unchanged state.
+  Computing only each token's two blocks instead (tokens sorted by expert, a GEMM per
+  expert, scattered back) was measured slower on CPU: the gathers cost more than the
+  rank they save at r = 16 (docs/benchmarks.md).
 * **uniform** (decode fast path): when every token of the forward has the same
   coefficients ``c`` (``RoutingState.uniform_row``: batch-1 decoding, or all rows in
   one stage), only the blocks K with ``c_k != 0`` are computed, from a packed copy::
@@ -44,8 +51,7 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import LoraVariant
 
-from axolotl_mote.routing import Groups, RoutingError, RoutingState
-from axolotl_mote.tuner.grouped import routed_lora_delta
+from axolotl_mote.routing import RoutingError, RoutingState
 
 MERGE_REFUSED = (
     "cannot merge a MoTE adapter (merge_adapter / merge_and_unload): merging sums "
@@ -122,49 +128,17 @@ class MoteVariant(LoraVariant):
         lora_b = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
-        groups = self._groups(module, active_adapter, x)
-        if groups is not None:  # grouped path: each token's own two blocks
-            delta = routed_lora_delta(
-                dropout(x),
-                lora_a.weight,
-                lora_b.weight,
-                groups,
-                self.expert_rank,
-                scaling,
-            )
-            return result + delta
         h = lora_a(dropout(x))  # masked path  [B, T, R]
+        if not _fusable(lora_b, result, h):  # PEFT's own form, through the module
+            mask = self.state.rank_mask(self.expert_rank, h.dtype, h.device)
+            return result + lora_b(h * mask) * scaling
+        # result + (h ⊙ s·mask) @ B.T as one GEMM: the scaling rides in the rank-sized
+        # mask and the sum in addmm, so no full-width [B, T, out] temporaries
         mask = self.state.rank_mask(self.expert_rank, h.dtype, h.device, scaling)
-        hm = h * mask  # [B, T, R], PEFT's scaling folded in
-        if not _fusable(lora_b, result, hm):  # the module call (hooks, bias, dtypes)
-            return result + lora_b(hm)
+        hm = (h * mask).reshape(-1, h.shape[-1])  # [B·T, R]
         out = result.shape[-1]
-        fused = torch.addmm(  # result + hm @ B.T in one GEMM: no full-width temporaries
-            result.reshape(-1, out), hm.reshape(-1, hm.shape[-1]), lora_b.weight.t()
-        )
+        fused = torch.addmm(result.reshape(-1, out), hm, lora_b.weight.t())
         return fused.view(result.shape)
-
-    # --- the grouped path ------------------------------------------------------------
-    def _groups(self, module: Any, adapter: str, x: torch.Tensor) -> Groups | None:
-        """The tokens sorted by step expert, or None (masked path).
-
-        None where only the module calls are right (a ``lora_B`` bias, ZeRO-3
-        partitioned weights gathered by the modules' own hooks), where the fast paths
-        are switched off, or where a token has several step blocks (``expected``
-        routing, ``experts: single``).
-        """
-        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-        if not self.state.fast_path or lora_b.bias is not None:
-            return None
-        if hasattr(lora_a.weight, "ds_id"):
-            return None
-        device = x.device.type
-        dtype = (
-            torch.get_autocast_dtype(device)
-            if torch.is_autocast_enabled(device)
-            else x.dtype
-        )
-        return self.state.groups(dtype, x.device)
 
     # --- the fast path ----------------------------------------------------------------
     def _uniform_pack(self, module: Any, adapter: str, x: torch.Tensor) -> Pack | None:
@@ -220,8 +194,8 @@ class MoteVariant(LoraVariant):
         return (key, a_k, b_k)
 
 
-def _fusable(lora_b: torch.nn.Linear, result: torch.Tensor, hm: torch.Tensor) -> bool:
-    """Whether ``result + lora_b(hm)`` may run as one ``addmm`` on ``lora_b.weight``.
+def _fusable(lora_b: torch.nn.Linear, result: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether ``result + lora_b(h ⊙ mask)`` may run as one ``addmm`` on the weight.
 
     Not with a ``lora_B`` bias, nor ZeRO-3 partitioned weights (gathered only by the
     module's own forward hooks), nor ``result`` and ``hm`` in different dtypes outside
@@ -229,9 +203,9 @@ def _fusable(lora_b: torch.nn.Linear, result: torch.Tensor, hm: torch.Tensor) ->
     """
     if lora_b.bias is not None or hasattr(lora_b.weight, "ds_id"):
         return False
-    if result.shape[:-1] != hm.shape[:-1]:
+    if result.shape[:-1] != h.shape[:-1]:
         return False
-    same = result.dtype == hm.dtype == lora_b.weight.dtype
+    same = result.dtype == h.dtype == lora_b.weight.dtype
     return same or torch.is_autocast_enabled(result.device.type)
 
 

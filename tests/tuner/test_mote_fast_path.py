@@ -4,14 +4,12 @@
 has the same coefficients. Checked here, in fp32 to 1e-6, layer by layer for every step
 id, prompt tokens under each prompt routing, padding, no shared expert and rsLoRA; that
 it is taken (the zero blocks are filled with NaN, which the masked path would spread:
-0·NaN) and not taken for mixed batches, autograd or train mode (the grouped path then
-runs, which reads no zero block either); and the life of its packed blocks across a
-generate call.
+0·NaN) and not taken for mixed batches, autograd or train mode; and the life of its
+packed blocks across a generate call.
 """
 
 from __future__ import annotations
 
-import contextlib
 from unittest import mock
 
 import pytest
@@ -47,16 +45,6 @@ CASES = [
 STEPS = [0, 1, 2, P, X]
 
 
-@contextlib.contextmanager
-def masked_path(state):
-    """Every MoTE layer on the masked path (the fast and grouped paths switched off)."""
-    state.fast_path = False
-    try:
-        yield
-    finally:
-        state.fast_path = True
-
-
 def _layer_outputs(model, state, steps, x_by_layer, draw_key=0):
     """Each layer's output on its own input: fast, masked, and the coefficients."""
     layers = lora_layers(model)
@@ -64,7 +52,7 @@ def _layer_outputs(model, state, steps, x_by_layer, draw_key=0):
     with route(state, steps, draw_key=draw_key):
         with torch.no_grad():
             fast = {n: layers[n](x) for n, x in x_by_layer.items()}
-        with masked_path(state):
+        with torch.enable_grad():  # autograd on: the masked path, always
             masked = {n: layers[n](x).detach() for n, x in x_by_layer.items()}
         coef = state.coefficients(F32, torch.device("cpu"))  # [B, T, n_blocks]
     return fast, masked, coef
@@ -165,34 +153,24 @@ def test_zero_blocks_are_never_read(overrides, step):
         assert masked[name].isnan().any(), name  # the masked path reads every block
 
 
-def test_mixed_batches_are_not_uniform_and_read_no_unused_block():
-    """Prompt + stage, padding + stage, rows in different stages: not uniform.
+def test_mixed_batches_take_the_masked_path():
+    """Prompt + stage, padding + stage, rows in different stages: the masked path.
 
-    The tokens here use block 0 and the shared block only. With NaN in the other
-    blocks, the grouped path (which these batches take) gives the clean logits; the
-    masked path spreads the NaN through 0 · NaN.
+    The tokens here use block 0 and the shared block only, so NaN in the other blocks
+    reaches the logits only through the masked path's 0 · NaN.
     """
     config = mote_config(prompt_routing="shared")
     model, state, _ = mote_model(config)
     model.eval()
     with route(state, torch.zeros(1, 1, dtype=torch.long)):
         row = state.uniform_row(F32, torch.device("cpu"))  # step 0: blocks 1, 2 zero
-    batches = [
-        torch.tensor(s) for s in ([[P, 0]], [[0, 0, X]], [[0], [X]], [[X, 0, P]])
-    ]
-    clean = []
-    for steps in batches:
-        with torch.no_grad(), route(state, steps):
-            clean.append(model(input_ids=input_ids_for(steps)).logits)
     _poison_zero_blocks(model, config, row)
-    for steps, expected in zip(batches, clean):
+    for steps in ([[P, 0]], [[0, 0, X]], [[0], [X]], [[X, 0, P]]):
+        steps = torch.tensor(steps)
         with torch.no_grad(), route(state, steps):
             assert state.uniform_row(F32, torch.device("cpu")) is None
             logits = model(input_ids=input_ids_for(steps)).logits
-            with masked_path(state):
-                poisoned = model(input_ids=input_ids_for(steps)).logits
-        torch.testing.assert_close(logits, expected, **TOL)
-        assert poisoned.isnan().any(), steps.tolist()
+        assert logits.isnan().any(), steps.tolist()
     for steps in ([[0], [1]], [[0, 2]], [[1, 1, 2]]):  # rows or tokens in other stages
         with route(state, torch.tensor(steps)):
             assert state.uniform_row(F32, torch.device("cpu")) is None, steps
@@ -223,11 +201,8 @@ def test_equivalent_mixed_ids_and_one_random_prompt_run_are_uniform():
 
 
 @pytest.mark.parametrize("mode", ["grad", "train", "switched-off"])
-def test_autograd_train_mode_and_the_switch_skip_the_uniform_path(mode):
-    """Training (and gradient-checkpoint recomputation) never packs: no uniform path.
-
-    Switched off, the masked path runs and spreads the NaN of the zero blocks.
-    """
+def test_autograd_train_mode_and_the_switch_take_the_masked_path(mode):
+    """Training (and gradient-checkpoint recomputation) runs the masked path only."""
     config = mote_config()
     model, state, _ = mote_model(config)
     model.eval()
@@ -239,8 +214,7 @@ def test_autograd_train_mode_and_the_switch_skip_the_uniform_path(mode):
     state.fast_path = mode != "switched-off"
     with torch.set_grad_enabled(mode == "grad"), route(state, steps):
         logits = model(input_ids=input_ids_for(steps)).logits
-        assert not state.packs
-    assert logits.isnan().any() == (mode == "switched-off")
+    assert logits.isnan().any()
 
 
 @pytest.mark.parametrize("step", [0, 2])
@@ -276,7 +250,7 @@ def test_generate_with_cache_uses_the_fast_path_and_matches_a_masked_forward(ste
         assert spy.call_count == 2 * n_layers  # a new sequence packs again
     uninstall(model)
     seq = out.sequences  # [1, 5 + 6]
-    with masked_path(state), route(state, torch.full_like(seq, step)):
+    with torch.enable_grad(), route(state, torch.full_like(seq, step)):
         full = model(input_ids=seq).logits.detach()  # [1, 11, V], the masked path
     generated = torch.stack(out.logits, dim=1)  # [1, 6, V]
     torch.testing.assert_close(generated, full[:, 4:-1], atol=1e-5, rtol=1e-5)
@@ -297,14 +271,14 @@ def test_packs_follow_weight_changes_and_end_with_the_sequence():
         layer.lora_B["default"].weight.mul_(2.0)  # in place: the version changes
         after = model(input_ids=ids).logits
         state.set(steps, same_sequence=True)
-        with masked_path(state):
+        with torch.enable_grad():
             masked = model(input_ids=ids).logits.detach()
         torch.testing.assert_close(after, masked, **TOL)
         assert not torch.allclose(after, before)
         layer.scaling["default"] *= 0.5  # PEFT's set_scale: the packs follow
         state.set(steps, same_sequence=True)
         scaled = model(input_ids=ids).logits
-        with masked_path(state):
+        with torch.enable_grad():
             masked = model(input_ids=ids).logits.detach()
         torch.testing.assert_close(scaled, masked, **TOL)
         state.clear()  # route() / generate_chains ending: the sequence is over
