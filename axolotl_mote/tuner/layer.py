@@ -198,15 +198,20 @@ def _fusable(lora_b: torch.nn.Linear, result: torch.Tensor, h: torch.Tensor) -> 
     """Whether ``result + lora_b(h ⊙ mask)`` may run as one ``addmm`` on the weight.
 
     Not with a ``lora_B`` bias, nor ZeRO-3 partitioned weights (gathered only by the
-    module's own forward hooks), nor ``result`` and ``hm`` in different dtypes outside
-    autocast (PEFT adds them with type promotion and casts back afterwards).
+    module's own forward hooks), nor ``result`` and ``h`` in different dtypes outside
+    autocast (PEFT adds them with type promotion and casts back afterwards), nor a
+    ``result`` that autocast's dtype would round.
     """
     if lora_b.bias is not None or hasattr(lora_b.weight, "ds_id"):
         return False
     if result.shape[:-1] != h.shape[:-1]:
         return False
-    same = result.dtype == h.dtype == lora_b.weight.dtype
-    return same or torch.is_autocast_enabled(result.device.type)
+    if result.dtype == h.dtype == lora_b.weight.dtype:
+        return True
+    device = result.device.type  # autocast: fused only if it would not round result
+    return torch.is_autocast_enabled(device) and (
+        result.dtype == h.dtype == torch.get_autocast_dtype(device)
+    )
 
 
 class VariantHandle:

@@ -87,7 +87,8 @@ def test_fused_only_where_it_may():
     assert layer_mod._fusable(lora_b, result, h)
     assert not layer_mod._fusable(lora_b, result.double(), h)  # PEFT promotes
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer_mod._fusable(lora_b, result.bfloat16(), h)
+        assert layer_mod._fusable(lora_b, result.bfloat16(), h.bfloat16())
+        assert not layer_mod._fusable(lora_b, result, h.bfloat16())  # would round
     lora_b.weight.ds_id = 3  # a ZeRO-3 partitioned weight: only the module gathers it
     assert not layer_mod._fusable(lora_b, result, h)
     del lora_b.weight.ds_id
