@@ -172,11 +172,11 @@ class MoteVariant(LoraVariant):
     ) -> Pack | None:
         """Copy the blocks with ``c_k != 0`` of ``row``, ``s·c_k`` folded into B.
 
-        None where only the module calls are right: a ``lora_B`` bias, or ZeRO-3
-        partitioned weights (gathered by the modules' own hooks).
+        None where only the module calls are right: a ``lora_B`` bias, or weights that
+        only their modules may read (ZeRO-3, FSDP2, hooks: :func:`_plain`).
         """
         lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-        if lora_b.bias is not None or hasattr(lora_a.weight, "ds_id"):
+        if lora_b.bias is not None or not (_plain(lora_a) and _plain(lora_b)):
             return None
         blocks = [k for k, c in enumerate(row) if c != 0.0]
         if not blocks:
@@ -194,15 +194,31 @@ class MoteVariant(LoraVariant):
         return (key, a_k, b_k)
 
 
+def _plain(linear: torch.nn.Module) -> bool:
+    """Whether ``linear``'s weight may be read without calling the module.
+
+    Not where a wrapper owns the weight and makes it whole only inside the module's
+    forward: ZeRO-3 (partitioned, ``ds_id``, gathered by forward hooks), Axolotl's
+    FSDP2 (``fully_shard`` on each ``lora_A`` / ``lora_B``: another class, DTensor
+    shards, hooks), or any other forward hook.
+    """
+    return (
+        type(linear) is torch.nn.Linear
+        and not hasattr(linear.weight, "ds_id")
+        and not linear._forward_pre_hooks
+        and not linear._forward_hooks
+    )
+
+
 def _fusable(lora_b: torch.nn.Linear, result: torch.Tensor, h: torch.Tensor) -> bool:
     """Whether ``result + lora_b(h ⊙ mask)`` may run as one ``addmm`` on the weight.
 
-    Not with a ``lora_B`` bias, nor ZeRO-3 partitioned weights (gathered only by the
-    module's own forward hooks), nor ``result`` and ``h`` in different dtypes outside
-    autocast (PEFT adds them with type promotion and casts back afterwards), nor a
-    ``result`` that autocast's dtype would round.
+    Not with a ``lora_B`` bias, nor a weight only its module may read (:func:`_plain`),
+    nor ``result`` and ``h`` in different dtypes outside autocast (PEFT adds them with
+    type promotion and casts back afterwards), nor a ``result`` that autocast's dtype
+    would round.
     """
-    if lora_b.bias is not None or hasattr(lora_b.weight, "ds_id"):
+    if lora_b.bias is not None or not _plain(lora_b):
         return False
     if result.shape[:-1] != h.shape[:-1]:
         return False

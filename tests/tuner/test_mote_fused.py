@@ -92,6 +92,10 @@ def test_fused_only_where_it_may():
     lora_b.weight.ds_id = 3  # a ZeRO-3 partitioned weight: only the module gathers it
     assert not layer_mod._fusable(lora_b, result, h)
     del lora_b.weight.ds_id
+    hook = lora_b.register_forward_pre_hook(lambda m, a: None)  # FSDP2 unshards so
+    assert not layer_mod._fusable(lora_b, result, h)
+    hook.remove()
+    assert layer_mod._fusable(lora_b, result, h)
 
 
 def test_lora_b_bias_keeps_the_module_form_with_its_bias_scaled():
