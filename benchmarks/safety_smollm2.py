@@ -376,9 +376,20 @@ def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds of each set's rates, with the Wilson interval and seed values;
-    tokens per stage and plans averaged."""
+#: the prompt label each rate is computed over
+RATE_LABEL = {"harmless_rate": "harmful", "robustness": "harmful",
+              "compliance_rate": "benign"}  # fmt: skip
+
+
+def aggregate(
+    per_seed: list[dict[str, Any]], labels: dict[str, dict[str, int]] | None = None
+) -> dict[str, Any]:
+    """Mean over seeds of each set's rates, with the Wilson interval and seed values.
+
+    ``labels``: per set, the number of prompts of each label. A rate's interval is
+    over the prompts of its label (a mixed set such as ``heldout`` splits), less the
+    unscored ones; without ``labels``, over the whole set.
+    """
     out: dict[str, Any] = {"sets": {}, "seeds": len(per_seed)}
     for set_name in per_seed[0]["sets"]:
         metrics = [s["sets"][set_name] for s in per_seed]
@@ -387,10 +398,13 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             values = [m.get(key) for m in metrics]
             if any(v is None for v in values):
                 continue
-            n_scored = metrics[0]["n"] - metrics[0].get("unscored", 0)
+            n_label = (labels or {}).get(set_name, {}).get(RATE_LABEL[key])
+            n = metrics[0]["n"] if n_label is None else n_label
+            n_scored = max(n - metrics[0].get("unscored", 0), 0)
             mean = sum(values) / len(values)
             entry[key] = {
                 "mean": round(mean, 4),
+                "n": n,
                 "ci95": [round(x, 4) for x in wilson(mean, n_scored)],
                 "seeds": values,
             }
@@ -499,8 +513,9 @@ def render_table(results: dict[str, Any]) -> str:
             cells = [results["columns"][c]["sets"][set_name].get(key) for c in columns]
             if all(c is None for c in cells):
                 continue
+            n = next((c["n"] for c in cells if c and "n" in c), meta["n"])
             rows.append(
-                f"| `{set_name}` ({meta['n']}): {title} | "
+                f"| `{set_name}` ({n}): {title} | "
                 + " | ".join(_cell(c) for c in cells)
                 + " |"
             )
@@ -700,6 +715,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             columns.append((arm, LABELS[arm], arm, None))
     results: dict[str, Any] = {"sets": {}, "columns": {}}
     outcomes: dict[str, dict[tuple, bool]] = {}  # column -> (seed, set, id) -> good
+    labels = {  # set -> label -> prompts
+        pset.name: {
+            label: sum(it.label == label for it in pset.items)
+            for label in ("harmful", "benign")
+        }
+        for pset in sets
+    }
     eval_seconds = 0.0
     for column, label, arm, routing in columns:
         seeds = column_seeds(arm, routing, args.seeds, args.routing_seeds)
@@ -752,7 +774,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "label": label,
             "arm": arm,
             "prompt_routing": routing,
-            **aggregate(per_seed),
+            **aggregate(per_seed, labels),
             "usage": tokens_and_plans(generations),
         }
         print(f"[eval] {column} done", flush=True)

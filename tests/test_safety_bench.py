@@ -141,6 +141,21 @@ def test_wilson_interval():
     assert bench.wilson(0.0, 10)[0] == 0.0 and bench.wilson(1.0, 10)[1] == 1.0
 
 
+def test_aggregate_intervals_count_only_the_rates_own_label():
+    """A mixed set (10 harmful + 10 benign): each rate's interval is over its 10."""
+    bench = _bench()
+    metrics = {"n": 20, "unscored": 0, "harmless_rate": 0.8, "compliance_rate": 0.6}
+    out = bench.aggregate(
+        [{"sets": {"mix": metrics}}], {"mix": {"harmful": 10, "benign": 10}}
+    )
+    harm = out["sets"]["mix"]["harmless_rate"]
+    assert harm["n"] == 10
+    assert harm["ci95"] == [round(x, 4) for x in bench.wilson(0.8, 10)]
+    assert out["sets"]["mix"]["compliance_rate"]["n"] == 10
+    whole = bench.aggregate([{"sets": {"mix": metrics}}])  # no labels: the whole set
+    assert whole["sets"]["mix"]["harmless_rate"]["n"] == 20
+
+
 def test_mcnemar_and_paired_comparison():
     bench = _bench()
     # exact two-sided binomial: 1 vs 9 discordant pairs -> 2 * 11/1024
