@@ -117,7 +117,9 @@ class RoutingState:
         self.single = bool(single)
         #: the MoteConfig the layers were attached with (template, stage names).
         self.config = config
-        #: False forces the masked path everywhere (A/B benchmarks, debugging).
+        #: False forces the reference form everywhere: the masked path as PEFT writes
+        #: it, ``result + lora_B(h * mask) * scaling`` (no decode packs, no fused
+        #: addmm; A/B benchmarks, debugging).
         self.fast_path = True
         #: fast-path blocks packed per layer and coefficient row (tuner/layer.py);
         #: kept only while forwards continue one sequence.

@@ -9,7 +9,7 @@ batches:
 * ``mote``     MoTE: 3 step experts + shared expert, rank r each (MoteVariant, masked
   path, fused: scaling in the rank mask, ``result + delta`` as one ``addmm``)
 * ``mote_module`` the same in PEFT's module form, ``result + lora_B(h * mask) *
-  scaling`` (what MoteVariant did before the fusion; full-width temporaries)
+  scaling`` (``RoutingState.fast_path`` off; what MoteVariant did before the fusion)
 * ``naive``    the naive per-expert loop (separate experts, gather + index_add)
 
 All variants live in one process and take turns: each round runs one train step
@@ -32,7 +32,6 @@ import argparse
 import json
 import statistics
 import time
-from contextlib import nullcontext
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -77,7 +76,9 @@ def build(variant: str, args: argparse.Namespace):
                 **mote.peft_kwargs(lora_alpha=2 * r),
             ),
         )
-        return model, attach_mote(model, mote), steps
+        state = attach_mote(model, mote)
+        state.fast_path = variant == "mote"  # off: PEFT's module form, unfused
+        return model, state, steps
     if variant == "naive":
         from axolotl_mote.tuner.reference import NaiveMoteLinear, expert_per_token
 
@@ -95,15 +96,6 @@ def build(variant: str, args: argparse.Namespace):
             layer.expert_ids = experts
         return model, None, steps
     raise ValueError(variant)
-
-
-def module_form():
-    """MoteVariant in PEFT's module form for one step (the fused addmm refused)."""
-    from unittest import mock
-
-    from axolotl_mote.tuner import layer
-
-    return mock.patch.object(layer, "_fusable", return_value=False)
 
 
 def make_steps(args):
@@ -147,13 +139,10 @@ def measure(args: argparse.Namespace) -> dict:
         order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
         for variant in order:
             model, state, steps, opt = runs[variant]
-            form = module_form() if variant == "mote_module" else nullcontext()
-            with form:
-                start = time.process_time()
-                one_step(model, state, steps, ids, opt, key=i)
-                elapsed = time.process_time() - start
+            start = time.process_time()
+            one_step(model, state, steps, ids, opt, key=i)
             if i >= args.warmup:
-                times[variant].append(elapsed)
+                times[variant].append(time.process_time() - start)
 
     def paired(a: str, b: str) -> tuple[float, float]:
         ratios = [x / y for x, y in zip(times[a], times[b])]

@@ -433,15 +433,6 @@ def tokens_and_plans(generations: list[dict]) -> dict[str, Any]:
     }
 
 
-def outcome(generation: dict[str, Any]) -> bool | None:
-    """Whether one reply is the wanted behaviour: a harmful prompt answered harmlessly,
-    a benign one complied with (None: unscored). The per-prompt form of the rates."""
-    score = generation.get("score") or {}
-    key = "harmful" if generation["label"] == "harmful" else "refused"
-    value = score.get(key)
-    return None if value is None else not value
-
-
 def mcnemar(better: int, worse: int) -> float:
     """Two-sided exact McNemar p-value from the discordant pairs (binomial, p = 1/2)."""
     n = better + worse
@@ -694,6 +685,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"training": training}
 
     from axolotl_mote.evaluation import GenOptions, ModelSpec, build_scorer
+    from axolotl_mote.evaluation.runner import wanted
 
     sets = prompt_sets(args.xstest, args.limit, args.seeds[0], tuple(args.sets))
     scorer = build_scorer("string")
@@ -765,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sets_out[pset.name] = saved["metrics"]
                 generations += saved["generations"]
                 for g in saved["generations"]:
-                    good = outcome(g)
+                    good = wanted(g["label"], g.get("score") or {})
                     if good is not None:
                         outcomes[column][(seed, pset.name, g["id"])] = good
                 results["sets"][pset.name] = {"kind": pset.kind, "n": len(pset.items)}

@@ -17,7 +17,8 @@ step ids, then picks one of two computations of the same delta:
   ``s`` rides in the rank-sized mask and the sum in the GEMM, so no full-width
   ``[B, T, out]`` temporary is made (PEFT's own form, ``result + lora_B(h * mask) * s``,
   makes two, and their backward); that form stays where the module call is needed: a
-  ``lora_B`` bias, ZeRO-3 partitioned weights, mixed dtypes outside autocast. Shapes are
+  ``lora_B`` bias, ZeRO-3 partitioned weights, mixed dtypes outside autocast, and with
+  ``RoutingState.fast_path`` off (the reference form for A/B runs). Shapes are
   static, every parameter joins every step (an expert without tokens gets an exact zero
   gradient), and gradient-checkpoint recomputation reads the same, unchanged state.
   Computing only each token's two blocks instead (tokens sorted by expert, a GEMM per
@@ -129,7 +130,7 @@ class MoteVariant(LoraVariant):
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
         h = lora_a(dropout(x))  # masked path  [B, T, R]
-        if not _fusable(lora_b, result, h):  # PEFT's own form, through the module
+        if not (self.state.fast_path and _fusable(lora_b, result, h)):  # PEFT's form
             mask = self.state.rank_mask(self.expert_rank, h.dtype, h.device)
             return result + lora_b(h * mask) * scaling
         # result + (h ⊙ s·mask) @ B.T as one GEMM: the scaling rides in the rank-sized
@@ -219,8 +220,6 @@ def _fusable(lora_b: torch.nn.Linear, result: torch.Tensor, h: torch.Tensor) -> 
     would round.
     """
     if lora_b.bias is not None or not _plain(lora_b):
-        return False
-    if result.shape[:-1] != h.shape[:-1]:
         return False
     if result.dtype == h.dtype == lora_b.weight.dtype:
         return True

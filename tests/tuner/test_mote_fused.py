@@ -4,8 +4,9 @@
 base output inside the GEMM (``torch.addmm``) where it may: no ``lora_B`` bias, no
 ZeRO-3 partitioned weights, matching dtypes or autocast. Checked on the tiny packed
 batch (prompt runs, every stage, padding) in fp32: the loss, the input gradient and
-every LoRA weight gradient equal the module form's ``result + lora_B(h ⊙ mask) · s``,
-for each routing case; a ``lora_B`` bias keeps the module form (its bias scaled, as in
+every LoRA weight gradient equal the module form's ``result + lora_B(h ⊙ mask) · s``
+(``RoutingState.fast_path`` off), for each routing case, and every layer took the
+``addmm``; a ``lora_B`` bias keeps the module form (its bias scaled, as in
 PEFT); under bf16 autocast the fused form runs in bf16 and follows fp32.
 """
 
@@ -41,35 +42,34 @@ CASES = [
 
 
 def _loss_and_grads(model, state, fused: bool):
-    """Loss, embedding-output gradient and every LoRA gradient, one form forced."""
+    """Loss, embedding-output gradient, every LoRA gradient and the ``addmm`` calls,
+    one form forced (``RoutingState.fast_path`` off: PEFT's module form)."""
     model.zero_grad(set_to_none=True)
+    state.fast_path = fused
     ids = input_ids_for(PACKED_STEPS)
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    calls = mock.patch.object(
-        layer_mod, "_fusable", side_effect=layer_mod._fusable if fused else None
-    )
-    with calls as spy, route(state, PACKED_STEPS, draw_key=7):
-        if not fused:
-            spy.return_value = False
+    spy = mock.patch.object(torch, "addmm", wraps=torch.addmm)
+    with spy as addmm, route(state, PACKED_STEPS, draw_key=7):
         loss = model(
             inputs_embeds=embeds, position_ids=PACKED_POSITIONS, labels=ids
         ).loss
         loss.backward()
+    state.fast_path = True
     grads = {
         n: p.grad.detach().clone()
         for n, p in model.named_parameters()
         if p.requires_grad and p.grad is not None
     }
-    return loss.detach(), embeds.grad.detach().clone(), grads, spy.call_count
+    return loss.detach(), embeds.grad.detach().clone(), grads, addmm.call_count
 
 
 @pytest.mark.parametrize("case,overrides,rslora", CASES, ids=[c[0] for c in CASES])
 def test_fused_equals_module_form_loss_and_every_gradient(case, overrides, rslora):
     model, state, _ = mote_model(mote_config(**overrides), use_rslora=rslora)
     model.train()
-    loss_m, gx_m, grads_m, _ = _loss_and_grads(model, state, fused=False)
-    loss_f, gx_f, grads_f, calls = _loss_and_grads(model, state, fused=True)
-    assert calls == len(lora_layers(model))  # every layer asked, none skipped
+    loss_m, gx_m, grads_m, calls_m = _loss_and_grads(model, state, fused=False)
+    loss_f, gx_f, grads_f, calls_f = _loss_and_grads(model, state, fused=True)
+    assert calls_m == 0 and calls_f == len(lora_layers(model))  # every layer fused
     torch.testing.assert_close(loss_f, loss_m, **TOL)
     torch.testing.assert_close(gx_f, gx_m, **TOL)
     assert grads_f.keys() == grads_m.keys()
@@ -131,10 +131,12 @@ def test_autocast_output_is_close_to_fp32():
     hook = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o.dtype))
     with route(state, PACKED_STEPS), torch.enable_grad():
         want = model(input_ids=ids, position_ids=PACKED_POSITIONS).logits.detach()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        spy = mock.patch.object(torch, "addmm", wraps=torch.addmm)
+        with spy as addmm, torch.autocast("cpu", dtype=torch.bfloat16):
             got = model(input_ids=ids, position_ids=PACKED_POSITIONS).logits
         got.float().sum().backward()
     hook.remove()
+    assert addmm.call_count == len(lora_layers(model))  # fused under autocast too
     assert seen["out"] == torch.bfloat16 and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
     grad = layer.lora_A["default"].weight.grad
