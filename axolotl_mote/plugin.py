@@ -13,6 +13,7 @@ pre_lora_load               marker rows: init and training (``model.py``)
 get_lora_config_kwargs      rank blocks per expert (``model.py``)
 post_lora_load              attach routing to the PEFT LoRA layers (``model.py``)
 get_trainer_cls             routing around every step (``trainer.py``)
+post_trainer_create         FSDP2's final save keeps the marker rows (``fsdp.py``)
 get_collator_cls_and_kwargs step-id padding, packed or not (``data/collator.py``)
 add_callbacks_post_trainer  self-describing checkpoints, stats (``callbacks.py``)
 post_train                  ``mote_config.json`` and model card (``saving.py``)
@@ -70,6 +71,12 @@ class MotePlugin(BasePlugin):
         from axolotl_mote.integration.trainer import MoteTrainer
 
         return MoteTrainer
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        from axolotl_mote.integration.fsdp import install_final_save, is_fsdp2
+
+        if is_fsdp2(cfg):
+            install_final_save()
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
         from axolotl_mote.data.collator import collator_for

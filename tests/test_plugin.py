@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from axolotl.utils.dict import DictDefault
 
 from axolotl_mote.plugin import MotePlugin
@@ -65,6 +66,104 @@ def test_register_refuses_merging_a_routed_adapter(tmp_path):
     cfg = _raw(tmp_path, merge_lora=True, lora_model_dir=str(adapter))
     with pytest.raises(ValueError, match="axolotl-mote export"):
         MotePlugin().register(cfg)
+
+
+FSDP2 = {"fsdp_version": 2, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
+
+
+@pytest.mark.parametrize(
+    "resume",
+    [
+        {"resume_from_checkpoint": "out/checkpoint-2"},
+        {"auto_resume_from_checkpoints": True},
+    ],
+)
+def test_register_refuses_resuming_fsdp2_full_state_dict(tmp_path, resume):
+    cfg = _raw(tmp_path, **FSDP2, **resume)
+    with pytest.raises(ValueError, match="state_dict_type: SHARDED_STATE_DICT"):
+        MotePlugin().register(cfg)
+    # the fix the error names, and the older `fsdp_` spelling of the key
+    for fsdp in (
+        {"state_dict_type": "SHARDED_STATE_DICT"},
+        {"fsdp_state_dict_type": "SHARDED_STATE_DICT"},
+    ):
+        MotePlugin().register(
+            _raw(tmp_path, fsdp_version=2, fsdp_config=fsdp, **resume)
+        )
+    # FSDP1 and DDP runs are not concerned
+    fsdp1 = {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
+    MotePlugin().register(_raw(tmp_path, **fsdp1, **resume))
+    MotePlugin().register(_raw(tmp_path, **resume))
+
+
+def test_register_warns_once_fsdp2_full_checkpoints_do_not_resume(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="axolotl_mote"):
+        MotePlugin().register(_raw(tmp_path, **FSDP2, save_strategy="steps"))
+    assert "cannot resume training" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="axolotl_mote"):
+        MotePlugin().register(_raw(tmp_path, **FSDP2, save_strategy="no"))
+    assert "cannot resume" not in caplog.text
+
+
+def test_fsdp2_final_save_wrapper_finds_axolotls_function():
+    """The function exists in this Axolotl and is wrapped once."""
+    import importlib
+
+    from axolotl_mote.integration import fsdp
+
+    module = importlib.import_module(fsdp.SAVE_MODULE)
+    original = getattr(module, fsdp.SAVE_FUNCTION)
+    try:
+        assert fsdp.install_final_save() and fsdp.install_final_save()
+        wrapped = getattr(module, fsdp.SAVE_FUNCTION)
+        assert wrapped._mote_wrapped
+        assert wrapped.__wrapped__ is getattr(original, "__wrapped__", original)
+    finally:
+        setattr(module, fsdp.SAVE_FUNCTION, original)
+
+
+class _Saved(torch.nn.Module):
+    """A stand-in PEFT model: records what ``save_pretrained`` is given."""
+
+    def __init__(self, tokens: bool):
+        super().__init__()
+        self.lora_A = torch.nn.Linear(2, 3, bias=False)
+        self.frozen = torch.nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+        if tokens:
+            self.trainable_tokens_delta = torch.nn.Parameter(torch.ones(2, 2))
+        self.saved = []
+
+    def save_pretrained(self, out, state_dict):
+        self.saved.append((out, state_dict))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_fsdp2_final_save_keeps_trainable_tokens(monkeypatch, tokens):
+    """Axolotl's save runs unchanged without trainable tokens; with them, every
+    trainable parameter (experts and marker rows, never a frozen one) goes to the
+    model's own ``save_pretrained``."""
+    import importlib
+
+    from axolotl_mote.integration import fsdp
+
+    module = importlib.import_module(fsdp.SAVE_MODULE)
+    axolotl_calls = []
+    monkeypatch.setattr(
+        module, fsdp.SAVE_FUNCTION, lambda m, out: axolotl_calls.append(out) or True
+    )
+    assert fsdp.install_final_save()
+    model = _Saved(tokens)
+    assert getattr(module, fsdp.SAVE_FUNCTION)(model, "out") is True
+    if not tokens:
+        assert axolotl_calls == ["out"] and model.saved == []
+        return
+    assert axolotl_calls == []
+    [(out, state)] = model.saved
+    assert out == "out"
+    assert sorted(state) == ["lora_A.weight", "trainable_tokens_delta"]
+    assert torch.equal(state["lora_A.weight"], model.lora_A.weight.detach())
 
 
 @pytest.mark.parametrize(

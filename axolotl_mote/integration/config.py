@@ -22,6 +22,8 @@ def prepare_raw_config(cfg: dict) -> None:
     - adds the template's stage markers to ``special_tokens.additional_special_tokens``
       so Axolotl's tokenizer and embedding resize include them;
     - refuses ``axolotl merge-lora`` on a routed MoTE adapter;
+    - refuses resuming FSDP2 ``FULL_STATE_DICT`` checkpoints (see
+      :func:`check_fsdp2_resume`);
     - checks local JSONL datasets record by record (``mote.validate_files``).
 
     A ``mote:`` block that does not parse is left for validation, which reports it
@@ -48,6 +50,7 @@ def prepare_raw_config(cfg: dict) -> None:
         special["additional_special_tokens"] = extra
         cfg["special_tokens"] = special
     _refuse_merging_routed_adapter(cfg)
+    check_fsdp2_resume(cfg)
     if opts.get("validate_files", True):
         validate_dataset_files(cfg, template)
     else:
@@ -80,6 +83,49 @@ def use_reserved_tokens(cfg: dict, template: PromptTemplate) -> None:
     cfg["added_tokens_overrides"] = overrides
     if new:
         LOG.info("MoTE: markers on reserved tokens (no resize): %s", new)
+
+
+def fsdp2_state_dict_type(cfg: dict) -> str | None:
+    """``fsdp_config.state_dict_type`` of an FSDP2 run (either spelling), else None."""
+    from axolotl_mote.integration.fsdp import is_fsdp2
+
+    if not is_fsdp2(cfg):
+        return None
+    fsdp = cfg.get("fsdp_config") or {}
+    return fsdp.get("state_dict_type") or fsdp.get("fsdp_state_dict_type")
+
+
+def check_fsdp2_resume(cfg: dict) -> None:
+    """FSDP2 checkpoints resume only from ``SHARDED_STATE_DICT``.
+
+    With ``FULL_STATE_DICT`` accelerate reads the adapter on rank 0 only and hands
+    the other ranks an empty state dict: for a MoTE run PEFT then raises ``KeyError``
+    on the marker rows (``trainable_tokens_delta``) after the model is built; a plain
+    LoRA run resumed that way ends with another adapter than the uninterrupted run
+    (max |difference| 0.25 on the tiny test model, 2 CPU ranks). Refused before
+    anything loads, with the fix; without a resume only a warning, since such
+    checkpoints are still whole, loadable adapters.
+    """
+    kind = fsdp2_state_dict_type(cfg)
+    if kind is None or kind == "SHARDED_STATE_DICT":
+        return
+    if cfg.get("resume_from_checkpoint") or cfg.get("auto_resume_from_checkpoints"):
+        raise ValueError(
+            f"fsdp_config.state_dict_type: {kind} with fsdp_version: 2 cannot resume "
+            "training: accelerate loads that checkpoint on rank 0 only, so the other "
+            "ranks would not get the experts and marker rows back. Resume from a run "
+            "trained with `fsdp_config.state_dict_type: SHARDED_STATE_DICT` (its "
+            "checkpoints resume exactly; the plugin still writes the final adapter "
+            "whole), or load this checkpoint's adapter with `lora_model_dir` and "
+            "train on from there."
+        )
+    if cfg.get("save_strategy") != "no":
+        LOG.warning(
+            "MoTE: FSDP2 with fsdp_config.state_dict_type: %s writes checkpoints that "
+            "load as adapters but cannot resume training; use SHARDED_STATE_DICT to "
+            "resume (the final adapter is written whole either way).",
+            kind,
+        )
 
 
 def _refuse_merging_routed_adapter(cfg: dict) -> None:

@@ -6,11 +6,12 @@ Usage (one process per rank)::
     # DDP over gloo
     ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 \\
         torchrun --nproc_per_node 2 tests/distributed/launcher.py cfg.yml
+    # FSDP2 (cfg.yml has `fsdp_version: 2` and `fsdp_config`): as DDP
     # DeepSpeed ZeRO-2/3 (cfg.yml has `deepspeed: <json>`); no ACCELERATE_USE_CPU here
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 \\
         torchrun --nproc_per_node 2 tests/distributed/launcher.py cfg.yml
 
-``torchrun -m axolotl.cli.train`` alone fails on CPU. This module changes five things,
+``torchrun -m axolotl.cli.train`` alone fails on CPU. This module changes six things,
 each only when ``torch.cuda.is_available()`` is False, then hands over to
 ``axolotl.cli.train.do_cli`` (the same entry point as ``python -m axolotl.cli.train``):
 
@@ -34,6 +35,10 @@ each only when ``torch.cuda.is_available()`` is False, then hands over to
    the Trainer sees the real world size, as with ``nccl`` on GPUs.
 5. DeepSpeed's CPU shared-memory all-reduce op is not built (a gcc build of up to
    minutes on a busy machine; see ``_skip_shm_comm_op``): gloo does the all-reduces.
+6. FSDP: accelerate keeps ``MULTI_CPU`` (plain DDP) although ``ACCELERATE_USE_FSDP``
+   is set, and axolotl builds the device mesh on ``"cuda"``. The state becomes
+   ``FSDP`` and the mesh a CPU one (see ``_fsdp_on_cpu``); torch's ``fully_shard``
+   runs over gloo unchanged.
 
 It also refuses the two silent misconfigurations seen on CPU: DeepSpeed together with
 ``ACCELERATE_USE_CPU`` (ZeRO-2 silently trains without DeepSpeed, ZeRO-3 crashes), and a
@@ -210,6 +215,54 @@ def _deepspeed_sees_every_rank() -> None:
     PartialState._prepare_backend = _prepare_backend
 
 
+def _fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP over gloo on CPU.
+
+    ``AcceleratorState`` turns ``ACCELERATE_USE_FSDP`` into ``DistributedType.FSDP``
+    only for device backends (``MULTI_GPU``, ``MULTI_XPU``, ...), never for
+    ``MULTI_CPU``: on CPU the flag is dropped and every rank runs plain DDP. Here a
+    ``MULTI_CPU`` state with ``ACCELERATE_USE_FSDP`` and an FSDP plugin becomes
+    ``FSDP``, as it would on GPUs; torch's ``fully_shard`` itself runs on a CPU mesh.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "_mote_cpu_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin") or getattr(self, "fsdp_plugin", None)
+        if (
+            plugin is not None
+            and _env_true("ACCELERATE_USE_FSDP")
+            and self.distributed_type == DistributedType.MULTI_CPU
+        ):
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            # PartialState() reads its own copy (accelerate syncs it the same way)
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    __init__._mote_cpu_wrapped = True
+    AcceleratorState.__init__ = __init__
+
+    # axolotl builds the FSDP device mesh on "cuda" literally
+    from accelerate.parallelism_config import ParallelismConfig
+
+    build = ParallelismConfig.build_device_mesh
+    if getattr(build, "_mote_cpu_wrapped", False):
+        return
+
+    @functools.wraps(build)
+    def build_device_mesh(self, device_type, *args, **kwargs):
+        return build(self, "cpu", *args, **kwargs)
+
+    build_device_mesh._mote_cpu_wrapped = True
+    ParallelismConfig.build_device_mesh = build_device_mesh
+
+
 def _skip_shm_comm_op() -> None:
     """Skip DeepSpeed's CPU shared-memory all-reduce op (a gcc build on first use).
 
@@ -280,7 +333,9 @@ def _rank_report(trainer) -> dict:
             int(getattr(p, "ds_numel", p.numel())) for _, p in trainable
         ),
         # ZeRO-3 marks every partitioned parameter with ds_id; local storage is a shard
-        "trainable_local_numel": sum(p.numel() for _, p in trainable),
+        # (FSDP2: a DTensor whose local tensor is the shard)
+        "trainable_local_numel": sum(_local_numel(p) for _, p in trainable),
+        "n_dtensor_params": sum(1 for _, p in params if hasattr(p, "to_local")),
         # ZeRO-3 marks every parameter it manages with ds_id; a partitioned one keeps
         # only its shard locally (persistent small ones, below the persistence
         # threshold, stay whole on every rank)
@@ -294,6 +349,16 @@ def _rank_report(trainer) -> dict:
         "cuda_available": torch.cuda.is_available(),
     }
     return report
+
+
+def _full(param):
+    """The whole tensor of a parameter: an FSDP2 DTensor shard is all-gathered."""
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+def _local_numel(param) -> int:
+    """Elements this rank stores: an FSDP2 DTensor keeps only its local shard."""
+    return param.to_local().numel() if hasattr(param, "to_local") else param.numel()
 
 
 def _dump_trained(trainer, out) -> None:
@@ -320,7 +385,8 @@ def _dump_trained(trainer, out) -> None:
 
         gather = deepspeed.zero.GatheredParameters([p for _, p in named])
     with gather:
-        tensors = {n: p.detach().float().cpu().clone() for n, p in named}
+        # FSDP2 parameters are DTensor shards: ``full_tensor`` all-gathers them
+        tensors = {n: _full(p).detach().float().cpu().clone() for n, p in named}
 
     row = trainer.train_dataset[0]
     ids = torch.tensor([row["input_ids"][:96]])
@@ -406,6 +472,7 @@ def install_cpu_patches() -> bool:
     _wrap_setup_deepspeed_env()
     _deepspeed_sees_every_rank()
     _neutralise_p2p_check()
+    _fsdp_on_cpu()
     return True
 
 

@@ -1,5 +1,5 @@
 """MoTE through the real ``axolotl train`` in 2 processes on CPU: DDP, ZeRO-1/2/3,
-offload.
+offload, FSDP2.
 
 Every run trains the tiny Llama with the plugin for ``MAX_STEPS`` steps at 1 sample per
 rank (global batch 2), saves, and is checked against what a user relies on:
@@ -48,6 +48,18 @@ PROJ_IN_OUT = {
     "down_proj": (128, 64),
 }
 RANK = 4 * 4  # (3 aligncot step experts + shared) x lora_r 4
+# Axolotl's FSDP2 recipe: each decoder layer, each lora_A / lora_B and the root are
+# fully_shard-ed; sharded checkpoints are the ones that resume (see
+# integration/config.check_fsdp2_resume)
+FSDP2 = {
+    "fsdp_version": 2,
+    "fsdp_config": {
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "reshard_after_forward": True,
+    },
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -213,6 +225,12 @@ def zero3_offload_run(work) -> DistributedRun:
     return _run(work, "zero3_offload", "zero3", deepspeed=str(path))
 
 
+@pytest.fixture(scope="module")
+def fsdp2_run(work) -> DistributedRun:
+    # checkpoints at steps 2 and 4: the uninterrupted half of the resume test
+    return _run(work, "fsdp2", "fsdp2", save_strategy="steps", save_steps=2, **FSDP2)
+
+
 # --------------------------------------------------------------------------------------
 # checks
 
@@ -376,3 +394,49 @@ def test_zero3_resume_restores_experts(zero3_run, work):
     )
     _check_saved_equals_trained(resumed)
     _check_reload_logits(resumed, work / "model")
+
+
+def test_fsdp2(fsdp2_run, reference_losses, work):
+    """FSDP2 shards every expert and the marker rows; the final adapter (written by the
+    plugin, since Axolotl's FSDP2 save drops trainable tokens) is the trained one."""
+    reports = _check_ranks(fsdp2_run, "FSDP", None)
+    for report in reports:
+        assert report["n_dtensor_params"] > 0
+        # each rank stores half of every trainable tensor (all dims are even here)
+        assert 2 * report["trainable_local_numel"] == report["trainable_numel"]
+    assert "MoTE: FSDP2 final save" in fsdp2_run.log
+    _check_saved_equals_trained(fsdp2_run)
+    _check_reload_logits(fsdp2_run, work / "model")
+    _check_loss_matches(fsdp2_run, reference_losses)
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        assert (fsdp2_run.output_dir / ckpt / "pytorch_model_fsdp_0").is_dir()
+        assert (fsdp2_run.output_dir / ckpt / "mote_config.json").is_file()
+    assert (fsdp2_run.output_dir / "mote_config.json").is_file()
+
+
+def test_fsdp2_resume_restores_experts(fsdp2_run, work):
+    """Resuming from the sharded checkpoint of step 2 ends where the 4-step run did."""
+    resumed_dir = work / "fsdp2_resume"
+    out = resumed_dir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint-2"
+    shutil.copytree(fsdp2_run.output_dir / "checkpoint-2", ckpt)
+    resumed = _run(
+        work,
+        "fsdp2_resume",
+        "fsdp2",
+        save_strategy="steps",
+        save_steps=2,
+        resume_from_checkpoint=str(ckpt),
+        **FSDP2,
+    )
+    _check_ranks(resumed, "FSDP", None, steps_run=MAX_STEPS - 2)
+    full = load_file(str(fsdp2_run.report_dir / "trained.safetensors"))
+    after = load_file(str(resumed.report_dir / "trained.safetensors"))
+    assert full.keys() == after.keys()
+    for name in full:
+        torch.testing.assert_close(after[name], full[name], rtol=0, atol=1e-6, msg=name)
+    assert _losses(resumed, after_step=2) == pytest.approx(
+        _losses(fsdp2_run, after_step=2), rel=LOSS_RTOL
+    )
+    _check_saved_equals_trained(resumed)

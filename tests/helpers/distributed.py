@@ -60,6 +60,7 @@ class Mode:
 # NOT see ACCELERATE_USE_CPU (ZeRO-2 would silently drop DeepSpeed, ZeRO-3 crash).
 MODES: dict[str, Mode] = {
     "ddp": Mode(env={"ACCELERATE_USE_CPU": "true"}, unset=("DS_ACCELERATOR",)),
+    "fsdp2": Mode(env={"ACCELERATE_USE_CPU": "true"}, unset=("DS_ACCELERATOR",)),
     **{
         name: Mode(
             env={"DS_ACCELERATOR": "cpu"}, unset=("ACCELERATE_USE_CPU",), deepspeed=name
