@@ -27,6 +27,7 @@ EXAMPLES = sorted((REPO / "example_configs").glob("llama*.yml"))
 EXPECTED = {
     "llama3.1-8b-1gpu": (1, None, "lora"),
     "llama3.1-8b-2x8-zero3": (16, 3, "lora"),
+    "llama3.1-8b-8gpu-fsdp2": (8, None, "lora"),
     "llama3.1-8b-qlora": (1, None, "qlora"),
     "llama3.1-70b-zero3-offload": (8, 3, "lora"),
 }
@@ -85,6 +86,9 @@ def test_llama_example_validates(path, monkeypatch, reset_plugins):
 
     if stage is None:
         assert not raw.get("deepspeed")
+        if cfg.fsdp_version:  # the checkpoints that resume (check_fsdp2_resume)
+            assert str(cfg.fsdp_version) == "2"
+            assert cfg.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"
         return
     ds_path = Path(raw["deepspeed"])
     shipped = deepspeed_config_path(ds_path.stem)
@@ -109,6 +113,7 @@ def test_a_rejected_example_names_the_fix(monkeypatch, reset_plugins):
 PAPER_EXAMPLES = [
     ("llama3.1-8b-1gpu.yml", 1),
     ("llama3.1-8b-2x8-zero3.yml", 16),
+    ("llama3.1-8b-8gpu-fsdp2.yml", 8),
     ("llama3.1-8b-qlora.yml", 1),
 ]
 
