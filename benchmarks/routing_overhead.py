@@ -13,14 +13,16 @@ batches:
 * ``naive``    the naive per-expert loop (separate experts, gather + index_add)
 
 All variants live in one process and take turns: each round runs one train step
-(forward + backward + AdamW) of every variant, in a rotating order, timed in process CPU
-time (what other tenants of a shared machine do stretches wall time, not the work). The
-ratio of a round is MoTE's step over ``lora_r``'s step of the *same* round, so slow
-drift of the machine cancels; the reported ratio is the median over rounds, with the
-spread (interquartile range). Two widths by default: hidden 1,024 (4 layers) and hidden
-4,096 (an 8B layer; 1 layer, shorter sequence to fit the time). The last line is one
-JSON object: ``mote_vs_lora_r`` (hidden 1,024), ``mote_vs_lora_r_4096``, their spreads,
-and the other ratios.
+(forward + backward + AdamW) of every variant, timed in process CPU time (what other
+tenants of a shared machine do stretches wall time, not the work). The order is
+``VARIANTS`` in even rounds and reversed in odd ones, so the pairs that matter most
+(``lora_r`` / ``mote``, ``mote`` / ``mote_module``) always run back to back, each going
+first half the time. The ratio of a round is MoTE's step over ``lora_r``'s step of the
+*same* round, so the machine's drift cancels; the reported ratio is the median over
+rounds, with the spread (interquartile range). Two widths by default: hidden 1,024
+(4 layers) and hidden 4,096 (an 8B layer; 1 layer, shorter sequence to fit the time).
+The last line is one JSON object: ``mote_vs_lora_r`` (hidden 1,024),
+``mote_vs_lora_r_4096``, their spreads, and the other ratios.
 
     python benchmarks/routing_overhead.py          # both widths, ~6 min on 2 cores
     python benchmarks/routing_overhead.py --quick    # small shapes, for a smoke test
@@ -136,7 +138,7 @@ def measure(args: argparse.Namespace) -> dict:
     ids = torch.randint(0, 8000, (args.batch, args.seq), generator=gen)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(args.warmup + args.rounds):
-        order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+        order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
         for variant in order:
             model, state, steps, opt = runs[variant]
             start = time.process_time()
@@ -163,7 +165,8 @@ def measure(args: argparse.Namespace) -> dict:
     return out
 
 
-VARIANTS = ["lora_r", "lora_4r", "mote", "mote_module", "naive"]
+# neighbours are compared: lora_r | mote | mote_module, then the rest
+VARIANTS = ["lora_r", "mote", "mote_module", "lora_4r", "naive"]
 
 
 def main() -> None:
