@@ -86,7 +86,8 @@ def test_llama_example_validates(path, monkeypatch, reset_plugins):
 
     if stage is None:
         assert not raw.get("deepspeed")
-        if cfg.fsdp_version:  # the checkpoints that resume (check_fsdp2_resume)
+        # Axolotl 0.21 defaults fsdp_version to 2 without FSDP: fsdp_config decides
+        if cfg.fsdp_config:  # the checkpoints that resume (check_fsdp2_resume)
             assert str(cfg.fsdp_version) == "2"
             assert cfg.fsdp_config["state_dict_type"] == "SHARDED_STATE_DICT"
         return
