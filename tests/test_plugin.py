@@ -90,6 +90,10 @@ def test_register_refuses_resuming_fsdp2_full_state_dict(tmp_path, resume):
         MotePlugin().register(
             _raw(tmp_path, fsdp_version=2, fsdp_config=fsdp, **resume)
         )
+    # the version inside fsdp_config (Axolotl 0.21's spelling) counts too
+    inside = {"fsdp_config": {"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"}}
+    with pytest.raises(ValueError, match="SHARDED_STATE_DICT"):
+        MotePlugin().register(_raw(tmp_path, **inside, **resume))
     # FSDP1 and DDP runs are not concerned
     fsdp1 = {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
     MotePlugin().register(_raw(tmp_path, **fsdp1, **resume))

@@ -36,11 +36,16 @@ CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 
 
 def is_fsdp2(cfg: Any) -> bool:
-    """Whether the run shards with FSDP2 (what Axolotl's final save checks)."""
-    return (
-        bool(cfg.get("fsdp_config") or cfg.get("fsdp"))
-        and str(cfg.get("fsdp_version")) == "2"
-    )
+    """Whether the run shards with FSDP2 (what Axolotl's final save checks).
+
+    ``fsdp_config`` decides whether FSDP is on (Axolotl 0.21 defaults
+    ``fsdp_version`` to 2 without it); the version may also sit inside it.
+    """
+    fsdp = cfg.get("fsdp_config") or {}
+    if not (fsdp or cfg.get("fsdp")):
+        return False
+    version = cfg.get("fsdp_version") or fsdp.get("fsdp_version") or fsdp.get("version")
+    return str(version) == "2"
 
 
 def gathered_trainable_state_dict(model: Any) -> dict[str, Any]:
