@@ -8,7 +8,8 @@ hook                        does
 ==========================  ===================================================
 get_input_args              the ``mote:`` block and every rule on it (``args.py``)
 register                    defaults, markers, data and merge checks (``config.py``)
-pre_model_load              seed the embedding resize and expert init (``model.py``)
+pre_model_load              seed the embedding resize and expert init (``model.py``);
+                            FSDP2 resume check on the validated config
 pre_lora_load               marker rows: init and training (``model.py``)
 get_lora_config_kwargs      rank blocks per expert (``model.py``)
 post_lora_load              attach routing to the PEFT LoRA layers (``model.py``)
@@ -47,8 +48,10 @@ class MotePlugin(BasePlugin):
 
     # --- model -----------------------------------------------------------------------
     def pre_model_load(self, cfg) -> None:
+        from axolotl_mote.integration.config import check_fsdp2_resume
         from axolotl_mote.integration.model import seed_model_init
 
+        check_fsdp2_resume(cfg, warn=False)  # the validated config: FSDP2 defaults
         seed_model_init(cfg)
 
     def pre_lora_load(self, cfg, model) -> None:

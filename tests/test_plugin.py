@@ -94,6 +94,12 @@ def test_register_refuses_resuming_fsdp2_full_state_dict(tmp_path, resume):
     inside = {"fsdp_config": {"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"}}
     with pytest.raises(ValueError, match="SHARDED_STATE_DICT"):
         MotePlugin().register(_raw(tmp_path, **inside, **resume))
+    # the validated config (pre_model_load), where Axolotl 0.21 filled the version in
+    validated = DictDefault(_raw(tmp_path, **resume))
+    validated["fsdp_version"] = 2
+    validated["fsdp_config"] = DictDefault({"state_dict_type": "FULL_STATE_DICT"})
+    with pytest.raises(ValueError, match="SHARDED_STATE_DICT"):
+        MotePlugin().pre_model_load(validated)
     # FSDP1 and DDP runs are not concerned
     fsdp1 = {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
     MotePlugin().register(_raw(tmp_path, **fsdp1, **resume))

@@ -95,7 +95,7 @@ def fsdp2_state_dict_type(cfg: dict) -> str | None:
     return fsdp.get("state_dict_type") or fsdp.get("fsdp_state_dict_type")
 
 
-def check_fsdp2_resume(cfg: dict) -> None:
+def check_fsdp2_resume(cfg: Any, warn: bool = True) -> None:
     """FSDP2 checkpoints resume only from ``SHARDED_STATE_DICT``.
 
     With ``FULL_STATE_DICT`` accelerate reads the adapter on rank 0 only and hands
@@ -104,7 +104,10 @@ def check_fsdp2_resume(cfg: dict) -> None:
     LoRA run resumed that way ends with another adapter than the uninterrupted run
     (max |difference| 0.25 on the tiny test model, 2 CPU ranks). Refused before
     anything loads, with the fix; without a resume only a warning, since such
-    checkpoints are still whole, loadable adapters.
+    checkpoints are still whole, loadable adapters. Run on the raw YAML
+    (``register``) and again on the validated config (``pre_model_load``, without
+    the warning), where an unversioned ``fsdp_config`` has become FSDP2 in Axolotl
+    0.21.
     """
     kind = fsdp2_state_dict_type(cfg)
     if kind is None or kind == "SHARDED_STATE_DICT":
@@ -119,7 +122,7 @@ def check_fsdp2_resume(cfg: dict) -> None:
             "whole), or load this checkpoint's adapter with `lora_model_dir` and "
             "train on from there."
         )
-    if cfg.get("save_strategy") != "no":
+    if warn and cfg.get("save_strategy") != "no":
         LOG.warning(
             "MoTE: FSDP2 with fsdp_config.state_dict_type: %s writes checkpoints that "
             "load as adapters but cannot resume training; use SHARDED_STATE_DICT to "
