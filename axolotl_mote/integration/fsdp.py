@@ -14,7 +14,8 @@ same order on every rank) and rank 0 writes the adapter through the model's own
 ``save_pretrained`` (so the compact layout of :class:`~axolotl_mote.tuner.model.
 CompactSaving` applies, as in every other save path). Without trainable tokens,
 Axolotl's function runs unchanged. Checkpoints during training do not go through it:
-the HF Trainer gathers a full state dict (``FULL_STATE_DICT``) and calls
+with ``SHARDED_STATE_DICT`` they hold the sharded model and optimizer (what resumes),
+with ``FULL_STATE_DICT`` the HF Trainer gathers a full state dict and calls
 ``save_pretrained`` itself.
 """
 

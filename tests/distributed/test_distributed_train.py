@@ -365,35 +365,46 @@ def test_zero3_cpu_offload(zero3_offload_run, reference_losses, work):
     _check_loss_matches(zero3_offload_run, reference_losses)
 
 
-def test_zero3_resume_restores_experts(zero3_run, work):
-    """Resuming from the ZeRO checkpoint at step 2 ends where the 4-step run ended."""
-    resumed_dir = work / "zero3_resume"
-    out = resumed_dir / "out"
+def _resume_from_step_2(
+    work: Path, run: DistributedRun, mode: str, distributed_type: str, stage, **extra
+) -> DistributedRun:
+    """Copy ``run``'s step-2 checkpoint, resume from it, and check that the resumed run
+    ends with the uninterrupted run's experts and trains steps 3 and 4 with its
+    losses; its saved adapter is the trained one and reloads to its logits."""
+    name = f"{run.mode}_resume"
+    out = work / name / "out"
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint-2"
-    shutil.copytree(zero3_run.output_dir / "checkpoint-2", ckpt)
-    assert any(ckpt.glob("global_step2/*optim_states.pt")), "not a ZeRO checkpoint"
-
+    shutil.copytree(run.output_dir / "checkpoint-2", ckpt)
     resumed = _run(
         work,
-        "zero3_resume",
-        "zero3",
+        name,
+        mode,
         save_strategy="steps",
         save_steps=2,
         resume_from_checkpoint=str(ckpt),
+        **extra,
     )
-    _check_ranks(resumed, "DEEPSPEED", 3, steps_run=MAX_STEPS - 2)
-    full = load_file(str(zero3_run.report_dir / "trained.safetensors"))
+    _check_ranks(resumed, distributed_type, stage, steps_run=MAX_STEPS - 2)
+    full = load_file(str(run.report_dir / "trained.safetensors"))
     after = load_file(str(resumed.report_dir / "trained.safetensors"))
     assert full.keys() == after.keys()
-    for name in full:
-        torch.testing.assert_close(after[name], full[name], rtol=0, atol=1e-6, msg=name)
+    for key in full:
+        torch.testing.assert_close(after[key], full[key], rtol=0, atol=1e-6, msg=key)
     # the resumed run trained steps 3 and 4 only, with the uninterrupted run's losses
     assert _losses(resumed, after_step=2) == pytest.approx(
-        _losses(zero3_run, after_step=2), rel=LOSS_RTOL
+        _losses(run, after_step=2), rel=LOSS_RTOL
     )
     _check_saved_equals_trained(resumed)
     _check_reload_logits(resumed, work / "model")
+    return resumed
+
+
+def test_zero3_resume_restores_experts(zero3_run, work):
+    """Resuming from the ZeRO checkpoint at step 2 ends where the 4-step run ended."""
+    ckpt = zero3_run.output_dir / "checkpoint-2"
+    assert any(ckpt.glob("global_step2/*optim_states.pt")), "not a ZeRO checkpoint"
+    _resume_from_step_2(work, zero3_run, "zero3", "DEEPSPEED", 3)
 
 
 def test_fsdp2(fsdp2_run, reference_losses, work):
@@ -416,27 +427,4 @@ def test_fsdp2(fsdp2_run, reference_losses, work):
 
 def test_fsdp2_resume_restores_experts(fsdp2_run, work):
     """Resuming from the sharded checkpoint of step 2 ends where the 4-step run did."""
-    resumed_dir = work / "fsdp2_resume"
-    out = resumed_dir / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint-2"
-    shutil.copytree(fsdp2_run.output_dir / "checkpoint-2", ckpt)
-    resumed = _run(
-        work,
-        "fsdp2_resume",
-        "fsdp2",
-        save_strategy="steps",
-        save_steps=2,
-        resume_from_checkpoint=str(ckpt),
-        **FSDP2,
-    )
-    _check_ranks(resumed, "FSDP", None, steps_run=MAX_STEPS - 2)
-    full = load_file(str(fsdp2_run.report_dir / "trained.safetensors"))
-    after = load_file(str(resumed.report_dir / "trained.safetensors"))
-    assert full.keys() == after.keys()
-    for name in full:
-        torch.testing.assert_close(after[name], full[name], rtol=0, atol=1e-6, msg=name)
-    assert _losses(resumed, after_step=2) == pytest.approx(
-        _losses(fsdp2_run, after_step=2), rel=LOSS_RTOL
-    )
-    _check_saved_equals_trained(resumed)
+    _resume_from_step_2(work, fsdp2_run, "fsdp2", "FSDP", None, **FSDP2)
