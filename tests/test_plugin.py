@@ -116,6 +116,22 @@ def test_register_warns_once_fsdp2_full_checkpoints_do_not_resume(tmp_path, capl
     assert "cannot resume" not in caplog.text
 
 
+def test_register_warns_that_fsdp1_is_untested(tmp_path, caplog):
+    fsdp1 = {"fsdp_version": 1, "fsdp_config": {"state_dict_type": "FULL_STATE_DICT"}}
+    inside = {"fsdp_config": {"fsdp_version": 1}}
+    for cfg in (fsdp1, inside):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="axolotl_mote"):
+            MotePlugin().register(_raw(tmp_path, **cfg))
+        assert "FSDP1" in caplog.text and "fsdp_version: 2" in caplog.text
+    # FSDP2, an unversioned fsdp_config (FSDP2 in Axolotl 0.21) and DDP: no warning
+    for cfg in ({"fsdp_version": 2, "fsdp_config": {}}, {"fsdp_config": {"a": 1}}, {}):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="axolotl_mote"):
+            MotePlugin().register(_raw(tmp_path, **cfg))
+        assert "FSDP1" not in caplog.text
+
+
 def test_fsdp2_final_save_wrapper_finds_axolotls_function():
     """The function exists in this Axolotl and is wrapped once."""
     import importlib

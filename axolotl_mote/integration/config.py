@@ -51,6 +51,7 @@ def prepare_raw_config(cfg: dict) -> None:
         cfg["special_tokens"] = special
     _refuse_merging_routed_adapter(cfg)
     check_fsdp2_resume(cfg)
+    warn_fsdp1(cfg)
     if opts.get("validate_files", True):
         validate_dataset_files(cfg, template)
     else:
@@ -128,6 +129,26 @@ def check_fsdp2_resume(cfg: Any, warn: bool = True) -> None:
             "load as adapters but cannot resume training; use SHARDED_STATE_DICT to "
             "resume (the final adapter is written whole either way).",
             kind,
+        )
+
+
+def warn_fsdp1(cfg: dict) -> None:
+    """Say that FSDP1 (an explicit ``fsdp_version: 1``) is untested with MoTE.
+
+    Not refused: FSDP1 wraps whole decoder layers and MoTE's routed forward reads
+    ``lora_A`` / ``lora_B`` through their modules where a wrapper owns the weights, so
+    it may well work. But accelerate's FSDP1 plugin will not start without an
+    accelerator, so no test here runs it, and Axolotl itself asks FSDP1 users to move
+    to FSDP2, which the plugin tests and whose final save it mends.
+    """
+    from axolotl_mote.integration.fsdp import fsdp_version
+
+    if fsdp_version(cfg) == "1":
+        LOG.warning(
+            "MoTE: fsdp_version: 1 (FSDP1) is not tested with MoTE (accelerate's "
+            "FSDP1 needs a GPU to start, so the CPU tests cannot run it); FSDP2 and "
+            "DeepSpeed ZeRO 1-3 are. Set `fsdp_version: 2` (docs/multi_node.md, FSDP2) "
+            "or use `deepspeed:`; a MoTE-specific FSDP1 failure is a bug to report."
         )
 
 

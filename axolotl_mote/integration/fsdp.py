@@ -36,17 +36,24 @@ TOKENS_PARAM = "trainable_tokens_delta"
 CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 
 
-def is_fsdp2(cfg: Any) -> bool:
-    """Whether the run shards with FSDP2 (what Axolotl's final save checks).
+def fsdp_version(cfg: Any) -> str | None:
+    """The FSDP version the config asks for ("1", "2", "None" if unset), or None
+    without FSDP.
 
-    ``fsdp_config`` decides whether FSDP is on (Axolotl 0.21 defaults
-    ``fsdp_version`` to 2 without it); the version may also sit inside it.
+    ``fsdp_config`` (or the old ``fsdp`` list) decides whether FSDP is on: Axolotl
+    0.21 defaults ``fsdp_version`` to 2 without it. The version may also sit inside
+    ``fsdp_config``.
     """
     fsdp = cfg.get("fsdp_config") or {}
     if not (fsdp or cfg.get("fsdp")):
-        return False
+        return None
     version = cfg.get("fsdp_version") or fsdp.get("fsdp_version") or fsdp.get("version")
-    return str(version) == "2"
+    return str(version)
+
+
+def is_fsdp2(cfg: Any) -> bool:
+    """Whether the run shards with FSDP2 (what Axolotl's final save checks)."""
+    return fsdp_version(cfg) == "2"
 
 
 def gathered_trainable_state_dict(model: Any) -> dict[str, Any]:
