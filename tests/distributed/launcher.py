@@ -385,8 +385,17 @@ def _dump_trained(trainer, out) -> None:
 
         gather = deepspeed.zero.GatheredParameters([p for _, p in named])
     with gather:
-        # FSDP2 parameters are DTensor shards: ``full_tensor`` all-gathers them
-        tensors = {n: _full(p).detach().float().cpu().clone() for n, p in named}
+        # FSDP2 parameters are DTensor shards: ``full_tensor`` all-gathers them;
+        # activation checkpointing's wrapper adds a part to the names that PEFT's
+        # adapter names do not have
+        tensors = {
+            n.replace("_checkpoint_wrapped_module.", ""): _full(p)
+            .detach()
+            .float()
+            .cpu()
+            .clone()
+            for n, p in named
+        }
 
     row = trainer.train_dataset[0]
     ids = torch.tensor([row["input_ids"][:96]])
