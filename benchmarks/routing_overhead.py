@@ -10,7 +10,8 @@ batches:
   path, fused: scaling in the rank mask, ``result + delta`` as one ``addmm``)
 * ``mote_module`` the same in PEFT's module form, ``result + lora_B(h * mask) *
   scaling`` (``RoutingState.fast_path`` off; what MoteVariant did before the fusion)
-* ``naive``    the naive per-expert loop (separate experts, gather + index_add)
+* ``naive``    the naive per-expert loop (separate experts, gather + index_add); only
+  with ``--naive`` (it is the slowest step and not part of any headline ratio)
 
 All variants live in one process and take turns: each round runs one train step
 (forward + backward + AdamW) of every variant, timed in process CPU time (what other
@@ -19,12 +20,15 @@ tenants of a shared machine do stretches wall time, not the work). The order is
 (``lora_r`` / ``mote``, ``mote`` / ``mote_module``) always run back to back, each going
 first half the time. The ratio of a round is MoTE's step over ``lora_r``'s step of the
 *same* round, so the machine's drift cancels; the reported ratio is the median over
-rounds, with the spread (interquartile range). Two widths by default: hidden 1,024
+rounds (15 by default: on a shared machine the rounds' ratios scatter by ±0.1, and
+the median of 9 still moved by ±0.03 between runs), with the spread (interquartile
+range). Two widths by default: hidden 1,024
 (4 layers) and hidden 4,096 (an 8B layer; 1 layer, shorter sequence to fit the time).
 The last line is one JSON object: ``mote_vs_lora_r`` (hidden 1,024),
 ``mote_vs_lora_r_4096``, their spreads, and the other ratios.
 
-    python benchmarks/routing_overhead.py          # both widths, ~6 min on 2 cores
+    python benchmarks/routing_overhead.py          # both widths, ~10 min on 2 cores
+    python benchmarks/routing_overhead.py --hidden 1024   # the headline shape, ~4 min
     python benchmarks/routing_overhead.py --quick    # small shapes, for a smoke test
 """
 
@@ -128,17 +132,18 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    variants = VARIANTS + (["naive"] if args.naive else [])
     runs = {}
-    for variant in VARIANTS:
+    for variant in variants:
         model, state, steps = build(variant, args)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         runs[variant] = (model, state, steps, torch.optim.AdamW(params, lr=1e-4))
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 8000, (args.batch, args.seq), generator=gen)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(args.warmup + args.rounds):
-        order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
+        order = variants if i % 2 == 0 else variants[::-1]
         for variant in order:
             model, state, steps, opt = runs[variant]
             start = time.process_time()
@@ -161,12 +166,13 @@ def measure(args: argparse.Namespace) -> dict:
     )
     for a, b in pairs:
         out[f"{a}_vs_{b}"], out[f"{a}_vs_{b}_iqr"] = paired(a, b)
-    out["naive_vs_lora_r"], _ = paired("naive", "lora_r")
+    if args.naive:
+        out["naive_vs_lora_r"], _ = paired("naive", "lora_r")
     return out
 
 
-# neighbours are compared: lora_r | mote | mote_module, then the rest
-VARIANTS = ["lora_r", "mote", "mote_module", "lora_4r", "naive"]
+# neighbours are compared: lora_r | mote | mote_module, then lora_4r (and naive)
+VARIANTS = ["lora_r", "mote", "mote_module", "lora_4r"]
 
 
 def main() -> None:
@@ -176,8 +182,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--naive", action="store_true", help="also time the naive per-expert loop"
+    )
     args = parser.parse_args()
     result: dict = {}
     for hidden in args.hidden:
@@ -196,9 +205,8 @@ def main() -> None:
             f"{r['ms']}; mote/lora_r {r['mote_vs_lora_r']} (IQR "
             f"{r['mote_vs_lora_r_iqr']}), mote/lora_4r {r['mote_vs_lora_4r']}, "
             f"lora_4r/lora_r {r['lora_4r_vs_lora_r']}, module/lora_r "
-            f"{r['mote_module_vs_lora_r']}, mote/module {r['mote_vs_mote_module']}, "
-            f"naive/lora_r "
-            f"{r['naive_vs_lora_r']}",
+            f"{r['mote_module_vs_lora_r']}, mote/module {r['mote_vs_mote_module']}"
+            + (f", naive/lora_r {r['naive_vs_lora_r']}" if args.naive else ""),
             flush=True,
         )
         for key, value in r.items():
