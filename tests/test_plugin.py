@@ -125,7 +125,12 @@ def test_register_warns_that_fsdp1_is_untested(tmp_path, caplog):
             MotePlugin().register(_raw(tmp_path, **cfg))
         assert "FSDP1" in caplog.text and "fsdp_version: 2" in caplog.text
     # FSDP2, an unversioned fsdp_config (FSDP2 in Axolotl 0.21) and DDP: no warning
-    for cfg in ({"fsdp_version": 2, "fsdp_config": {}}, {"fsdp_config": {"a": 1}}, {}):
+    fsdp2 = {
+        "fsdp_version": 2,
+        "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"},
+    }
+    unversioned = {"fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}}
+    for cfg in (fsdp2, unversioned, {}):
         caplog.clear()
         with caplog.at_level("WARNING", logger="axolotl_mote"):
             MotePlugin().register(_raw(tmp_path, **cfg))

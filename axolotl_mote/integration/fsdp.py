@@ -37,8 +37,7 @@ CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 
 
 def fsdp_version(cfg: Any) -> str | None:
-    """The FSDP version the config asks for ("1", "2", "None" if unset), or None
-    without FSDP.
+    """The FSDP version the config asks for ("1", "2", "unset"), or None without FSDP.
 
     ``fsdp_config`` (or the old ``fsdp`` list) decides whether FSDP is on: Axolotl
     0.21 defaults ``fsdp_version`` to 2 without it. The version may also sit inside
@@ -48,7 +47,7 @@ def fsdp_version(cfg: Any) -> str | None:
     if not (fsdp or cfg.get("fsdp")):
         return None
     version = cfg.get("fsdp_version") or fsdp.get("fsdp_version") or fsdp.get("version")
-    return str(version)
+    return "unset" if version is None else str(version)
 
 
 def is_fsdp2(cfg: Any) -> bool:

@@ -387,7 +387,8 @@ def _dump_trained(trainer, out) -> None:
     with gather:
         # FSDP2 parameters are DTensor shards: ``full_tensor`` all-gathers them;
         # activation checkpointing's wrapper adds a part to the names that PEFT's
-        # adapter names do not have
+        # adapter names do not have (spelt out here, not the plugin's constant: this
+        # gather is the independent side of the saved-equals-trained check)
         tensors = {
             n.replace("_checkpoint_wrapped_module.", ""): _full(p)
             .detach()
