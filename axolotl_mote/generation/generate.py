@@ -24,7 +24,12 @@ import torch
 
 from axolotl_mote.constants import PROMPT_ROUTINGS
 from axolotl_mote.generation.auto import install, routed_by
-from axolotl_mote.generation.plan import RowState, StagePlanProcessor, StageSpec
+from axolotl_mote.generation.plan import (
+    RowState,
+    StagePlanProcessor,
+    StageSpec,
+    fit_plan,
+)
 from axolotl_mote.generation.router import StageRouter, start_marker_steps
 from axolotl_mote.templates import PromptTemplate, load_template
 
@@ -45,6 +50,7 @@ class ChainOutput:
     fallback_used: bool = False  # the answer stage was opened by the fallback rule
     forced_ends: list[str] = field(default_factory=list)  # stages closed by a limit
     forced_plan: list[str] | None = None  # the requested plan (None: adaptive)
+    dropped_stages: list[str] = field(default_factory=list)  # forced, not run: budget
     text: str = ""  # everything generated, markers included
     token_ids: list[int] = field(default_factory=list)  # generated (+ prefilled marker)
     step_ids: list[int] = field(default_factory=list)  # routed step id of each token
@@ -67,6 +73,7 @@ def generate_chains(
     stop_after_answer: bool = True,
     fallback: str = "answer",
     answer_reserve: int | None = None,
+    stage_reserve: int | None = None,
     template: PromptTemplate | str | Any = None,
     prompt_routing: str | None = None,
     seed: int | None = None,
@@ -86,7 +93,10 @@ def generate_chains(
     ``max_stage_tokens``: content-token limit per stage (one int for all, or by stage
     name/key); at the limit the stage's end marker is forced. ``fallback="answer"``
     forces the answer stage open when a row would end, or keep fewer than
-    ``answer_reserve`` tokens, without it; ``"none"`` leaves ``answer=None``.
+    ``answer_reserve`` tokens, without it; ``"none"`` leaves ``answer=None``. A forced
+    plan keeps ``stage_reserve`` content tokens (default ``max(1, answer_reserve //
+    4)``) and two markers for each of its later stages; stages that cannot fit the
+    budget are dropped and listed in ``dropped_stages`` (``plan.py``).
     ``prompt_routing``: override the adapter's (``random``/``shared``/a stage).
     ``progress``: called with the number of prompts finished after every batch.
     Other keyword arguments (``temperature``, ``top_p``…) go to ``model.generate``;
@@ -118,6 +128,7 @@ def generate_chains(
     reserve = (
         answer_reserve if answer_reserve is not None else min(32, max_new_tokens // 4)
     )
+    stage_reserve = max(1, reserve // 4) if stage_reserve is None else stage_reserve
     routing = state.prompt_routing
     if prompt_routing is not None:
         routing = (
@@ -141,7 +152,16 @@ def generate_chains(
         chunk = range(start, min(start + batch_size, len(items)))
         messages = [_messages(items[i]) for i in chunk]
         rows = [RowState(plan=plans[i]) for i in chunk]
-        prefill = [spec.start_ids[r.plan[0]] if r.plan else None for r in rows]
+        for row in rows:
+            if row.plan and fallback == "answer":  # the prefilled marker is free
+                _kept, row.dropped = fit_plan(row.plan, max_new_tokens + 1, spec.answer,
+                                             reserve, stage_reserve)  # fmt: skip
+                row.fallback_used = bool(row.dropped)
+        prefill_stage = [
+            [s for s in r.plan if s not in r.dropped][0] if r.plan else None
+            for r in rows
+        ]
+        prefill = [None if s is None else spec.start_ids[s] for s in prefill_stage]
         seqs = [
             formatter.prompt_ids(m) + ([p] if p is not None else [])
             for m, p in zip(messages, prefill)
@@ -159,6 +179,7 @@ def generate_chains(
             fallback=fallback,
             answer_reserve=reserve,
             keep_raw=output_logits,
+            stage_reserve=stage_reserve,
         )
         for row, token in zip(rows, prefill):
             if token is not None:
@@ -425,6 +446,7 @@ def _parse(
         fallback_used=row.fallback_used,
         forced_ends=[spec.names[s] for s in row.forced_ends],
         forced_plan=None if row.plan is None else [spec.names[s] for s in row.plan],
+        dropped_stages=[spec.names[s] for s in row.dropped],
         text=tokenizer.decode(kept, skip_special_tokens=False),
         token_ids=kept,
         step_ids=steps[: len(kept)],

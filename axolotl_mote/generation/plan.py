@@ -17,6 +17,13 @@ Every row of a batch runs its own small state machine over the tokens it emits:
   opening the answer stage has its current stage closed and the answer's start marker
   forced, keeping ``answer_reserve`` tokens for it. ``"none"`` lets such a row end
   without one.
+* **forced plans keep a budget for every stage** (with ``fallback="answer"``): each
+  stage of the plan still to come keeps its two markers and ``stage_reserve`` content
+  tokens, the answer its start marker and ``answer_reserve`` (:func:`plan_cost`); the
+  current stage is closed early to leave them. A plan that cannot fit in the budget
+  drops its last stages before the answer (:func:`fit_plan`), and the row reports them
+  in ``dropped`` (with ``fallback_used``): a forced plan is kept or reported, never
+  shortened silently.
 
 The processor only masks logits; routing follows the tokens (``router.py``), so a forced
 marker is routed exactly like one the model chose.
@@ -32,6 +39,30 @@ from transformers import LogitsProcessor
 from axolotl_mote.templates import PromptTemplate
 
 FALLBACKS = ("answer", "none")
+
+
+def plan_cost(
+    stages: list[int], answer: int, answer_reserve: int, stage_reserve: int
+) -> int:
+    """Tokens a forced plan's ``stages`` still need, counted from between stages: a
+    stage before the answer its two markers and ``stage_reserve`` content tokens, the
+    answer its start marker and ``answer_reserve``."""
+    return sum(answer_reserve + 1 if s == answer else stage_reserve + 2 for s in stages)
+
+
+def fit_plan(
+    plan: list[int], budget: int, answer: int, answer_reserve: int, stage_reserve: int
+) -> tuple[list[int], list[int]]:
+    """(kept, dropped): the plan's last stages before the answer are dropped until the
+    rest fits ``budget`` (the answer is never dropped)."""
+    kept, dropped = list(plan), []
+    while budget < plan_cost(kept, answer, answer_reserve, stage_reserve):
+        others = [s for s in kept if s != answer]
+        if not others:
+            break
+        kept.remove(others[-1])
+        dropped.insert(0, others[-1])
+    return kept, dropped
 
 
 @dataclass(frozen=True)
@@ -88,6 +119,7 @@ class RowState:
     done: bool = False
     fallback_used: bool = False
     forced_ends: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)  # forced-plan stages not run
 
 
 class StagePlanProcessor(LogitsProcessor):
@@ -105,6 +137,7 @@ class StagePlanProcessor(LogitsProcessor):
         fallback: str = "answer",
         answer_reserve: int = 16,
         keep_raw: bool = False,
+        stage_reserve: int = 1,
     ) -> None:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -113,7 +146,7 @@ class StagePlanProcessor(LogitsProcessor):
         self.max_stage_tokens = max_stage_tokens
         self.eos_ids = eos_ids
         self.stop_after_answer, self.fallback = stop_after_answer, fallback
-        self.answer_reserve = answer_reserve
+        self.answer_reserve, self.stage_reserve = answer_reserve, stage_reserve
         self._start = {t: s for s, t in enumerate(spec.start_ids)}
         self._seen = prompt_len
         self._free_ban = torch.tensor(sorted(set(spec.all_marker_ids) | set(eos_ids)))
@@ -151,10 +184,18 @@ class StagePlanProcessor(LogitsProcessor):
         if row.open:
             end = spec.end_ids[row.stage]
             limit = self.max_stage_tokens.get(row.stage)
+            need = self.answer_reserve + 2  # this end marker, the answer's start, …
+            if row.plan is not None:  # … and every later stage of a forced plan
+                later = [
+                    s
+                    for s in row.plan
+                    if s > row.stage and s != spec.answer and s not in row.dropped
+                ]
+                need += len(later) * (self.stage_reserve + 2)
             short = (
                 self.fallback == "answer"
                 and not row.answer_opened
-                and remaining <= self.answer_reserve + 2
+                and remaining <= need
             )
             if (limit is not None and row.count >= limit) or short or remaining <= 1:
                 row.forced_ends.append(row.stage)
@@ -166,7 +207,17 @@ class StagePlanProcessor(LogitsProcessor):
             )
         answer_start = spec.start_ids[spec.answer]
         if row.plan is not None:
-            pending = [s for s in row.plan if row.stage is None or s > row.stage]
+            pending = [
+                s
+                for s in row.plan
+                if (row.stage is None or s > row.stage) and s not in row.dropped
+            ]
+            if self.fallback == "answer" and not row.answer_opened:
+                while len(pending) > 1 and remaining < plan_cost(
+                    pending, spec.answer, self.answer_reserve, self.stage_reserve
+                ):  # the budget cannot hold the next stage: drop and report it
+                    row.dropped.append(pending.pop(0))
+                    row.fallback_used = True
             choices = pending[:1]
         else:
             choices = spec.reachable(row.stage)

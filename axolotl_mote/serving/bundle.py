@@ -216,7 +216,7 @@ python -m sglang.launch_server --model-path {base} --enable-lora \\
 ## Generating
 
 ```bash
-axolotl-mote client --manifest {out / MANIFEST_NAME} --url http://localhost:8000/v1 \\
+axolotl-mote client --bundle {out} --url http://localhost:8000/v1 \\
     --prompt "How do I pick a lock?"            # SGLang: --adapter-field lora_path
 ```
 

@@ -66,9 +66,13 @@ def complete_with_adapter(
     stop_token_ids: Sequence[int] = (),
     logit_bias: dict[int, float] | None = None,
     temperature: float = 0.0,
+    top_p: float | None = None,
     seed: int = 0,
+    logits_processor: Sequence[Any] = (),
 ) -> Completion:
-    """Generate from ``prompt_ids`` with every token routed to ``adapter``'s stage."""
+    """Generate from ``prompt_ids`` with every token routed to ``adapter``'s stage.
+
+    ``logits_processor``: run after ``logit_bias`` (the server's per-row control)."""
     from transformers import LogitsProcessorList
 
     from axolotl_mote.generation.auto import routed_by
@@ -87,12 +91,8 @@ def complete_with_adapter(
         processors.append(
             _BiasProcessor({int(k): float(v) for k, v in logit_bias.items()})
         )
-    # like vLLM: the requested stop tokens, and the model's end of sequence
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    stop = [int(t) for t in stop_token_ids] + [
-        t for t in eos if t not in stop_token_ids
-    ]
+    processors.extend(logits_processor)
+    stop = stop_ids(model, stop_token_ids)
     sample = temperature > 0
     if sample:
         torch.manual_seed(seed)
@@ -103,7 +103,7 @@ def complete_with_adapter(
             max_new_tokens=max_tokens,
             do_sample=sample,
             temperature=temperature if sample else None,
-            top_p=None,
+            top_p=top_p if sample else None,
             top_k=None,
             eos_token_id=stop or None,
             pad_token_id=stop[0] if stop else 0,
@@ -113,3 +113,68 @@ def complete_with_adapter(
     if stop and new and new[-1] in stop:
         return Completion(new[:-1], "stop")
     return Completion(new, "length")
+
+
+def stop_ids(model: Any, stop_token_ids: Sequence[int] = ()) -> list[int]:
+    """Like vLLM: the requested stop tokens, then the model's end of sequence."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    requested = [int(t) for t in stop_token_ids]
+    return requested + [t for t in eos if t not in requested]
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: Any,
+    tokenizer: Any,
+    adapter: str,
+    prompt_ids: Sequence[int],
+    generated: Sequence[int],
+    *,
+    top: int,
+    echo: bool,
+) -> dict[str, list]:
+    """OpenAI's legacy ``logprobs`` object for ``generated`` (and the prompt with
+    ``echo``), from one forward of the whole sequence with every token routed to
+    ``adapter``: ``tokens``, ``token_logprobs``, ``top_logprobs`` (the ``top`` most
+    likely tokens, the chosen one always included) and ``text_offset``. The first
+    prompt token has no logprob (``None``), as in OpenAI's and vLLM's replies."""
+    from axolotl_mote.generation.auto import routed_by
+    from axolotl_mote.tuner.model import get_routing_state
+
+    step = adapter_steps(get_routing_state(model))[adapter]
+    ids = list(prompt_ids) + list(generated)
+    device = next(model.parameters()).device
+    tensor = torch.tensor([ids], dtype=torch.long, device=device)  # [1, L]
+    with routed_by(model, lambda i, kwargs: torch.full_like(i, step)):
+        logits = model(input_ids=tensor, attention_mask=torch.ones_like(tensor)).logits
+    logp = torch.log_softmax(logits[0].float(), dim=-1)  # [L, V]
+    first = 0 if echo else len(prompt_ids)
+    out: dict[str, list] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    offset = 0
+    for pos in range(first, len(ids)):
+        token = ids[pos]
+        text = tokenizer.decode([token])
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if pos == 0:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        row = logp[pos - 1]  # [V]: the distribution that predicted ``token``
+        out["token_logprobs"].append(float(row[token]))
+        best: dict[str, float] = {}
+        if top > 0:
+            values, indices = row.topk(top)
+            best = {
+                tokenizer.decode([int(i)]): float(v) for v, i in zip(values, indices)
+            }
+        best.setdefault(text, float(row[token]))
+        out["top_logprobs"].append(best)
+    return out

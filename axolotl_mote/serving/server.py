@@ -1,245 +1,572 @@
 """``axolotl-mote serve``: an OpenAI-compatible server backed by exact MoTE generation.
 
-Two endpoints, the API surface vLLM serves LoRA adapters with:
-
 * ``POST /v1/chat/completions`` (``model``: ``mote``): the **exact** model. Every
   request goes through ``generate_chains`` (stage routing by the emitted markers, the KV
-  cache of each token computed by its own stage's expert). Concurrent requests are
-  batched: the worker takes every request that arrives within ``batch_wait`` seconds, up
-  to ``max_batch``, with the same sampling settings, into one ``generate_chains`` call.
-  Extra request fields: ``plan`` (``"analysis>answer"``, ``"full"``), and
-  ``max_stage_tokens``; the reply's ``mote`` field has the plan and every stage's text.
-  The message content is the answer stage (what a user sees).
+  cache of each token computed by its own stage's expert); concurrent requests with
+  the same settings are batched (``worker.py``). Extra request fields: ``plan``
+  (``"analysis>answer"``, ``"full"``) and ``max_stage_tokens``; the reply's ``mote``
+  field has the plan, every stage's text and what the plan rules changed. The message
+  content is the answer stage (what a user sees).
 * ``POST /v1/completions`` (``model``: a stage name, or ``prompt``): what a per-request
-  adapter server computes (``engine.py``): every token routed to that stage. With
-  ``prompt`` as token ids, ``stop_token_ids``, ``logit_bias`` and ``return_token_ids``
-  it is the endpoint the stage-switching client (``client.py``) talks to.
+  adapter server computes (``engine.py``): every token routed to that stage; token-id
+  prompts, lists of prompts, ``stop_token_ids``, ``logit_bias``, ``return_token_ids``,
+  ``echo`` and ``logprobs`` (OpenAI's legacy format) as vLLM has them.
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus), ``POST
+  /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``.
 
-``GET /v1/models`` lists ``mote`` and the adapters. One worker thread owns the model;
-the HTTP handlers only queue work, so the model never runs two forwards at once.
+Bodies are validated by the Pydantic models of ``protocol.py``; every refusal is an
+OpenAI-style JSON error. Both generation endpoints stream (server-sent events) with
+``stream: true``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import json
 import threading
 import time
 import uuid
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request  # resolved by name in the handlers' string annotations
 
+from axolotl_mote.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    describe_errors,
+    error_body,
+)
+from axolotl_mote.serving.worker import (
+    Cancelled,
+    MoteWorker,
+    Overloaded,
+    RequestError,
+)
+
 EXACT_MODEL = "mote"
+#: Default body-size limit (``--max-body-bytes``).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+#: How often a waiting handler checks that its client is still connected (seconds).
+POLL = 0.1
+
+__all__ = ["EXACT_MODEL", "MoteWorker", "ServerThread", "build_app"]
 
 
-@dataclass
-class _Job:
-    kind: str  # "chat" | "completion"
-    payload: dict[str, Any]
-    future: Future = field(default_factory=Future)
-
-
-class MoteWorker:
-    """Runs every generation on one thread; batches compatible chat requests."""
-
-    def __init__(
-        self, model: Any, tokenizer: Any, max_batch: int = 8, batch_wait: float = 0.02
-    ) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.batch_wait = max_batch, batch_wait
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.batches: list[int] = []  # sizes of the chat batches run (for tests)
-        self.thread = threading.Thread(target=self._run, daemon=True, name="mote")
-        self.thread.start()
-
-    def submit(self, kind: str, payload: dict[str, Any]) -> Future:
-        job = _Job(kind, payload)
-        self.jobs.put(job)
-        return job.future
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=30)
-
-    def _run(self) -> None:
-        pending: list[_Job] = []
-        while True:
-            job = pending.pop(0) if pending else self.jobs.get()
-            if job is None:
-                return
-            if job.kind == "completion":
-                self._finish(job, self._completion, job.payload)
-                continue
-            batch = [job]
-            deadline = time.monotonic() + self.batch_wait
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    pending.append(nxt)
-                    break
-                same = nxt.kind == "chat" and _settings(nxt) == _settings(job)
-                (batch if same else pending).append(nxt)
-            self.batches.append(len(batch))
-            try:
-                results = self._chat([j.payload for j in batch])
-            except Exception as err:  # report to every waiting request
-                for j in batch:
-                    j.future.set_exception(err)
-            else:
-                for j, result in zip(batch, results):
-                    j.future.set_result(result)
-
-    @staticmethod
-    def _finish(job: _Job, fn, payload) -> None:
-        try:
-            job.future.set_result(fn(payload))
-        except Exception as err:
-            job.future.set_exception(err)
-
-    def _chat(self, payloads: list[dict[str, Any]]) -> list[Any]:
-        from axolotl_mote.generation import generate_chains, split_plan
-
-        first = payloads[0]
-        temperature = float(first.get("temperature") or 0.0)
-        sample = {"do_sample": True, "temperature": temperature} if temperature else {}
-        return generate_chains(
-            self.model,
-            self.tokenizer,
-            [p["messages"] for p in payloads],
-            plan=[split_plan(p.get("plan")) for p in payloads],
-            max_new_tokens=int(first.get("max_tokens") or 256),
-            max_stage_tokens=first.get("max_stage_tokens"),
-            batch_size=len(payloads),
-            seed=first.get("seed"),  # None: the adapter's own seed
-            **sample,
-        )
-
-    def _completion(self, payload: dict[str, Any]) -> Any:
-        from axolotl_mote.serving.engine import complete_with_adapter
-
-        prompt = payload.get("prompt")
-        if isinstance(prompt, str):  # as vLLM does: the text, special tokens parsed
-            prompt = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-            if len(prompt) != 1:
-                raise ValueError("one prompt per request")
-            prompt = prompt[0]
-        return complete_with_adapter(
-            self.model,
-            str(payload.get("model")),
-            prompt or [],
-            max_tokens=int(payload.get("max_tokens") or 16),
-            stop_token_ids=payload.get("stop_token_ids") or [],
-            logit_bias=payload.get("logit_bias") or None,
-            temperature=float(payload.get("temperature") or 0.0),
-            seed=int(payload.get("seed") or 0),
-        )
-
-
-def _settings(job: _Job) -> tuple:
-    p = job.payload
-    keys = ("max_tokens", "temperature", "max_stage_tokens", "seed")
-    return tuple(str(p.get(k)) for k in keys)
-
-
-def _error(status: int, message: str, code: str):
+def _error(status: int, message: str, param: str | None = None, headers=None):
     from fastapi.responses import JSONResponse
 
-    kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(
         status_code=status,
-        content={"error": {"message": message, "type": kind, "code": code}},
+        content=error_body(message, status=status, param=param),
+        headers=headers,
     )
 
 
-def build_app(worker: MoteWorker) -> Any:
+def _refusal(err: BaseException):
+    """The JSON error for what the worker raised; None for an unexpected error."""
+    if isinstance(err, RequestError):
+        return _error(err.status, str(err), err.param)
+    if isinstance(err, Overloaded):
+        return _error(503, str(err), headers={"Retry-After": str(err.retry_after)})
+    if isinstance(err, Cancelled):
+        return _error(499, f"cancelled: {err}")
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is
+    parsed (``Content-Length`` checked first, chunked bodies counted as they come)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = _error(
+            413,
+            f"the request body is over the {self.limit}-byte limit (--max-body-bytes)",
+        )
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(message)
+            if not message.get("more_body"):
+                break
+
+        async def replay():
+            return chunks.pop(0) if chunks else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def build_app(
+    worker: MoteWorker,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Any:
     """The FastAPI application around a :class:`MoteWorker`."""
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response, StreamingResponse
+    from starlette.exceptions import HTTPException
 
-    from axolotl_mote.serving.engine import UnknownAdapterError, adapter_steps
+    from axolotl_mote.serving.engine import adapter_steps
+    from axolotl_mote.serving.metrics import ServerMetrics
     from axolotl_mote.tuner.model import get_routing_state
 
+    metrics = ServerMetrics(queue_depth=lambda: worker.waiting)
+    worker.metrics = metrics
     app = FastAPI(title="axolotl-mote", version="1")
+    app.state.worker, app.state.metrics = worker, metrics
     adapters = sorted(adapter_steps(get_routing_state(worker.model)))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, param = describe_errors(list(exc.errors()))
+        return _error(400, message, param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the request body could not be read as UTF-8 JSON"
+        return _error(exc.status_code, detail, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if (
+            api_key
+            and path.startswith("/v1")
+            and (request.headers.get("authorization") != f"Bearer {api_key}")
+        ):
+            response = _error(
+                401,
+                "a valid API key is required: send "
+                "`Authorization: Bearer <key>` (--api-key)",
+            )
+        else:
+            start = time.monotonic()
+            response = await call_next(request)
+            if path.startswith("/v1/"):
+                metrics.latency.labels(path).observe(time.monotonic() - start)
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.get("/health")
+    async def health():
+        if worker.closing or not worker.thread.is_alive():
+            return _error(503, "the server is shutting down")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models() -> dict:
         names = [EXACT_MODEL, *adapters]
         return {
             "object": "list",
-            "data": [{"id": n, "object": "model", "owned_by": "mote"} for n in names],
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "owned_by": "mote",
+                    "max_model_len": worker.max_model_len,
+                }
+                for n in names
+            ],
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await _tokenize(worker, request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await _detokenize(worker, request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = worker.tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "model_max_length": worker.max_model_len,
+            "vocab_size": len(tok),
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "pad_token": tok.pad_token,
+            "chat_template": worker.template.chat_format.jinja,
         }
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        if body.get("model", EXACT_MODEL) != EXACT_MODEL:
+    async def chat(body: ChatCompletionRequest, raw: Request):
+        if body.model != EXACT_MODEL:
             return _error(
                 404,
-                f"model {body.get('model')!r}: chat completions serve the exact model "
+                f"model {body.model!r}: chat completions serve the exact model "
                 f"{EXACT_MODEL!r}; per-stage adapters are on /v1/completions",
-                "model_not_found",
+                "model",
             )
-        if not body.get("messages"):
-            return _error(400, "`messages` is required", "invalid_messages")
-        try:
-            out = await asyncio.wrap_future(worker.submit("chat", body))
-        except ValueError as err:
-            return _error(400, str(err), "invalid_request")
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": EXACT_MODEL,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": out.answer or ""},
-                    "finish_reason": "stop" if out.answer is not None else "length",
-                }
-            ],
-            "usage": {"completion_tokens": len(out.token_ids)},
-            "mote": {"plan": out.plan, "stages": out.stages, "text": out.text},
-        }
+        if body.stream:
+            return await _stream(worker, "chat", body, raw, StreamingResponse)
+        out = await _run(worker, "chat", body, raw)
+        if not isinstance(out, dict):
+            return out
+        return _chat_reply(out, metrics)
 
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await request.json()
-        if body.get("logit_bias"):
-            body["logit_bias"] = {int(k): v for k, v in body["logit_bias"].items()}
-        try:
-            out = await asyncio.wrap_future(worker.submit("completion", body))
-        except UnknownAdapterError as err:
-            return _error(404, str(err), "model_not_found")
-        except ValueError as err:
-            return _error(400, str(err), "invalid_request")
-        choice: dict[str, Any] = {
-            "index": 0,
-            "text": worker.tokenizer.decode(
-                out.token_ids,
-                skip_special_tokens=bool(body.get("skip_special_tokens", True)),
-            ),
-            "finish_reason": out.finish_reason,
-            "logprobs": None,
-        }
-        if body.get("return_token_ids"):
-            choice["token_ids"] = out.token_ids
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.get("model"),
-            "choices": [choice],
-            "usage": {"completion_tokens": len(out.token_ids)},
-        }
+    async def completions(body: CompletionRequest, raw: Request):
+        if body.stream:
+            return await _stream(worker, "completion", body, raw, StreamingResponse)
+        out = await _run(worker, "completion", body, raw)
+        if not isinstance(out, dict):
+            return out
+        return _completion_reply(body, out, worker, metrics)
 
     return app
+
+
+async def _run(worker: MoteWorker, kind: str, body: Any, raw: Request):
+    """The worker's result for ``body``, or the error response; cancels the job when
+    the client disconnects while it waits."""
+    try:
+        job = worker.submit(kind, body)
+    except Overloaded as err:
+        return _refusal(err)
+    fut = asyncio.wrap_future(job.future)
+    while not fut.done():
+        await asyncio.wait({fut}, timeout=POLL)
+        if not fut.done() and await raw.is_disconnected():
+            job.cancel("disconnected")
+            fut.add_done_callback(lambda f: f.exception())  # retrieved: no warning
+            return _error(499, "the client disconnected")
+    err = fut.exception()
+    if err is not None:
+        refusal = _refusal(err)
+        if refusal is None:
+            raise err
+        return refusal
+    return fut.result()
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _mote_field(out: dict) -> dict:
+    chain = out["chain"]
+    if chain is None:
+        return {"plan": [], "stages": {}, "text": "", "stopped": out["stopped"]}
+    return {
+        "plan": chain.plan,
+        "stages": chain.stages,
+        "text": chain.text,
+        "forced_plan": chain.forced_plan,
+        "dropped_stages": chain.dropped_stages,
+        "fallback_used": chain.fallback_used,
+        "forced_ends": chain.forced_ends,
+        "stopped": out["stopped"],
+    }
+
+
+def _chat_reply(out: dict, metrics: Any) -> dict:
+    metrics.prompt_tokens.inc(out["prompt_tokens"])
+    metrics.generation_tokens.inc(out["completion_tokens"])
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": EXACT_MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": out["answer"]},
+                "logprobs": None,
+                "finish_reason": out["finish_reason"],
+            }
+        ],
+        "usage": _usage(out["prompt_tokens"], out["completion_tokens"]),
+        "mote": _mote_field(out),
+    }
+
+
+def _prompt_text(body: CompletionRequest, index: int, ids: list[int], tok) -> str:
+    """The prompt exactly as received (a string), or its token ids decoded."""
+    prompt = body.prompts()[index]
+    return prompt if isinstance(prompt, str) else tok.decode(ids)
+
+
+def _completion_reply(body: CompletionRequest, out: dict, worker, metrics) -> dict:
+    choices, prompt_total, generated_total = [], 0, 0
+    for c in out["choices"]:
+        text = c["text"]
+        if body.echo:
+            text = (
+                _prompt_text(body, c["index"], c["prompt_ids"], worker.tokenizer) + text
+            )
+        choice: dict[str, Any] = {
+            "index": c["index"],
+            "text": text,
+            "logprobs": c["logprobs"],
+            "finish_reason": c["finish_reason"],
+        }
+        if body.return_token_ids:
+            choice["token_ids"] = c["token_ids"]
+            choice["prompt_token_ids"] = c["prompt_ids"]
+        choices.append(choice)
+        prompt_total += len(c["prompt_ids"])
+        generated_total += len(c["token_ids"])
+    metrics.prompt_tokens.inc(prompt_total)
+    metrics.generation_tokens.inc(generated_total)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+        "choices": choices,
+        "usage": _usage(prompt_total, generated_total),
+    }
+
+
+async def _stream(worker: MoteWorker, kind: str, body: Any, raw: Request, response):
+    """Server-sent events: the status is decided when the job starts (a refusal before
+    that is a plain JSON error); then one chunk per event, a final chunk with the
+    finish reason, the usage chunk if asked, and ``data: [DONE]``."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def sink(event: dict) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    try:
+        job = worker.submit(kind, body, sink)
+    except Overloaded as err:
+        return _refusal(err)
+    first = await _next_event(events, raw, job)
+    if first is None:
+        return _error(499, "the client disconnected")
+    if first["type"] == "end" and job.future.exception() is not None:
+        refusal = _refusal(job.future.exception())
+        if refusal is not None:
+            return refusal
+    chunks = _chat_chunks if kind == "chat" else _completion_chunks
+    return response(
+        _sse(chunks(worker, body, job, events, raw, first)),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+async def _next_event(events: asyncio.Queue, raw: Request, job) -> dict | None:
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), timeout=POLL)
+        except asyncio.TimeoutError:
+            if await raw.is_disconnected():
+                job.cancel("disconnected")
+                return None
+
+
+async def _sse(chunks):
+    async for chunk in chunks:
+        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _events_until_end(events, raw, job, first):
+    event = first
+    try:
+        while event is not None and event["type"] != "end":
+            yield event
+            event = await _next_event(events, raw, job)
+    finally:
+        if not job.future.done():
+            job.cancel("disconnected")  # the response was abandoned
+
+
+async def _chat_chunks(worker, body, job, events, raw, first):
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": EXACT_MODEL,
+    }
+    usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def chunk(delta: dict, finish=None, **extra) -> dict:
+        out = {
+            **base,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ],
+            **extra,
+        }
+        return {**out, "usage": None} if usage else out
+
+    yield chunk({"role": "assistant", "content": ""})
+    answer = worker.spec.names[worker.spec.answer]
+    async for event in _events_until_end(events, raw, job, first):
+        if event["type"] != "mote":
+            continue
+        mote = {k: v for k, v in event.items() if k != "type"}
+        delta = (
+            {"content": event["text"]}
+            if (event.get("text") and event["stage"] == answer)
+            else {}
+        )
+        yield chunk(delta, mote=mote)
+    err = job.future.exception() if job.future.done() else None
+    if err is not None:
+        refusal = _refusal(err)
+        message = str(err) if refusal is not None else f"internal error: {err}"
+        yield error_body(message, status=500)
+        return
+    if not job.future.done():
+        return
+    out = job.future.result()
+    tracker = out["tracker"].answer_sent()
+    rest = tracker.rest(out["answer"]) if tracker is not None else out["answer"]
+    yield chunk(
+        {"content": rest} if rest else {}, out["finish_reason"], mote=_mote_field(out)
+    )
+    if usage:
+        yield {
+            **base,
+            "choices": [],
+            "usage": _usage(out["prompt_tokens"], out["completion_tokens"]),
+        }
+
+
+async def _completion_chunks(worker, body, job, events, raw, first):
+    base = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model,
+    }
+    usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def chunk(index: int, text: str, finish=None) -> dict:
+        out = {
+            **base,
+            "choices": [
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+        }
+        return {**out, "usage": None} if usage else out
+
+    async for event in _events_until_end(events, raw, job, first):
+        if event["type"] == "text":
+            yield chunk(event["index"], event["text"])
+    err = job.future.exception() if job.future.done() else None
+    if err is not None:
+        yield error_body(str(err), status=500)
+        return
+    if not job.future.done():
+        return
+    out = job.future.result()
+    prompt = generated = 0
+    for c in out["choices"]:
+        yield chunk(c["index"], c["tracker"].rest(c["text"]), c["finish_reason"])
+        prompt += len(c["prompt_ids"])
+        generated += len(c["token_ids"])
+    if usage:
+        yield {**base, "choices": [], "usage": _usage(prompt, generated)}
+
+
+async def _tokenize(worker: MoteWorker, request: Request):
+    """vLLM's ``/tokenize``: ``prompt`` (text) or ``messages`` (rendered with the
+    template's chat format, as chat completions render them)."""
+    from pydantic import ValidationError
+
+    try:
+        body = await request.json()
+    except Exception:
+        return _error(400, "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object")
+    if "messages" in body:
+        try:
+            req = ChatCompletionRequest.model_validate(
+                {"model": EXACT_MODEL, "messages": body["messages"]}
+            )
+        except ValidationError as err:
+            message, param = describe_errors(list(err.errors()))
+            return _error(400, message, param)
+        ids = await asyncio.to_thread(
+            _locked, worker.formatter.prompt_ids, req.conversation()
+        )
+    elif isinstance(body.get("prompt"), str):
+        add = body.get("add_special_tokens", True)
+        if not isinstance(add, bool):
+            return _error(
+                400, "add_special_tokens must be a boolean", "add_special_tokens"
+            )
+        ids = await asyncio.to_thread(
+            _locked,
+            lambda: worker.tokenizer(body["prompt"], add_special_tokens=add)[
+                "input_ids"
+            ],
+        )
+    else:
+        return _error(400, "send `prompt` (a string) or `messages`", "prompt")
+    return {"count": len(ids), "max_model_len": worker.max_model_len, "tokens": ids}
+
+
+async def _detokenize(worker: MoteWorker, request: Request):
+    try:
+        body = await request.json()
+    except Exception:
+        return _error(400, "the request body is not valid JSON")
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    vocab = len(worker.tokenizer)
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+        for t in tokens
+    ):
+        return _error(
+            400, f"`tokens` must be a list of token ids below {vocab}", "tokens"
+        )
+    text = await asyncio.to_thread(_locked, worker.tokenizer.decode, tokens)
+    return {"prompt": text}
+
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def _locked(fn, *args):
+    with _TOKENIZER_LOCK:
+        return fn(*args)
 
 
 class ServerThread:
@@ -254,7 +581,8 @@ class ServerThread:
             with socket.socket() as sock:
                 sock.bind((host, 0))
                 port = sock.getsockname()[1]
-        self.url = f"http://{host}:{port}/v1"
+        self.root = f"http://{host}:{port}"
+        self.url = f"{self.root}/v1"
         config = uvicorn.Config(app, host=host, port=port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

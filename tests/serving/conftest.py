@@ -1,0 +1,54 @@
+"""Serving-test fixtures: a tiny saved MoTE adapter and the model loaded from it.
+
+The model's forwards can be slowed down (``slow_model``) so that a request is still
+running when a test disconnects, times out or fills the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from tests.helpers.tiny import build_mote
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_model_dir, tmp_path_factory):
+    """(adapter dir, model, tokenizer): a tiny MoTE adapter. Marker rows are left as
+    initialised, so stages hold some text before the model closes them."""
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.loading import load_mote_model
+    from axolotl_mote.markers import add_marker_tokens
+    from axolotl_mote.templates import load_template
+
+    template = load_template("aligncot")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    add_marker_tokens(tokenizer, template)
+    model, config = build_mote(
+        tiny_model_dir,
+        tokenizer,
+        template,
+        prompt_routing="random",
+        train_markers=False,
+    )
+    adapter = tmp_path_factory.mktemp("serving") / "adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    config.save(adapter)
+    model, tokenizer = load_mote_model(
+        tiny_model_dir, adapter, dtype="float32", device="cpu"
+    )
+    return adapter, model, tokenizer
+
+
+@contextmanager
+def slow_model(model, seconds: float):
+    """Every forward of ``model`` sleeps ``seconds`` first."""
+    handle = model.register_forward_pre_hook(lambda *args: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        handle.remove()
