@@ -199,3 +199,76 @@ def test_attached_models_save_compact_adapters(
     assert any("base_layer" in k for k in keys)
     detach_mote(model)
     assert "save_pretrained" not in vars(model)
+
+
+def test_fold_stage_weights_against_hand_computed_values():
+    """alpha = 0.3, scaling 2: the stage block at s·alpha = 0.6, the shared one at
+    s·(1 - alpha) = 1.4; the numbers are written out, not recomputed by the code."""
+    from axolotl_mote.export import fold_stage
+
+    lora_a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # e0, e1, shared (r=1)
+    lora_b = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # [out=2, R=3]
+    a, b = fold_stage(lora_a, lora_b, 1, 3, True, 0.3, 2.0, out_rank=3)
+    torch.testing.assert_close(a, torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(b, torch.tensor([[1.2, 4.2, 0.0], [3.0, 8.4, 0.0]]))
+    # no shared expert: the stage block alone at s·1
+    a, b = fold_stage(lora_a[:2], lora_b[:, :2], 0, 2, False, 0.3, 2.0, out_rank=1)
+    torch.testing.assert_close(a, torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(b, torch.tensor([[2.0], [8.0]]))
+
+
+def test_export_folds_the_adapters_own_alpha(
+    tiny_model_dir, tokenizer_and_template, tmp_path
+):
+    """An adapter saved with alpha = 0.8: each exported B' is s·0.8·B_stage beside
+    s·0.2·B_shared (at 0.5 the two weights could be swapped unseen)."""
+    from safetensors.torch import load_file
+
+    from axolotl_mote.export import export_stage_adapters
+
+    tokenizer, template = tokenizer_and_template
+    mote, config = build_mote(tiny_model_dir, tokenizer, template, r=2, lora_alpha=4)
+    mote.save_pretrained(tmp_path / "a")
+    saved = json.loads(config.save(tmp_path / "a").read_text())
+    saved["alpha"] = 0.8
+    (tmp_path / "a" / "mote_config.json").write_text(json.dumps(saved))
+    written = export_stage_adapters(tmp_path / "a", tmp_path / "out")
+    source = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    r, s = 2, 4 / 2  # expert rank; scaling lora_alpha / r per expert (4 / 2)
+    for stage, directory in written.items():
+        k = config.stage_names.index(stage)
+        folded = load_file(str(directory / "adapter_model.safetensors"))
+        keys = [key for key in source if key.endswith(".lora_B.weight")]
+        assert keys
+        for key in keys:
+            b = source[key]  # [out, 4 blocks · r]
+            expected = torch.cat(
+                [s * 0.8 * b[:, k * r : (k + 1) * r], s * 0.2 * b[:, 3 * r : 4 * r]],
+                dim=1,
+            )
+            torch.testing.assert_close(folded[key], expected, msg=f"{stage} {key}")
+
+
+def test_saved_adapter_records_the_trained_vocab_size_and_loads_with_it(
+    tiny_model_dir, tokenizer_and_template, tmp_path
+):
+    """The vocabulary after any resize (e.g. padded to a multiple of 32, beyond the
+    tokenizer) goes into mote_config.json, and load_mote_model resizes the fresh base
+    to it, not to len(tokenizer). (Was checked only by the slow e2e runs.)"""
+    from axolotl_mote.integration.saving import write_mote_config
+    from axolotl_mote.loading import load_mote_model
+
+    tokenizer, template = tokenizer_and_template
+    mote, _ = build_mote(tiny_model_dir, tokenizer, template, r=2)
+    rows = len(tokenizer) + 32 - len(tokenizer) % 32  # padded beyond the tokenizer
+    mote.get_base_model().resize_token_embeddings(rows)
+    adapter = tmp_path / "a"
+    mote.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    cfg = {"mote": {"template": "aligncot"}, "lora_r": 2}
+    write_mote_config(cfg, adapter, mote)
+    saved = json.loads((adapter / "mote_config.json").read_text())
+    assert saved["vocab_size"] == rows != len(tokenizer)
+    model, _ = load_mote_model(tiny_model_dir, adapter, dtype="float32", device="cpu")
+    assert model.get_base_model().get_input_embeddings().num_embeddings == rows
+    assert model.get_base_model().config.vocab_size == rows
