@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from axolotl_mote.constants import EXPORT_INFO_NAME, MOTE_CONFIG_NAME
-from axolotl_mote.tuner.config import CATCH_ALL_KEYS
+from axolotl_mote.tuner.config import CATCH_ALL_KEYS, ROUTED_ADAPTER_KEY
 
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -107,12 +107,15 @@ def export_stage_adapters(
     out_dir: str | Path,
     stages: list[str] | None = None,
     lora_only: bool = False,
+    overwrite: bool = True,
 ) -> dict[str, Path]:
     """Write ``out_dir/<stage name>/`` plain PEFT LoRA adapters; returns name -> dir.
 
     ``lora_only`` drops everything but the LoRA A/B tensors (marker rows, saved
     embeddings, ``modules_to_save``), for servers that load nothing else; the served
-    base model must then already hold the marker tokens' rows.
+    base model must then already hold the marker tokens' rows. ``overwrite=False``
+    raises ``FileExistsError`` before writing anything when a stage's folder exists
+    (the CLI's default; ``--force`` replaces).
     """
     from safetensors.torch import load_file, save_file
 
@@ -146,6 +149,12 @@ def export_stage_adapters(
                     f"stage {name!r} has no expert; trained: {config.stage_names}"
                 )
         index[name] = config.stage_names.index(name)
+    existing = [str(out_dir / name) for name in index if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+            "pass overwrite=True to replace"
+        )
     modules = sorted({k[: -len(_A)] for k in tensors if k.endswith(_A)})
     if not modules:
         raise ValueError(f"{weights_path} holds no LoRA A/B weights")
@@ -184,6 +193,7 @@ def export_stage_adapters(
             folded, str(target / "adapter_model.safetensors"), metadata={"format": "pt"}
         )
         stage_config = dict(peft_config)
+        stage_config.pop(ROUTED_ADAPTER_KEY, None)  # plain: loads without a warning
         stage_config.update(
             r=out_rank,
             lora_alpha=out_rank,

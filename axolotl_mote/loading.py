@@ -9,9 +9,14 @@ the same happens through ``lora_model_dir`` (the plugin attaches in ``post_lora_
 Every loader of this package goes through here, and none runs a MoTE adapter unrouted:
 :func:`load_model` routes a MoTE adapter, and :func:`load_base_model` refuses a folder
 that holds one (transformers would otherwise load it as a plain LoRA, every expert on
-every token). Big models: ``dtype="auto"`` (bf16 where the GPU supports it, fp32 on
-CPU), ``device_map`` (e.g. ``"auto"``: shard over the visible GPUs) and
-``load_in_4bit`` (an NF4 base through bitsandbytes, which also has a CPU backend).
+every token). Outside the package, a plain ``PeftModel.from_pretrained`` of a MoTE
+adapter warns: its adapter_config.json carries a key PEFT does not know,
+``mote_routed_adapter__load_with_axolotl_mote_load_mote_model``, which PEFT names in
+its "Unexpected keyword arguments" warning (``tuner.config.mark_routed_adapter``).
+
+Big models: ``dtype="auto"`` (bf16 where the GPU supports it, fp32 on CPU),
+``device_map`` (e.g. ``"auto"``: shard over the visible GPUs) and ``load_in_4bit``
+(an NF4 base through bitsandbytes, which also has a CPU backend).
 """
 
 from __future__ import annotations
@@ -129,9 +134,11 @@ def load_mote_model(
     ``base_model``: a path, or an already loaded model (then ``dtype``/``device``
     options do not apply). ``torch_dtype`` is the old name of ``dtype``.
     """
+    import warnings
+
     from peft import PeftModel
 
-    from axolotl_mote.tuner.config import MoteConfig
+    from axolotl_mote.tuner.config import MoteConfig, quiet_routed_adapter_warning
     from axolotl_mote.tuner.model import attach_mote
 
     adapter_dir = Path(adapter_dir)
@@ -158,9 +165,11 @@ def load_mote_model(
     if model.get_input_embeddings().num_embeddings < rows:
         # the new rows' values come from the adapter (trainable tokens): no mean init
         model.resize_token_embeddings(rows, mean_resizing=False)
-    model = PeftModel.from_pretrained(
-        model, str(adapter_dir), is_trainable=is_trainable
-    )
+    with warnings.catch_warnings():  # the routed-adapter mark: routed right below
+        quiet_routed_adapter_warning()
+        model = PeftModel.from_pretrained(
+            model, str(adapter_dir), is_trainable=is_trainable
+        )
     attach_mote(model, config)
     if not is_trainable:
         model.eval()

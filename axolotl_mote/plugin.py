@@ -43,7 +43,11 @@ class MotePlugin(BasePlugin):
 
     def register(self, cfg: dict) -> None:
         from axolotl_mote.integration.config import prepare_raw_config
+        from axolotl_mote.tuner.config import quiet_routed_adapter_warning
 
+        # this run routes MoTE adapters (lora_model_dir, resumes): PEFT's note on the
+        # adapter_config.json key that names load_mote_model is not for it
+        quiet_routed_adapter_warning()
         prepare_raw_config(cfg)
 
     # --- model -----------------------------------------------------------------------

@@ -272,3 +272,59 @@ def test_saved_adapter_records_the_trained_vocab_size_and_loads_with_it(
     model, _ = load_mote_model(tiny_model_dir, adapter, dtype="float32", device="cpu")
     assert model.get_base_model().get_input_embeddings().num_embeddings == rows
     assert model.get_base_model().config.vocab_size == rows
+
+
+def test_plain_peft_loading_of_a_mote_adapter_warns_naming_load_mote_model(
+    tiny_model_dir, tokenizer_and_template, tmp_path
+):
+    """A plain PeftModel.from_pretrained warns (the adapter_config.json key PEFT does
+    not know names load_mote_model); the package's loader, the plugin's Axolotl runs
+    and the exported plain adapters load without that warning."""
+    import warnings
+
+    from peft import PeftModel
+
+    from axolotl_mote.export import export_stage_adapters
+    from axolotl_mote.loading import load_mote_model
+    from axolotl_mote.plugin import MotePlugin
+
+    tokenizer, template = tokenizer_and_template
+    mote, config = build_mote(tiny_model_dir, tokenizer, template, r=2)
+    adapter = tmp_path / "a"
+    mote.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    config.save(adapter)
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert any("load_mote_model" in key for key in saved)
+
+    def peft_warnings(load):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load()
+        return [str(w.message) for w in caught if "load_mote_model" in str(w.message)]
+
+    def plain():
+        PeftModel.from_pretrained(_fresh_base(tiny_model_dir, tokenizer, mote), adapter)
+
+    with pytest.warns(UserWarning, match="load_mote_model"):
+        plain()
+    assert not peft_warnings(
+        lambda: load_mote_model(tiny_model_dir, adapter, dtype="float32", device="cpu")
+    )
+    written = export_stage_adapters(adapter, tmp_path / "out", ["answer"])
+    exported = written["safe_answer"]
+    assert not any(
+        "load_mote_model" in k
+        for k in json.loads((exported / "adapter_config.json").read_text())
+    )
+    assert not peft_warnings(
+        lambda: PeftModel.from_pretrained(
+            _fresh_base(tiny_model_dir, tokenizer, mote), exported
+        )
+    )
+    with warnings.catch_warnings():  # the plugin's filter is process-wide
+        MotePlugin().register({"plugins": ["axolotl_mote.MotePlugin"],
+                               "mote": {"template": "aligncot"}})  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            plain()  # what Axolotl's lora_model_dir does, before post_lora_load
+        assert not [w for w in caught if "load_mote_model" in str(w.message)]

@@ -149,7 +149,7 @@ def export_prompt_adapter(adapter_dir: Path, out: Path) -> int:
     from safetensors.torch import load_file, save_file
 
     from axolotl_mote.export import layer_scaling
-    from axolotl_mote.tuner.config import MoteConfig
+    from axolotl_mote.tuner.config import ROUTED_ADAPTER_KEY, MoteConfig
 
     config = MoteConfig.load(adapter_dir)
     peft_config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -175,6 +175,7 @@ def export_prompt_adapter(adapter_dir: Path, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_file(out_tensors, str(out / "adapter_model.safetensors"), {"format": "pt"})
     stage_config = dict(peft_config)
+    stage_config.pop(ROUTED_ADAPTER_KEY, None)  # a plain LoRA: loads without a warning
     stage_config.update(
         r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
         inference_mode=True, trainable_token_indices=None, modules_to_save=None,

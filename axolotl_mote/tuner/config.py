@@ -17,6 +17,42 @@ CATCH_ALL = "|.*"
 #: Catch-all keys of adapters saved by earlier versions.
 CATCH_ALL_KEYS = (CATCH_ALL, ".*")
 
+#: Written into a MoTE adapter's adapter_config.json (``mark_routed_adapter``). PEFT
+#: has no such field: a plain ``PeftModel.from_pretrained`` (or transformers'
+#: ``load_adapter``) drops it with a UserWarning that prints this name, so loading a
+#: routed adapter unrouted says what to use instead. The package's loaders and the
+#: plugin's Axolotl runs silence that one warning (``quiet_routed_adapter_warning``).
+ROUTED_ADAPTER_KEY = "mote_routed_adapter__load_with_axolotl_mote_load_mote_model"
+ROUTED_ADAPTER_NOTE = (
+    "A MoTE adapter: each token must be routed to its stage's expert. Load it with "
+    "axolotl_mote.load_mote_model(BASE_MODEL, THIS_FOLDER), or in Axolotl with "
+    "plugins: [axolotl_mote.MotePlugin]; plain PeftModel.from_pretrained runs every "
+    "expert on every token."
+)
+
+
+def mark_routed_adapter(directory: str | Path) -> bool:
+    """Add :data:`ROUTED_ADAPTER_KEY` to ``directory/adapter_config.json`` if there is
+    one (idempotent); True when the file carries it."""
+    path = Path(directory) / "adapter_config.json"
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text())
+    if data.get(ROUTED_ADAPTER_KEY) != ROUTED_ADAPTER_NOTE:
+        data[ROUTED_ADAPTER_KEY] = ROUTED_ADAPTER_NOTE
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return True
+
+
+def quiet_routed_adapter_warning() -> None:
+    """Silence PEFT's "unexpected keyword" warning for :data:`ROUTED_ADAPTER_KEY` only
+    (for loaders that route the adapter); every other PEFT warning still shows."""
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore", message=f"(?s).*'{ROUTED_ADAPTER_KEY}'", category=UserWarning
+    )
+
 
 def expert_rules(
     stage_names: list[str],
@@ -197,8 +233,12 @@ class MoteConfig:
         return asdict(self)
 
     def save(self, directory: str | Path) -> Path:
+        """Write mote_config.json, and mark the adapter_config.json beside it (if
+        saved already) so that plain PEFT loading warns (``mark_routed_adapter``)."""
         path = Path(directory) / MOTE_CONFIG_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        if self.experts != "single":
+            mark_routed_adapter(directory)
         return path
 
     @classmethod
