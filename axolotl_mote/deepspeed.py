@@ -24,6 +24,7 @@ No DeepSpeed import here: this module only reads files.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -67,22 +68,34 @@ def deepspeed_config_path(name: str) -> Path:
     return path
 
 
+def deepspeed_output_path(name: str, dest: str | Path) -> Path:
+    """Where :func:`write_deepspeed_config` writes ``name`` for ``dest``.
+
+    ``dest`` is a folder when it is one already or when it ends with a path separator
+    (``ds/``: created, the file keeps its name, e.g. ``ds/zero3.json``); otherwise it
+    is the file to write.
+    """
+    src = deepspeed_config_path(name)
+    text = str(dest)
+    out = Path(dest)
+    if out.is_dir() or text.endswith(("/", os.sep)):
+        out = out / src.name
+    return out
+
+
 def write_deepspeed_config(
     name: str, dest: str | Path, *, overwrite: bool = False
 ) -> Path:
     """Copy the shipped config ``name`` to ``dest`` and return the written path.
 
-    ``dest`` may be a directory (the file keeps its name, e.g. ``zero3.json``) or a file
-    path. An existing file is only replaced with ``overwrite=True``.
+    ``dest`` may be a folder (an existing one, or any path ending in ``/``: the file
+    keeps its name, e.g. ``zero3.json``) or a file path. An existing file is only
+    replaced with ``overwrite=True``.
     """
     src = deepspeed_config_path(name)
-    out = Path(dest)
-    if out.is_dir():
-        out = out / src.name
+    out = deepspeed_output_path(name, dest)
     if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out} exists; pass overwrite=True (CLI: --force) to replace it"
-        )
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, out)
     return out

@@ -14,7 +14,8 @@ from axolotl_mote.deepspeed import DEEPSPEED_CONFIGS, deepspeed_config_names
     "--output",
     type=click.Path(),
     default=None,
-    help="Write a copy here (a file, or a directory to keep the name).",
+    help="Write a copy here: a file, or a folder (an existing one, or a path ending "
+    "in /) to keep the name, e.g. ds/zero3.json.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def deepspeed_config(name: str | None, output: str | None, force: bool) -> None:
@@ -23,7 +24,11 @@ def deepspeed_config(name: str | None, output: str | None, force: bool) -> None:
     Use the result as `deepspeed: <path>` in the YAML (or `--deepspeed <path>`).
     Without NAME, list the shipped configs.
     """
-    from axolotl_mote.deepspeed import deepspeed_config_path, write_deepspeed_config
+    from axolotl_mote.deepspeed import (
+        deepspeed_config_path,
+        deepspeed_output_path,
+        write_deepspeed_config,
+    )
 
     if name is None:
         for key in deepspeed_config_names():
@@ -32,8 +37,8 @@ def deepspeed_config(name: str | None, output: str | None, force: bool) -> None:
     if output is None:
         click.echo(str(deepspeed_config_path(name)))
         return
-    try:
-        written = write_deepspeed_config(name, output, overwrite=force)
-    except FileExistsError as err:
-        raise click.ClickException(str(err)) from err
+    target = deepspeed_output_path(name, output)
+    if target.exists() and not force:
+        raise click.ClickException(f"{target} exists; pass --force to replace it")
+    written = write_deepspeed_config(name, output, overwrite=True)
     click.echo(str(written))

@@ -42,16 +42,32 @@ from axolotl_mote.cli import options
     show_default=True,
     help="dtype of the --serving base model.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace existing stage folders (--serving: write into a non-empty OUTPUT).",
+)
 def export(adapter: str, output: str, stages: tuple[str, ...], lora_only: bool,
-           serving: bool, base_model: str | None, dtype: str) -> None:  # fmt: skip
-    """Fold each stage's expert with the shared expert into a plain rank-2r LoRA."""
+           serving: bool, base_model: str | None, dtype: str,
+           force: bool) -> None:  # fmt: skip
+    """Fold each stage's expert with the shared expert into a plain rank-2r LoRA.
+
+    Refuses to replace an existing stage folder (--serving: a non-empty OUTPUT)
+    unless --force is given.
+    """
+    from pathlib import Path
+
     from axolotl_mote.export import export_stage_adapters
 
     if serving:
-        from pathlib import Path
-
         from axolotl_mote.serving.bundle import write_serving_bundle
 
+        out = Path(output)
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise click.ClickException(
+                f"{out} exists and is not empty; pass --force to write the bundle "
+                "into it anyway"
+            )
         try:
             manifest = write_serving_bundle(adapter, output, base_model, dtype)
         except (FileNotFoundError, ValueError) as err:
@@ -61,8 +77,11 @@ def export(adapter: str, output: str, stages: tuple[str, ...], lora_only: bool,
 
     try:
         written = export_stage_adapters(
-            adapter, output, list(stages) or None, lora_only
+            adapter, output, list(stages) or None, lora_only, overwrite=force
         )
+    except FileExistsError as err:
+        message = str(err).replace("overwrite=True", "--force")
+        raise click.ClickException(message) from err
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     for name, path in written.items():

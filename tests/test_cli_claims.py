@@ -1,0 +1,62 @@
+"""What the CLI says it does, checked: output folders, refusals, the flags it names."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from axolotl_mote.cli.main import main
+from axolotl_mote.deepspeed import deepspeed_config_path
+
+
+def test_deepspeed_config_into_a_folder_path(tmp_path, monkeypatch):
+    """`-o ds/` (not there yet) is a folder: ds/zero3.json, never a file named ds."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    wrote = runner.invoke(main, ["deepspeed-config", "zero3", "-o", "ds/"])
+    assert wrote.exit_code == 0, wrote.output
+    assert (tmp_path / "ds").is_dir()
+    written = tmp_path / "ds" / "zero3.json"
+    assert written.read_bytes() == deepspeed_config_path("zero3").read_bytes()
+    # an existing folder without the slash, too
+    again = runner.invoke(main, ["deepspeed-config", "zero2", "-o", "ds"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "ds" / "zero2.json").is_file()
+    # the refusal speaks the CLI: --force, not the Python API's overwrite=True
+    refused = runner.invoke(main, ["deepspeed-config", "zero3", "-o", "ds/"])
+    assert refused.exit_code != 0
+    assert "--force" in refused.output and "overwrite" not in refused.output
+    forced = runner.invoke(main, ["deepspeed-config", "zero3", "-o", "ds/", "--force"])
+    assert forced.exit_code == 0, forced.output
+
+
+def test_export_refuses_to_overwrite_without_force(
+    tiny_model_dir, tiny_tokenizer, aligncot, tmp_path
+):
+    from tests.helpers.tiny import build_mote
+
+    mote, config = build_mote(tiny_model_dir, tiny_tokenizer, aligncot, r=2)
+    adapter = tmp_path / "adapter"
+    mote.save_pretrained(adapter)
+    config.save(adapter)
+    out = tmp_path / "out"
+    args = ["export", "--adapter", str(adapter), "-o", str(out), "--stage", "answer"]
+    runner = CliRunner()
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    target = out / "safe_answer" / "adapter_model.safetensors"
+    before = target.read_bytes()
+    (out / "safe_answer" / "mote_export.json").write_text("{}")  # a marker of "old"
+    refused = runner.invoke(main, args)
+    assert refused.exit_code != 0
+    assert "--force" in refused.output and "overwrite" not in refused.output
+    assert str(out / "safe_answer") in refused.output
+    assert (out / "safe_answer" / "mote_export.json").read_text() == "{}"  # untouched
+    # another stage into the same folder is fine; --force replaces
+    other = runner.invoke(main, [*args[:-1], "analysis"])
+    assert other.exit_code == 0, other.output
+    forced = runner.invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert target.read_bytes() == before
+    assert json.loads((out / "safe_answer" / "mote_export.json").read_text())
