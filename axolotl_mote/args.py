@@ -104,9 +104,10 @@ class MoteOptions(BaseModel):
         description="Probability p (the paper's p_dropout) that, per example and per "
         "hideable earlier stage, every later stage is cut off from attending to it. "
         "Unset: 0.3 (step skipping on, as in the paper, which gives no value; 0.3 is "
-        "this project's choice) where the attention implementation can take step "
-        "masks (sdpa, eager, flex_attention), and 0 with a logged note under flash "
-        "attention. 0 turns it off: plain causal attention, the paper's '- step "
+        "this project's choice) under every attention that can run it (sdpa, eager, "
+        "flex_attention, flash attention as regions through its varlen kernel), and "
+        "0 with a logged note under one that cannot (xformers). 0 turns it off: "
+        "plain causal attention, the paper's '- step "
         "skipping' variant.",
     )
     step_skip_attention: StepSkipAttention = Field(
@@ -187,8 +188,14 @@ class MoteOptions(BaseModel):
 
 #: Axolotl's fused LoRA kernels read lora_A/lora_B directly and bypass routing.
 KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
-#: Attention implementations that can take step-skipping masks.
-STEP_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
+#: How step skipping runs under each attention implementation that can take it; flash
+#: flavours (``flash_attention_2``/``_3``, hub kernels) run it as regions through their
+#: variable-length kernel (attention.py).
+STEP_SKIP_BACKENDS = {
+    "sdpa": ("regions", "dense"),  # mote.step_skip_attention picks one
+    "eager": ("dense",),
+    "flex_attention": ("flex",),
+}
 #: p when ``mote.step_skip_prob`` is unset and the attention can take step masks.
 DEFAULT_STEP_SKIP_PROB = 0.3
 
@@ -210,17 +217,31 @@ def attention_of(data: Any) -> str:
     return "sdpa"
 
 
+def step_skip_backend(
+    attention: str, step_skip_attention: str = "regions"
+) -> str | None:
+    """How step skipping runs under ``attention``: ``regions`` (sdpa or any flash
+    flavour), ``dense`` (sdpa's boolean or eager's additive mask), ``flex`` (a
+    BlockMask), or None where it cannot run. The one place this is decided."""
+    if "flash" in attention:
+        return "regions"
+    choices = STEP_SKIP_BACKENDS.get(attention)
+    if not choices:
+        return None
+    return step_skip_attention if step_skip_attention in choices else choices[0]
+
+
 def step_skip_prob(options: MoteOptions, attention: str) -> tuple[float, str | None]:
     """The p a run uses, and a note when the default had to turn step skipping off."""
     if options.step_skip_prob is not None:
         return float(options.step_skip_prob), None
-    if attention in STEP_MASK_ATTENTION:
+    if step_skip_backend(attention) is not None:
         return DEFAULT_STEP_SKIP_PROB, None
     return 0.0, (
         f"MoTE: step skipping is off: attn_implementation {attention} cannot take "
-        "step-skipping masks. Use attn_implementation: sdpa, eager or flex_attention "
-        "to train the paper's step skipping (set mote.step_skip_prob: 0 to silence "
-        "this note)"
+        "step-skipping masks. Use attn_implementation: sdpa, eager, flex_attention or "
+        "a flash attention to train the paper's step skipping (set "
+        "mote.step_skip_prob: 0 to silence this note)"
     )
 
 
@@ -259,12 +280,12 @@ def _cross_key_problems(data: dict[str, Any], opts: MoteOptions | None) -> list[
             )
     attention = attention_of(data)
     if opts is not None and (opts.step_skip_prob or 0) > 0:
-        if attention not in STEP_MASK_ATTENTION:
+        if step_skip_backend(attention) is None:
             problems.append(
                 f"attn_implementation: {attention} with mote.step_skip_prob > 0 -> "
                 f"{attention} cannot express step-skipping masks; use "
-                "attn_implementation: sdpa, eager or flex_attention, or set "
-                "mote.step_skip_prob: 0"
+                "attn_implementation: sdpa, eager, flex_attention or flash attention, "
+                "or set mote.step_skip_prob: 0"
             )
     return problems
 

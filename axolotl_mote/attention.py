@@ -32,15 +32,20 @@ gradient-checkpoint recomputation sees it too.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 #: Name of the attention function (and its mask function) in transformers' interfaces.
 ATTENTION_NAME = "mote_sdpa"
+
+
+class StepSkipUnsupported(ValueError):
+    """This attention implementation cannot run step skipping."""
+
 
 Span = tuple[int, int]
 
@@ -68,6 +73,8 @@ class RegionPlan:
     length: int
     regions: tuple[Region, ...]
     pad: tuple[tuple[int, int], ...]  # (row, position) of padding tokens
+    #: per-device index tensors of the plan (built by the first layer, reused by all)
+    cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
 
 def plan_regions(
@@ -144,19 +151,70 @@ def regions_to_mask(plan: RegionPlan, device: Any = None) -> torch.Tensor:
     return mask.to(device) if device is not None else mask
 
 
-_ACTIVE: contextvars.ContextVar[RegionPlan | None] = contextvars.ContextVar(
-    "mote_region_plan", default=None
-)
+class _PlanSlot:
+    """The step-skipping plan of the micro-batch being trained, seen from every thread.
+
+    Why not a ``ContextVar``: on CUDA, autograd runs backward on a worker thread per
+    device, and gradient checkpointing recomputes the forward there. A new thread
+    starts with an empty context, so a plan held in a ``ContextVar`` is invisible to
+    the recomputation: reentrant checkpointing then silently recomputes plain causal
+    attention (wrong gradients), non-reentrant raises ``CheckpointError``. One
+    process-wide slot is what every thread reads; it is set for exactly one training
+    step (forward, loss and backward) by the trainer, which never overlaps two.
+
+    ``expected``: the trainer runs a region model (step skipping on). Inside, a
+    training-mode attention call without a plan is an error, never plain attention.
+    """
+
+    __slots__ = ("plan", "expected", "lock")
+
+    def __init__(self) -> None:
+        self.plan: RegionPlan | None = None
+        self.expected = False
+        self.lock = threading.Lock()
+
+
+_SLOT = _PlanSlot()
 
 
 @contextlib.contextmanager
-def regions_active(plan: RegionPlan | None) -> Iterator[None]:
-    """Attention runs by ``plan`` inside the block (None: plain sdpa)."""
-    token = _ACTIVE.set(plan)
+def regions_active(plan: RegionPlan | None, expected: bool = False) -> Iterator[None]:
+    """Attention runs by ``plan`` inside the block, on every thread (None: plain).
+
+    ``expected``: step skipping is on, so a training-mode attention call that finds no
+    plan (a recomputation after the plan was dropped, say) raises
+    :class:`PlanMissingError` instead of running unmasked.
+    """
+    with _SLOT.lock:
+        before = (_SLOT.plan, _SLOT.expected)
+        _SLOT.plan, _SLOT.expected = plan, expected or before[1]
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        with _SLOT.lock:
+            _SLOT.plan, _SLOT.expected = before
+
+
+class PlanMissingError(RuntimeError):
+    """A training forward of a step-skipping model found no plan: fail, never
+    unmask."""
+
+
+def active_plan(module: torch.nn.Module | None = None) -> RegionPlan | None:
+    """The plan attention must follow now (None: plain attention).
+
+    Raises :class:`PlanMissingError` when step skipping is expected and ``module`` is
+    in training mode but no plan is visible.
+    """
+    plan = _SLOT.plan
+    if plan is None and _SLOT.expected and getattr(module, "training", False):
+        raise PlanMissingError(
+            "MoTE: a training forward (or its gradient-checkpoint recomputation) of a "
+            "step-skipping model found no step-skipping plan; it would silently train "
+            "on unmasked attention. Hold `axolotl_mote.attention.regions_active(plan)` "
+            "around forward *and* backward of every training step"
+        )
+    return plan
 
 
 def region_attention(
@@ -215,7 +273,7 @@ def mote_sdpa_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: regions when a plan is active, else sdpa."""
-    plan = _ACTIVE.get()
+    plan = active_plan(module)
     if plan is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -224,12 +282,219 @@ def mote_sdpa_attention(
             scaling=scaling, **kwargs,
         )  # fmt: skip
     if getattr(module, "sliding_window", None) or kwargs.get("softcap"):
-        raise ValueError(
+        raise StepSkipUnsupported(
             "step-skipping regions do not support sliding-window or soft-capped "
-            "attention; set mote.step_skip_kernel: dense for this model"
+            "attention; set mote.step_skip_attention: dense for this model"
         )
     out = region_attention(query, key, value, plan, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None  # [B, T, H, D]
+
+
+# --- flash attention: the same regions through one variable-length kernel call --------
+#: The varlen kernel's signature (flash-attn's ``flash_attn_varlen_func``): q, k, v are
+#: ``[N, H(kv), D]`` token-packed, ``cu_seqlens_*`` int32 ``[n_segments + 1]``.
+VarlenFn = Callable[..., torch.Tensor]
+
+
+def reference_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    **_: Any,
+) -> torch.Tensor:
+    """Pure-torch stand-in for flash-attn's ``flash_attn_varlen_func`` (CPU, tests).
+
+    flash-attn's documented semantics: segment i attends queries
+    ``q[cu_q[i]:cu_q[i+1]]`` to keys ``k[cu_k[i]:cu_k[i+1]]``; with ``causal`` the mask
+    is aligned to the bottom right (query j of n sees the first ``m - n + j + 1`` of m
+    keys, flash-attn >= 2.1); k/v may have fewer heads (GQA). Returns ``[Nq, H, D]``.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+        if q1 == q0:
+            continue
+        qs = q[q0:q1].transpose(0, 1)[None]  # [1, H, n, D]
+        ks = k[k0:k1].transpose(0, 1)[None]  # [1, Hkv, m, D]
+        vs = v[k0:k1].transpose(0, 1)[None]
+        mask = causal_lower_right(q1 - q0, k1 - k0) if causal else None
+        gqa = ks.shape[1] != qs.shape[1]
+        o = sdpa(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p,
+                 scale=softmax_scale, enable_gqa=gqa)  # fmt: skip
+        rows = torch.arange(q0, q1, device=q.device)
+        out = out.index_copy(0, rows, o[0].transpose(0, 1))  # [n, H, D] into place
+    return out
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """A plan as token-packed segments: region i's queries, then its gathered keys."""
+
+    q_index: torch.Tensor  # [Nq] flat (row * T + position) of every region query
+    k_index: torch.Tensor  # [Nk] flat positions of each region's prefix + own keys
+    cu_q: torch.Tensor  # int32 [regions + 1]
+    cu_k: torch.Tensor  # int32 [regions + 1]
+    max_q: int
+    max_k: int
+    pad_index: torch.Tensor  # [Np] flat positions of padding tokens
+    order: torch.Tensor  # [B*T]: output row of each flat position in cat(q, pad)
+
+
+def varlen_layout(plan: RegionPlan, device: Any) -> VarlenLayout:
+    """Index tensors that turn a plan into one varlen call (built once per batch)."""
+    t = plan.length
+    q_idx: list[int] = []
+    k_idx: list[int] = []
+    cu_q, cu_k = [0], [0]
+    for reg in plan.regions:
+        base = reg.row * t
+        q_idx += range(base + reg.start, base + reg.end)
+        for s, e in (*reg.prefix, (reg.start, reg.end)):
+            k_idx += range(base + s, base + e)
+        cu_q.append(len(q_idx))
+        cu_k.append(len(k_idx))
+    pad = [row * t + pos for row, pos in plan.pad]
+    flat = torch.tensor(q_idx + pad, dtype=torch.long)
+    order = torch.empty_like(flat)
+    order[flat] = torch.arange(flat.numel())
+    lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])] or [0]
+    lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])] or [0]
+
+    def dev(values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return VarlenLayout(
+        q_index=dev(q_idx), k_index=dev(k_idx), cu_q=dev(cu_q, torch.int32),
+        cu_k=dev(cu_k, torch.int32), max_q=max(lengths_q), max_k=max(lengths_k),
+        pad_index=dev(pad), order=order.to(device),
+    )  # fmt: skip
+
+
+def varlen_region_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: RegionPlan,
+    varlen: VarlenFn,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention by ``plan`` as one varlen call: q, k, v ``[B, H(kv), T, D]`` ->
+    ``[B, T, H, D]`` (flash attention's output layout).
+
+    Every region is one segment: its queries against its gathered visible keys, causal
+    aligned to the bottom right, exactly what :func:`region_attention` runs with one
+    sdpa call per region. Padding queries see only themselves (their own value).
+    """
+    b, h, t, d = query.shape
+    if (b, t) != (plan.batch, plan.length):
+        raise ValueError(
+            f"step-skipping regions are for a [{plan.batch}, {plan.length}] batch, the "
+            f"attention got [{b}, {t}]"
+        )
+    layout = plan.cache.get(("varlen", query.device))
+    if layout is None:
+        layout = plan.cache[("varlen", query.device)] = varlen_layout(
+            plan, query.device
+        )
+    hkv, dv = key.shape[1], value.shape[-1]
+    q = query.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H, D]
+    k = key.transpose(1, 2).reshape(b * t, hkv, d)  # [B*T, Hkv, D]
+    v = value.transpose(1, 2).reshape(b * t, hkv, dv)
+    o = varlen(
+        q.index_select(0, layout.q_index), k.index_select(0, layout.k_index),
+        v.index_select(0, layout.k_index), layout.cu_q, layout.cu_k, layout.max_q,
+        layout.max_k, dropout_p=dropout, softmax_scale=scaling, causal=True,
+    )  # fmt: skip  # [Nq, H, Dv]
+    if layout.pad_index.numel():  # a padding query sees only itself: its own value
+        own = v.index_select(0, layout.pad_index)  # [Np, Hkv, Dv]
+        if hkv != h:
+            own = own.repeat_interleave(h // hkv, dim=1)
+        o = torch.cat([o, own.to(o.dtype)])
+    return o.index_select(0, layout.order).view(b, t, h, dv)  # [B, T, H, Dv]
+
+
+def _flash_varlen(implementation: str) -> VarlenFn:
+    """transformers' varlen kernel for a flash implementation (flash-attn 2/3, a hub
+    kernel): the one its own flash attention uses."""
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+    (_, varlen, *_), _ = lazy_import_flash_attention(implementation)
+    if varlen is None:
+        raise StepSkipUnsupported(
+            f"attn_implementation {implementation} has no variable-length kernel, so "
+            "step skipping cannot run through it; use attn_implementation: sdpa"
+        )
+    return varlen
+
+
+def flash_with_regions(
+    original: Callable[..., Any], implementation: str, varlen: VarlenFn | None = None
+) -> Callable[..., Any]:
+    """Wrap a flash attention function: regions through its varlen kernel while a
+    training step holds a plan, the original function untouched otherwise."""
+    kernel: list[VarlenFn] = [varlen] if varlen is not None else []
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0,
+                  scaling=None, **kwargs):  # fmt: skip
+        plan = active_plan(module)
+        if plan is None:
+            return original(module, query, key, value, attention_mask,
+                            dropout=dropout, scaling=scaling, **kwargs)  # fmt: skip
+        if getattr(module, "sliding_window", None) or kwargs.get("softcap"):
+            raise StepSkipUnsupported(
+                "step-skipping regions do not support sliding-window or soft-capped "
+                "attention; set attn_implementation: sdpa and "
+                "mote.step_skip_attention: dense for this model"
+            )
+        if not kernel:
+            kernel.append(_flash_varlen(implementation))
+        dtype = query.dtype
+        if dtype == torch.float32:  # flash kernels take half precision only
+            from transformers.integrations.flash_attention import get_target_dtype
+
+            dtype = get_target_dtype(query, module) or dtype
+        q, k, v = (x.to(dtype) for x in (query, key, value))
+        out = varlen_region_attention(q, k, v, plan, kernel[0], scaling, dropout)
+        return out, None
+
+    attention.mote_regions_of = original  # type: ignore[attr-defined]
+    return attention
+
+
+def install_flash_regions(implementation: str, varlen: VarlenFn | None = None) -> None:
+    """Route ``implementation``'s attention through regions while a plan is active.
+
+    transformers' flash function looks its kernel up by the model's
+    ``_attn_implementation`` name, so the model keeps that name and the registered
+    function is wrapped in place (once; generation and evaluation, which hold no plan,
+    call the original unchanged). ``varlen`` replaces the kernel (tests: the pure-torch
+    :func:`reference_varlen_attention`).
+    """
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    current = ALL_ATTENTION_FUNCTIONS[implementation]
+    original = getattr(current, "mote_regions_of", current)
+    AttentionInterface.register(
+        implementation, flash_with_regions(original, implementation, varlen)
+    )
+
+
+def is_flash(implementation: str | None) -> bool:
+    """Whether an attention implementation is a flash-attention flavour."""
+    return bool(implementation) and "flash" in str(implementation)
 
 
 def supports_regions(config: Any) -> bool:
@@ -244,13 +509,19 @@ def supports_regions(config: Any) -> bool:
 
 
 def uses_regions(model: Any) -> bool:
-    """Whether ``model`` runs its attention through :func:`mote_sdpa_attention`."""
+    """Whether ``model``'s attention runs region plans: :func:`mote_sdpa_attention`,
+    or a flash function wrapped by :func:`install_flash_regions`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     while hasattr(base, "module") and not hasattr(base, "config"):
         base = base.module
-    return getattr(getattr(base, "config", None), "_attn_implementation", None) == (
-        ATTENTION_NAME
-    )
+    name = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if name == ATTENTION_NAME:
+        return True
+    if not is_flash(name):
+        return False
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return hasattr(ALL_ATTENTION_FUNCTIONS.get(name), "mote_regions_of")
 
 
 def register() -> str:

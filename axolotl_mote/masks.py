@@ -47,8 +47,8 @@ or a ``BlockMask``, is returned as-is by ``create_causal_mask`` and reaches the
 attention function unchanged): ``sdpa`` takes the boolean ``[B, 1, T, T]`` mask (True =
 attend); ``eager`` *adds* the mask to the scores, so it gets an additive float mask (0 /
 dtype min) — a boolean mask would be silently wrong there; ``flex_attention`` gets a
-``BlockMask`` built from per-token tensors. Flash attention (varlen) cannot express
-these masks.
+``BlockMask`` built from per-token tensors. Flash attention takes no mask: it runs the
+same draw as regions through its variable-length kernel (``attention.py``).
 """
 
 from __future__ import annotations
@@ -311,8 +311,8 @@ def check_attn_implementation(attn_implementation: str) -> None:
     if attn_implementation in SUPPORTED_ATTN:
         return
     why = (
-        "flash attention (varlen) only knows causal attention within sequences and "
-        "cannot express step-skipping masks"
+        "flash attention runs step skipping only as regions (attention.py), which "
+        "the plugin installs at model load; this model was not set up for them"
         if "flash" in attn_implementation
         else "it is not one whose mask format axolotl-mote knows"
     )

@@ -36,10 +36,10 @@ def test_defaults_parse():
         ({"lora_r": 0}, "must be an integer >= 1"),
         (
             {
-                "attn_implementation": "flash_attention_2",
+                "attn_implementation": "xformers",
                 "mote": {"step_skip_prob": 0.3},
             },
-            "use attn_implementation: sdpa, eager or flex_attention",
+            "use attn_implementation: sdpa, eager, flex_attention or flash attention",
         ),
         ({"mote": {"alpha": 0.0}}, "mote.alpha must be in (0, 1]"),
         ({"mote": {"alpha": 1.5}}, "mote.alpha must be in (0, 1]"),

@@ -46,7 +46,8 @@ def test_p0_batches_are_untouched():
 def test_step_skipping_is_on_by_default_where_attention_allows_it():
     on = _settings(p=None)
     assert on.step_skip_prob == 0.3 and on.step_skip_note is None
-    off = _settings(p=None, attn="flash_attention_2")
+    assert _settings(p=None, attn="flash_attention_2").step_skip_prob == 0.3
+    off = _settings(p=None, attn="xformers")
     assert off.step_skip_prob == 0.0
     assert "cannot take step-skipping masks" in off.step_skip_note
     assert _mask(off, 1) is None

@@ -197,27 +197,48 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
 
 
 def use_step_skip_regions(settings: Any, model: Any) -> bool:
-    """Run sdpa through ``attention.py``'s regions when step skipping is on.
+    """Run step skipping as attention regions (``attention.py``) when it is on.
 
-    The registered attention function is plain sdpa whenever no plan is active
-    (evaluation, generation), so only training batches change. Models with
-    sliding-window or soft-capped attention keep the dense mask.
+    sdpa (``step_skip_attention: regions``) becomes ``mote_sdpa``; a flash attention
+    keeps its name and its registered function is wrapped, so its training steps run
+    the regions through the flash varlen kernel. Without an active plan (evaluation,
+    generation) both are the original attention. Models with sliding-window or
+    soft-capped attention keep sdpa's dense mask; under flash attention they cannot
+    step-skip, which is an error (never a silent fallback to unmasked training).
     """
-    from axolotl_mote.attention import register, supports_regions
+    from axolotl_mote.args import step_skip_backend
+    from axolotl_mote.attention import (
+        StepSkipUnsupported,
+        install_flash_regions,
+        is_flash,
+        register,
+        supports_regions,
+    )
 
-    if (
-        settings.step_skip_prob <= 0
-        or settings.attn_implementation != "sdpa"
-        or settings.options.step_skip_attention != "regions"
-    ):
+    attention = settings.attn_implementation
+    backend = step_skip_backend(attention, settings.options.step_skip_attention)
+    if settings.step_skip_prob <= 0 or backend != "regions":
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not supports_regions(base.config):
+        if is_flash(attention):
+            raise StepSkipUnsupported(
+                f"mote.step_skip_prob {settings.step_skip_prob} with {attention}: this "
+                "model has sliding-window or soft-capped attention, which "
+                "step-skipping regions cannot run; use attn_implementation: sdpa with "
+                "mote.step_skip_attention: dense, or set mote.step_skip_prob: 0"
+            )
         LOG.info(
             "MoTE: step skipping uses the dense mask (sliding-window or soft-capped "
             "attention)"
         )
         return False
+    if is_flash(attention):
+        # the name the model actually runs (transformers may swap in a hub kernel)
+        install_flash_regions(base.config._attn_implementation)
+        LOG.info("MoTE: step skipping runs as regions through %s's varlen kernel",
+                 base.config._attn_implementation)  # fmt: skip
+        return True
     base.set_attn_implementation(register())
     return True
 

@@ -130,18 +130,17 @@ class MoteTrainer(AxolotlTrainer):
             )
         key = self._draw_key(training)
         plan = None
-        if training:  # evaluation never hides stages
+        regions = training and uses_regions(model)  # evaluation never hides stages
+        if training:
             plan = skip_steps(
-                self.mote,
-                inputs,
-                step_ids,
-                key,
-                self._marker_ids(),
-                uses_regions(model),
+                self.mote, inputs, step_ids, key, self._marker_ids(), regions
             )
         self._mote_batch_steps = step_ids
         state = get_routing_state(model)
-        with route(state, step_ids, draw_key=key), regions_active(plan):
+        # the plan is held in a process-wide slot, seen by autograd's backward thread
+        # (gradient-checkpoint recomputation runs there on CUDA); ``expected``: a
+        # training forward that finds no plan raises instead of running unmasked
+        with route(state, step_ids, draw_key=key), regions_active(plan, regions):
             try:
                 yield
             finally:

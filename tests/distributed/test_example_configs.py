@@ -102,10 +102,10 @@ def test_llama_example_validates(path, monkeypatch, reset_plugins):
 
 
 def test_a_rejected_example_names_the_fix(monkeypatch, reset_plugins):
-    """The validation really runs MoteArgs: flash attention + step skipping fails."""
+    """The validation really runs MoteArgs: xformers + step skipping fails."""
     monkeypatch.chdir(REPO)
     raw = yaml.safe_load((REPO / "example_configs/llama3.1-8b-1gpu.yml").read_text())
-    raw["attn_implementation"] = "flash_attention_2"
+    raw["attn_implementation"] = "xformers"
     with pytest.raises(ValueError, match="step_skip_prob"):
         _validate(raw, 1)
 
@@ -144,14 +144,20 @@ def test_the_readme_minimal_config_validates(monkeypatch, reset_plugins):
     assert cfg.plugins == ["axolotl_mote.MotePlugin"] and cfg.mote is not None
 
 
-def test_flash_attention_without_p_turns_step_skipping_off_with_a_note(
-    monkeypatch, reset_plugins
-):
+def test_flash_attention_keeps_step_skipping_on(monkeypatch, reset_plugins):
+    """The usual GPU config (flash attention, packing) with p unset: step skipping on,
+    run as regions through the flash varlen kernel; xformers turns it off, with a
+    note."""
     from axolotl_mote.settings import resolve_settings
 
     monkeypatch.chdir(REPO)
     raw = yaml.safe_load((REPO / "example_configs/llama3.1-8b-1gpu.yml").read_text())
-    raw["attn_implementation"] = "flash_attention_2"
+    raw.pop("attn_implementation", None)
+    raw["flash_attention"] = True
     del raw["mote"]["step_skip_prob"]
+    settings = resolve_settings(_validate(raw, 1))
+    assert settings.step_skip_prob == 0.3 and settings.step_skip_note is None
+    raw.pop("flash_attention")
+    raw["attn_implementation"] = "xformers"
     settings = resolve_settings(_validate(raw, 1))
     assert settings.step_skip_prob == 0 and "sdpa" in settings.step_skip_note
