@@ -27,6 +27,13 @@ range). Two widths by default: hidden 1,024
 The last line is one JSON object: ``mote_vs_lora_r`` (hidden 1,024),
 ``mote_vs_lora_r_4096``, their spreads, and the other ratios.
 
+Memory: after the timed rounds, each variant runs two train steps alone in a fresh
+process (``--memory-probe``), which reports its peak resident set (``ru_maxrss``) and
+its resident set once the model is built. ``mem_mote_vs_lora_r`` is the ratio of the
+peaks; ``step_mem_mote_vs_lora_r`` the ratio of what the train steps add on top of the
+built model (activations, gradients, optimizer state), where routing's extra memory
+shows.
+
     python benchmarks/routing_overhead.py          # both widths, ~10 min on 2 cores
     python benchmarks/routing_overhead.py --hidden 1024   # the headline shape, ~4 min
     python benchmarks/routing_overhead.py --quick    # small shapes, for a smoke test
@@ -127,6 +134,62 @@ def one_step(model, state, steps, ids, opt, key: int) -> None:
         state.clear()
 
 
+def memory_probe(args: argparse.Namespace) -> None:
+    """Child process: build one variant, run two steps, print its RSS figures (KiB)."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, state, steps = build(args.memory_probe, args)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 8000, (args.batch, args.seq))
+    built = _rss_kib()
+    for key in range(2):
+        one_step(model, state, steps, ids, opt, key=key)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"built_kib": built, "peak_kib": peak}))
+
+
+def _rss_kib() -> int:
+    """Current resident set in KiB (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def measure_memory(args: argparse.Namespace, variants: list[str]) -> dict:
+    """Peak RSS of each variant in its own process; ratios against ``lora_r``."""
+    import subprocess
+    import sys
+
+    figures = {}
+    for variant in variants:
+        cmd = [
+            sys.executable, __file__, "--memory-probe", variant,
+            "--hidden", str(args.hidden), "--layers-seq", str(args.layers),
+            str(args.seq), "--batch", str(args.batch), "--rank", str(args.rank),
+            "--threads", str(args.threads),
+        ]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        figures[variant] = json.loads(out.strip().splitlines()[-1])
+    base = figures["lora_r"]
+    result = {"peak_mib": {v: f["peak_kib"] // 1024 for v, f in figures.items()}}
+    for variant in variants:
+        if variant == "lora_r":
+            continue
+        f = figures[variant]
+        result[f"mem_{variant}_vs_lora_r"] = round(f["peak_kib"] / base["peak_kib"], 3)
+        step = f["peak_kib"] - f["built_kib"]
+        base_step = base["peak_kib"] - base["built_kib"]
+        result[f"step_mem_{variant}_vs_lora_r"] = round(step / base_step, 3)
+    return result
+
+
 def measure(args: argparse.Namespace) -> dict:
     """Interleaved rounds of every variant at one shape; paired per-round ratios."""
     import torch
@@ -168,6 +231,8 @@ def measure(args: argparse.Namespace) -> dict:
         out[f"{a}_vs_{b}"], out[f"{a}_vs_{b}_iqr"] = paired(a, b)
     if args.naive:
         out["naive_vs_lora_r"], _ = paired("naive", "lora_r")
+    if not args.no_memory:
+        out.update(measure_memory(args, variants))
     return out
 
 
@@ -187,7 +252,17 @@ def main() -> None:
     parser.add_argument(
         "--naive", action="store_true", help="also time the naive per-expert loop"
     )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the per-variant memory probes"
+    )
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--layers-seq", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        args.layers, args.seq = args.layers_seq
+        args.hidden = args.hidden[0]
+        memory_probe(args)
+        return
     result: dict = {}
     for hidden in args.hidden:
         shape = argparse.Namespace(**vars(args))
@@ -206,11 +281,18 @@ def main() -> None:
             f"{r['mote_vs_lora_r_iqr']}), mote/lora_4r {r['mote_vs_lora_4r']}, "
             f"lora_4r/lora_r {r['lora_4r_vs_lora_r']}, module/lora_r "
             f"{r['mote_module_vs_lora_r']}, mote/module {r['mote_vs_mote_module']}"
-            + (f", naive/lora_r {r['naive_vs_lora_r']}" if args.naive else ""),
+            + (f", naive/lora_r {r['naive_vs_lora_r']}" if args.naive else "")
+            + (
+                ""
+                if args.no_memory
+                else f"; peak MiB {r['peak_mib']}, peak mote/lora_r "
+                f"{r['mem_mote_vs_lora_r']}, step memory mote/lora_r "
+                f"{r['step_mem_mote_vs_lora_r']}"
+            ),
             flush=True,
         )
         for key, value in r.items():
-            if key != "ms":
+            if key not in ("ms", "peak_mib"):
                 result[key + suffix] = value
     print(json.dumps(result))
 
