@@ -9,6 +9,10 @@ import click
 
 from axolotl_mote.cli import options
 
+#: Seconds SIGTERM waits for in-flight requests (they are cancelled at once; this
+#: bounds the time their replies take to go out).
+SHUTDOWN_GRACE = 5
+
 
 @click.command()
 @click.option(
@@ -20,18 +24,64 @@ from axolotl_mote.cli import options
 @options.base_model("Base model (default: the adapter's).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--max-batch", default=8, show_default=True, help="Chats per batch.")
+@click.option(
+    "--max-batch",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Chats per batch.",
+)
 @click.option(
     "--batch-wait",
     default=0.02,
     show_default=True,
+    type=click.FloatRange(min=0),
     help="Seconds a batch waits for more concurrent chat requests.",
 )
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Prompt + requested tokens allowed per request (default: the model's "
+    "context); more is a 400 naming both numbers.",
+)
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests that may wait for the model; more get 503 with Retry-After.",
+)
+@click.option(
+    "--request-timeout",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds a request may take, queue included; at the limit its generation "
+    "stops (finish_reason length, mote.stopped time_limit). 0: no limit.",
+)
+@click.option(
+    "--max-body-bytes",
+    default=4 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest request body; a larger one gets 413.",
+)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="MOTE_API_KEY",
+    help="Require `Authorization: Bearer KEY` on /v1/* (also MOTE_API_KEY).",
+)
 @options.model_loading
-def serve(adapter, base_model, host, port, max_batch, batch_wait, dtype, device,
+def serve(adapter, base_model, host, port, max_batch, batch_wait, max_model_len,
+          max_queue, request_timeout, max_body_bytes, api_key, dtype, device,
           device_map, load_in_4bit) -> None:  # fmt: skip
     """Serve the exact MoTE model (/v1/chat/completions) and its per-stage adapters
-    (/v1/completions, model = a stage name or `prompt`), OpenAI-compatible."""
+    (/v1/completions, model = a stage name or `prompt`), OpenAI-compatible.
+
+    SIGTERM (or Ctrl-C) stops accepting requests, cancels queued and running ones (a
+    running batch stops at its next token) and exits within a few seconds."""
     from pathlib import Path
 
     import uvicorn
@@ -47,14 +97,38 @@ def serve(adapter, base_model, host, port, max_batch, batch_wait, dtype, device,
             adapter,
             **options.loading_kwargs(dtype, device, device_map, load_in_4bit),
         )
+        worker = MoteWorker(
+            model, tokenizer, max_batch=max_batch, batch_wait=batch_wait,
+            max_queue=max_queue, max_model_len=max_model_len,
+            request_timeout=request_timeout or None,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
-    worker = MoteWorker(model, tokenizer, max_batch=max_batch, batch_wait=batch_wait)
-    click.echo(f"serving {adapter} on http://{host}:{port}/v1 (model: mote)")
+    if max_model_len and max_model_len > worker.context:
+        click.echo(
+            f"warning: --max-model-len {max_model_len} is over the model's context "
+            f"({worker.context}); outputs past it are unreliable",
+            err=True,
+        )
+    app = build_app(worker, api_key=api_key, max_body_bytes=max_body_bytes)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+    )  # fmt: skip
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            worker.shutdown()  # running rows end at their next token
+            super().handle_exit(sig, frame)
+
+    click.echo(
+        f"serving {adapter} on http://{host}:{port}/v1 (model: mote, max model len "
+        f"{worker.max_model_len})"
+    )
     try:
-        uvicorn.run(build_app(worker), host=host, port=port, log_level="info")
+        Server(config).run()
     finally:
-        worker.close()
+        worker.close(timeout=SHUTDOWN_GRACE)
 
 
 @click.command()
@@ -102,7 +176,8 @@ def client(bundle, url, prompts, plan, max_new_tokens, max_stage_tokens, adapter
         if parts is None
         else ([s["name"] for s in stage_client.stages] if parts == "full" else parts)
     )
-    for prompt in prompts:
+    missing = 0
+    for i, prompt in enumerate(prompts):
         try:
             chain = stage_client.generate(
                 prompt, plan=forced, max_new_tokens=max_new_tokens,
@@ -110,5 +185,29 @@ def client(bundle, url, prompts, plan, max_new_tokens, max_stage_tokens, adapter
             )  # fmt: skip
         except (ServingError, ValueError) as err:
             raise click.ClickException(str(err)) from None
-        row = {"prompt": prompt, "plan": chain.plan, "stages": chain.stages}
+        row = {
+            "prompt": prompt,
+            "plan": chain.plan,
+            "stages": chain.stages,
+            "answer": chain.answer,
+            "fallback_used": chain.fallback_used,
+            "dropped_stages": chain.dropped_stages,
+        }
         click.echo(json.dumps(row, ensure_ascii=False))
+        if chain.dropped_stages:
+            click.echo(
+                f"warning: prompt {i + 1}: stages {chain.dropped_stages} of the plan "
+                f"did not fit --max-new-tokens {max_new_tokens} and were dropped",
+                err=True,
+            )
+        if chain.answer is None:
+            missing += 1
+            click.echo(
+                f"warning: prompt {i + 1}: no answer stage (budget "
+                f"{max_new_tokens} tokens)",
+                err=True,
+            )
+    if missing:
+        raise click.ClickException(
+            f"{missing} of {len(prompts)} replies have no answer"
+        )

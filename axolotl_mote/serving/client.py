@@ -127,6 +127,10 @@ class ClientChain:
     token_ids: list[int] = field(default_factory=list)  # markers included
     answer: str | None = None
     finish_reason: str = "answer_end"
+    fallback_used: bool = False  # the answer stage was opened by the budget rule
+    forced_ends: list[str] = field(default_factory=list)  # stages closed by a limit
+    forced_plan: list[str] | None = None  # the requested plan (None: adaptive)
+    dropped_stages: list[str] = field(default_factory=list)  # forced, not run: budget
 
 
 class StageClient:
@@ -173,40 +177,83 @@ class StageClient:
         plan: Sequence[str] | None = None,
         max_new_tokens: int = 256,
         max_stage_tokens: int | None = None,
+        answer_reserve: int | None = None,
+        stage_reserve: int | None = None,
     ) -> ClientChain:
-        """One chain; ``plan``: stage names/keys to force, None lets the model
-        choose."""
+        """One chain; ``plan``: stage names/keys to force, None lets the model choose.
+
+        The budget follows ``generate_chains``' rules (``generation/plan.py``): the
+        answer keeps ``answer_reserve`` tokens (default ``min(32, max_new_tokens //
+        4)``) and is opened by the fallback when only that is left; a forced plan
+        keeps ``stage_reserve`` content tokens and two markers for each later stage,
+        drops the stages that cannot fit (``dropped_stages``), and its first marker
+        is free, as ``generate_chains`` pre-fills it."""
         from axolotl_mote.generation import parse_plan
+        from axolotl_mote.generation.plan import fit_plan, plan_cost
 
         messages = (
             [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         )
         forced = parse_plan(list(plan) if plan else None, self.template)
+        reserve = (
+            min(32, max_new_tokens // 4) if answer_reserve is None else answer_reserve
+        )
+        per_stage = max(1, reserve // 4) if stage_reserve is None else stage_reserve
+        names = [s["name"] for s in self.stages]
         ids = self.formatter.prompt_ids(messages)
         chain = ClientChain(messages=messages, plan=[], stages={})
+        remaining = max_new_tokens
+        if forced is not None:
+            chain.forced_plan = [names[s] for s in forced]
+            forced, dropped = fit_plan(
+                forced, max_new_tokens + 1, self.answer, reserve, per_stage
+            )
+            chain.dropped_stages = [names[s] for s in dropped]
+            chain.fallback_used = bool(dropped)
+            remaining += 1  # the first marker is given (generate_chains pre-fills it)
         current: int | None = None
-        budget = max_new_tokens
-        while budget > 0:
+        while remaining > 0:
             if forced is not None:
                 pending = [s for s in forced if current is None or s > current]
+                while len(pending) > 1 and remaining < plan_cost(
+                    pending, self.answer, reserve, per_stage
+                ):
+                    chain.dropped_stages.append(names[pending.pop(0)])
+                    chain.fallback_used = True
                 if not pending:
                     break
                 nxt = pending[0]
+                later = [s for s in pending[1:] if s != self.answer]
             else:
-                nxt = self._choose(ids, current)
+                later = []
+                if remaining <= reserve + 1 and self._reachable(current) != [
+                    self.answer
+                ]:
+                    nxt, chain.fallback_used = self.answer, True
+                else:
+                    nxt = self._choose(ids, current)
             stage = self.stages[nxt]
             ids.append(stage["start_id"])
             chain.token_ids.append(stage["start_id"])
-            budget -= 1
-            limit = min(budget, max_stage_tokens or budget)
-            content, reason = self.backend.complete(
-                stage["adapter"], ids, max_tokens=max(limit, 1),
-                stop_token_ids=[stage["end_id"]],
-            )  # fmt: skip
-            content = content[:limit]
+            remaining -= 1
+            need = (
+                1 if nxt == self.answer else reserve + 2 + len(later) * (per_stage + 2)
+            )
+            limit = max(0, remaining - need)
+            if max_stage_tokens:
+                limit = min(limit, max_stage_tokens)
+            content, reason = [], "length"
+            if limit > 0:
+                content, reason = self.backend.complete(
+                    stage["adapter"], ids, max_tokens=limit,
+                    stop_token_ids=[stage["end_id"]],
+                )  # fmt: skip
+                content = content[:limit]
+            if reason != "stop":
+                chain.forced_ends.append(stage["name"])
             ids += content + [stage["end_id"]]
             chain.token_ids += content + [stage["end_id"]]
-            budget -= len(content) + 1
+            remaining -= len(content) + 1
             text = self.tokenizer.decode(content, skip_special_tokens=True)
             chain.plan.append(stage["name"])
             chain.stages[stage["name"]] = text

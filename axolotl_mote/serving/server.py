@@ -110,6 +110,52 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class Guard:
+    """ASGI middleware: the API key on ``/v1/*`` (401 without it, as vLLM's
+    ``--api-key``), and the request metrics. Plain ASGI rather than
+    ``@app.middleware("http")``, which hides a client's disconnect from the
+    handlers."""
+
+    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+              "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")  # fmt: skip
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Any) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        label = path if path in self.ROUTES else "other"  # bounded label values
+        status = {"code": 500}
+
+        async def watched(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        start = time.monotonic()
+        try:
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if (
+                self.api_key
+                and path.startswith("/v1")
+                and (given != f"Bearer {self.api_key}")
+            ):
+                refusal = _error(
+                    401,
+                    "a valid API key is required: send `Authorization: Bearer "
+                    "<key>` (--api-key)",
+                )
+                return await refusal(scope, receive, watched)
+            await self.app(scope, receive, watched)
+        finally:
+            self.metrics.requests.labels(label, str(status["code"])).inc()
+            if label.startswith("/v1/"):
+                self.metrics.latency.labels(label).observe(time.monotonic() - start)
+
+
 def build_app(
     worker: MoteWorker,
     *,
@@ -124,6 +170,7 @@ def build_app(
 
     from axolotl_mote.serving.engine import adapter_steps
     from axolotl_mote.serving.metrics import ServerMetrics
+    from axolotl_mote.serving.streaming import stream
     from axolotl_mote.tuner.model import get_routing_state
 
     metrics = ServerMetrics(queue_depth=lambda: worker.waiting)
@@ -148,28 +195,8 @@ def build_app(
     async def unexpected(request: Request, exc: Exception):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if (
-            api_key
-            and path.startswith("/v1")
-            and (request.headers.get("authorization") != f"Bearer {api_key}")
-        ):
-            response = _error(
-                401,
-                "a valid API key is required: send "
-                "`Authorization: Bearer <key>` (--api-key)",
-            )
-        else:
-            start = time.monotonic()
-            response = await call_next(request)
-            if path.startswith("/v1/"):
-                metrics.latency.labels(path).observe(time.monotonic() - start)
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
-
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, metrics=metrics)  # the outermost
 
     @app.get("/health")
     async def health():
@@ -229,7 +256,7 @@ def build_app(
                 "model",
             )
         if body.stream:
-            return await _stream(worker, "chat", body, raw, StreamingResponse)
+            return await stream(worker, "chat", body, raw, StreamingResponse)
         out = await _run(worker, "chat", body, raw)
         if not isinstance(out, dict):
             return out
@@ -238,7 +265,7 @@ def build_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
         if body.stream:
-            return await _stream(worker, "completion", body, raw, StreamingResponse)
+            return await stream(worker, "completion", body, raw, StreamingResponse)
         out = await _run(worker, "completion", body, raw)
         if not isinstance(out, dict):
             return out
@@ -351,157 +378,6 @@ def _completion_reply(body: CompletionRequest, out: dict, worker, metrics) -> di
         "choices": choices,
         "usage": _usage(prompt_total, generated_total),
     }
-
-
-async def _stream(worker: MoteWorker, kind: str, body: Any, raw: Request, response):
-    """Server-sent events: the status is decided when the job starts (a refusal before
-    that is a plain JSON error); then one chunk per event, a final chunk with the
-    finish reason, the usage chunk if asked, and ``data: [DONE]``."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-
-    def sink(event: dict) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, event)
-
-    try:
-        job = worker.submit(kind, body, sink)
-    except Overloaded as err:
-        return _refusal(err)
-    first = await _next_event(events, raw, job)
-    if first is None:
-        return _error(499, "the client disconnected")
-    if first["type"] == "end" and job.future.exception() is not None:
-        refusal = _refusal(job.future.exception())
-        if refusal is not None:
-            return refusal
-    chunks = _chat_chunks if kind == "chat" else _completion_chunks
-    return response(
-        _sse(chunks(worker, body, job, events, raw, first)),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
-
-
-async def _next_event(events: asyncio.Queue, raw: Request, job) -> dict | None:
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=POLL)
-        except asyncio.TimeoutError:
-            if await raw.is_disconnected():
-                job.cancel("disconnected")
-                return None
-
-
-async def _sse(chunks):
-    async for chunk in chunks:
-        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def _events_until_end(events, raw, job, first):
-    event = first
-    try:
-        while event is not None and event["type"] != "end":
-            yield event
-            event = await _next_event(events, raw, job)
-    finally:
-        if not job.future.done():
-            job.cancel("disconnected")  # the response was abandoned
-
-
-async def _chat_chunks(worker, body, job, events, raw, first):
-    base = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": EXACT_MODEL,
-    }
-    usage = body.stream_options is not None and body.stream_options.include_usage
-
-    def chunk(delta: dict, finish=None, **extra) -> dict:
-        out = {
-            **base,
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            ],
-            **extra,
-        }
-        return {**out, "usage": None} if usage else out
-
-    yield chunk({"role": "assistant", "content": ""})
-    answer = worker.spec.names[worker.spec.answer]
-    async for event in _events_until_end(events, raw, job, first):
-        if event["type"] != "mote":
-            continue
-        mote = {k: v for k, v in event.items() if k != "type"}
-        delta = (
-            {"content": event["text"]}
-            if (event.get("text") and event["stage"] == answer)
-            else {}
-        )
-        yield chunk(delta, mote=mote)
-    err = job.future.exception() if job.future.done() else None
-    if err is not None:
-        refusal = _refusal(err)
-        message = str(err) if refusal is not None else f"internal error: {err}"
-        yield error_body(message, status=500)
-        return
-    if not job.future.done():
-        return
-    out = job.future.result()
-    tracker = out["tracker"].answer_sent()
-    rest = tracker.rest(out["answer"]) if tracker is not None else out["answer"]
-    yield chunk(
-        {"content": rest} if rest else {}, out["finish_reason"], mote=_mote_field(out)
-    )
-    if usage:
-        yield {
-            **base,
-            "choices": [],
-            "usage": _usage(out["prompt_tokens"], out["completion_tokens"]),
-        }
-
-
-async def _completion_chunks(worker, body, job, events, raw, first):
-    base = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": body.model,
-    }
-    usage = body.stream_options is not None and body.stream_options.include_usage
-
-    def chunk(index: int, text: str, finish=None) -> dict:
-        out = {
-            **base,
-            "choices": [
-                {
-                    "index": index,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            ],
-        }
-        return {**out, "usage": None} if usage else out
-
-    async for event in _events_until_end(events, raw, job, first):
-        if event["type"] == "text":
-            yield chunk(event["index"], event["text"])
-    err = job.future.exception() if job.future.done() else None
-    if err is not None:
-        yield error_body(str(err), status=500)
-        return
-    if not job.future.done():
-        return
-    out = job.future.result()
-    prompt = generated = 0
-    for c in out["choices"]:
-        yield chunk(c["index"], c["tracker"].rest(c["text"]), c["finish_reason"])
-        prompt += len(c["prompt_ids"])
-        generated += len(c["token_ids"])
-    if usage:
-        yield {**base, "choices": [], "usage": _usage(prompt, generated)}
 
 
 async def _tokenize(worker: MoteWorker, request: Request):

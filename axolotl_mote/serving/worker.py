@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -175,6 +176,7 @@ class MoteWorker:
         self._lock = threading.Lock()
         self._running: list[Job] = []
         self.batches: list[int] = []  # sizes of the chat batches run (tests, metrics)
+        self.finished: deque[tuple[Job, Any]] = deque(maxlen=256)  # (job, result)
         self.thread = threading.Thread(target=self._run, daemon=True, name="mote")
         self.thread.start()
 
@@ -307,6 +309,7 @@ class MoteWorker:
                 self._fail(job, err)
         else:
             for job, result in zip(jobs, results):
+                self.finished.append((job, result))
                 if not job.future.done():
                     job.future.set_result(result)
                 job.emit({"type": "end"})

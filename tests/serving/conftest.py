@@ -46,8 +46,10 @@ def saved(tiny_model_dir, tmp_path_factory):
 
 @contextmanager
 def slow_model(model, seconds: float):
-    """Every forward of ``model`` sleeps ``seconds`` first."""
-    handle = model.register_forward_pre_hook(lambda *args: time.sleep(seconds))
+    """Every forward of ``model`` sleeps ``seconds`` first (hooked on the input
+    embeddings: ``generate`` calls the inner model, not the PEFT wrapper)."""
+    embeddings = model.get_input_embeddings()
+    handle = embeddings.register_forward_pre_hook(lambda *args: time.sleep(seconds))
     try:
         yield
     finally:
