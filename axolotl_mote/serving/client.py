@@ -251,9 +251,13 @@ class StageClient:
                 content = content[:limit]
             if reason != "stop":
                 chain.forced_ends.append(stage["name"])
-            ids += content + [stage["end_id"]]
-            chain.token_ids += content + [stage["end_id"]]
-            remaining -= len(content) + 1
+            ids += content
+            chain.token_ids += content
+            remaining -= len(content)
+            if remaining > 0:  # as generate_chains: no end marker past the budget
+                ids.append(stage["end_id"])
+                chain.token_ids.append(stage["end_id"])
+                remaining -= 1
             text = self.tokenizer.decode(content, skip_special_tokens=True)
             chain.plan.append(stage["name"])
             chain.stages[stage["name"]] = text
