@@ -24,7 +24,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 
-.PHONY: install test test-fast quality quickstart bench docs clean
+.PHONY: install test test-fast quality quickstart bench docs clean gpu-check gpu-check-cpu
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -53,6 +53,21 @@ bench: install
 	$(PYTHON) benchmarks/routing_overhead.py
 	$(PYTHON) benchmarks/step_skipping.py
 	$(PYTHON) benchmarks/decode.py
+
+# On a bare CUDA machine (PyTorch, no network): carried wheels from
+# scripts/gpu_wheels.sh go to /tmp/gpu-site; no venv, the machine's python3.
+GPU_PY ?= python3
+GPU_OUT ?= outputs/gpu_check
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+	    --upgrade --target /tmp/gpu-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/gpu-site:$(CURDIR) $(GPU_PY) benchmarks/gpu_check.py \
+	  --out $(GPU_OUT) --max-seconds 480
+
+# The same script at toy shapes on the CPU (CI), so it never rots.
+gpu-check-cpu: install
+	$(PYTHON) benchmarks/gpu_check.py --cpu --tiny --out outputs/gpu_check_cpu
 
 docs: install
 	$(PYTHON) -m scripts.docgen > docs/configuration.md
