@@ -60,3 +60,65 @@ def test_export_refuses_to_overwrite_without_force(
     assert forced.exit_code == 0, forced.output
     assert target.read_bytes() == before
     assert json.loads((out / "safe_answer" / "mote_export.json").read_text())
+
+
+def test_a_missing_extra_is_one_line_naming_the_pip_command(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` fails
+    res = CliRunner().invoke(main, ["serve", "--adapter", str(tmp_path)])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "Error: `axolotl-mote serve` needs the uvicorn package: pip install "
+        "'axolotl-mote[serve]'"
+    ]
+
+
+def test_other_import_errors_are_not_dressed_up_as_missing_extras():
+    from axolotl_mote.cli.main import missing_extra
+
+    assert missing_extra(ModuleNotFoundError("x", name="numpy_typo")) is None
+    assert missing_extra(ImportError("cannot import name 'x' from 'y'")) is None
+    wrapped = ImportError("needs openai")
+    wrapped.__cause__ = ModuleNotFoundError("no openai", name="openai")
+    assert "pip install 'axolotl-mote[serve]'" in missing_extra(wrapped, "client")
+    assert "axolotl-mote[eval]" in missing_extra(
+        ModuleNotFoundError("m", name="matplotlib.pyplot")
+    )
+
+
+def test_known_third_party_noise_is_dropped_and_nothing_else():
+    import logging
+    import warnings
+
+    from axolotl_mote.cli.main import quiet_third_party_noise
+
+    quiet_third_party_noise()
+    quiet_third_party_noise()  # idempotent: one filter per logger
+
+    def shown(logger: str, message: str) -> bool:
+        log = logging.getLogger(logger)
+        record = log.makeRecord(logger, logging.WARNING, "f.py", 1, message, (), None)
+        return bool(log.filter(record))
+
+    assert not shown("torchao", "Failed to load /x/torchao/_C_mxfp8.so: Could not")
+    assert not shown(
+        "torch.utils._pytree",
+        "<enum 'K'> is an Enum subclass and is now natively supported by torch.compile",
+    )
+    assert not shown("DeepSpeed", "Setting accelerator to CPU. If you have GPU")
+    assert shown("torchao", "a real torchao problem")
+    assert shown("DeepSpeed", "ZeRO-3 cannot partition this model")
+    assert shown("transformers.modeling_utils", "Failed to load weights.so")
+    assert len(logging.getLogger("torchao").filters) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party_noise()
+        warnings.warn_explicit(
+            "`torch.jit.script_method` is deprecated", DeprecationWarning,
+            "_script.py", 1, module="torch.jit._script",
+        )  # fmt: skip
+        warnings.warn("some other deprecation", DeprecationWarning, stacklevel=1)
+        warnings.warn("a real problem", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["some other deprecation",
+                                                "a real problem"]  # fmt: skip

@@ -28,9 +28,100 @@ _COMMANDS = {
 }
 
 
+#: Top-level module -> the extra of pyproject.toml that installs it.
+EXTRAS = {
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "openai": "serve",
+    "matplotlib": "eval",
+    "deepspeed": "deepspeed",
+    "gguf": "smollm2",
+}
+
+#: Known, harmless third-party log lines on every model-loading command: logger ->
+#: message patterns (searched). Only these records are dropped; everything else from
+#: these loggers (and every other warning and error) still shows.
+LOG_NOISE = {
+    # optional CUDA kernels that a CPU or older-GPU install cannot load
+    "torchao": (r"Failed to load .*\.so",),
+    # torchao registers enums as pytree constants, deprecated by torch 2.11
+    "torch.utils._pytree": (r"is an Enum subclass and is now natively supported",),
+    # DeepSpeed's accelerator probe on a machine without GPUs
+    "DeepSpeed": (r"Setting accelerator to CPU",),
+    # bitsandbytes picking its CPU backend
+    "bitsandbytes.cextension": (r"(?i)compiled without GPU support|CPU",),
+}
+
+#: Known deprecation warnings raised inside third-party packages (module regex,
+#: message regex); any other DeprecationWarning or FutureWarning still shows.
+WARNING_NOISE = (
+    (r"torch\.jit\._script", r"`torch\.jit\.script_method` is deprecated"),
+)
+
+
+class _NoiseFilter:
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        import re
+
+        self.patterns = [re.compile(p) for p in patterns]
+
+    def filter(self, record) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record is not ours to drop
+            return True
+        return not any(p.search(message) for p in self.patterns)
+
+
+def quiet_third_party_noise() -> None:
+    """Drop the known third-party noise (``LOG_NOISE``, ``WARNING_NOISE``) for this
+    process: the project's own commands call it before anything heavy loads."""
+    import logging
+    import warnings
+
+    for name, patterns in LOG_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoiseFilter) for f in logger.filters):
+            logger.addFilter(_NoiseFilter(patterns))
+    for module, message in WARNING_NOISE:
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings(
+                "ignore", message=message, category=category, module=module
+            )
+
+
+def missing_extra(err: BaseException | None, command: str | None = None) -> str | None:
+    """One line naming the pip command when ``err`` (or what caused it) is a missing
+    optional package of an extra; None for any other error."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ModuleNotFoundError) and err.name:
+            top = err.name.split(".")[0]
+            if top in EXTRAS:
+                who = f"`axolotl-mote {command}`" if command else "this command"
+                return (
+                    f"{who} needs the {top} package: pip install "
+                    f"'axolotl-mote[{EXTRAS[top]}]'"
+                )
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(_COMMANDS)
+
+    def invoke(self, ctx):
+        quiet_third_party_noise()
+        words = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except ImportError as err:
+            line = missing_extra(err, words[0] if words else None)
+            if line is None:
+                raise
+            raise click.ClickException(line) from None
 
     def get_command(self, ctx, name):
         target = _COMMANDS.get(name)
