@@ -215,6 +215,19 @@ def test_tiny_end_to_end_and_resume(tmp_path):
     assert all(t["reused"] for t in again["training"].values())
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert again["table_markdown"] == summary["table_markdown"]
+    # another scorer re-scores the cached generations: nothing trained or generated,
+    # its own files and table block, the string scorer's block left as it was
+    md = (docs / "safety_smollm2.md").read_text()
+    rescored = bench.main([*argv, "--scorer", "learned"])
+    assert all(t["reused"] for t in rescored["training"].values())
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert "--scorer learned" in rescored["command"]
+    assert (docs / "safety_smollm2_learned_results.json").is_file()
+    assert (docs / "safety_smollm2_learned.png").is_file()
+    both = (docs / "safety_smollm2.md").read_text()
+    start, end = bench.table_markers("learned")
+    assert both.startswith(md.rstrip("\n")) and start in both and end in both
+    assert "learned scorer" in rescored["results"]["title"]
 
 
 def test_xstest_breakdown_pools_seeds_per_type(tmp_path):

@@ -61,9 +61,10 @@ def _models(base_model, adapters, include_base, loading):
 @options.output("Folder for results.json, results.md, *.png, generations/.")
 @click.option(
     "--scorer",
-    default="string",
+    default="learned",
     show_default=True,
-    help="string (approximate, offline), judge, or module:builder.",
+    help="learned (offline, fitted on public human labels), string (offline "
+    "phrase rules), judge, or module:builder; measured in docs/evaluation.md.",
 )
 @click.option(
     "--rubric",

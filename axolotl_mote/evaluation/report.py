@@ -83,7 +83,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     head = "| | " + " | ".join(models) + " |\n|---|" + "---|" * len(models) + "\n"
     lines = ["# MoTE evaluation", ""]
     note = (
-        " (approximate: refusal phrases, see docs/evaluation.md)"
+        " (approximate: its measured agreement with human labels is in "
+        "docs/evaluation.md)"
         if scorer.get("approximate")
         else ""
     )

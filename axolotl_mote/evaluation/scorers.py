@@ -1,8 +1,9 @@
 """Pluggable scorers: a response in, ``refused`` / ``harmful`` out.
 
 A scorer is any object with ``name``, ``approximate`` and
-``score(items) -> list[Score]`` (:class:`Scorer`). Two ship, both configured by the
-rubric file (``prompt_templates/rubrics/judge.yaml``, or ``--rubric``):
+``score(items) -> list[Score]`` (:class:`Scorer`). Three ship; ``string`` and ``judge``
+are configured by the rubric file (``prompt_templates/rubrics/judge.yaml``, or
+``--rubric``):
 
 * ``string`` — :class:`StringMatchScorer`, offline and instant, and **approximate**: a
   response is a refusal iff it contains a refusal phrase; on a harmful prompt every
@@ -11,6 +12,10 @@ rubric file (``prompt_templates/rubrics/judge.yaml``, or ``--rubric``):
 * ``judge`` — :class:`JudgeScorer`, an LLM judge (local HF model or OpenAI-compatible
   endpoint, see ``datagen.backends``) with the rubric's prompts and verdict words.
   Replies it cannot parse are left unscored and counted, never guessed.
+* ``learned`` — :class:`axolotl_mote.evaluation.learned.LearnedRefusalScorer`, a
+  logistic regression on hashed word n-grams of the reply, fitted on public
+  human-labelled replies; offline, numpy only, its weights shipped in the package.
+  Its error on sets it was not fitted on is in docs/evaluation.md.
 
 ``SCORERS`` maps a name to its builder; ``build_scorer`` also takes ``module:attr``.
 """
@@ -246,13 +251,24 @@ def _judge(
     return JudgeScorer(generator, rubric, seed=seed)
 
 
-SCORERS: dict[str, Callable[..., Scorer]] = {"string": _string, "judge": _judge}
+def _learned(rubric: dict[str, Any], **options: Any) -> Scorer:
+    from axolotl_mote.evaluation.learned import build
+
+    return build(rubric, **options)
+
+
+SCORERS: dict[str, Callable[..., Scorer]] = {
+    "string": _string,
+    "judge": _judge,
+    "learned": _learned,
+}
 
 
 def build_scorer(
     name: str, rubric: str | Path | dict | None = None, **options: Any
 ) -> Scorer:
-    """``string``, ``judge``, or ``package.module:builder`` (called with the rubric)."""
+    """``string``, ``judge``, ``learned``, or ``package.module:builder`` (called with
+    the rubric)."""
     rubric = rubric if isinstance(rubric, dict) else load_rubric(rubric)
     if name in SCORERS:
         return SCORERS[name](rubric, **options)
