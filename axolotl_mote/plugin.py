@@ -20,7 +20,9 @@ add_callbacks_post_trainer  self-describing checkpoints, stats (``callbacks.py``
 post_train                  ``mote_config.json`` and model card (``saving.py``)
 ==========================  ===================================================
 
-The run's settings are resolved once (``settings.resolve_settings``) and shared.
+The run's settings are resolved once, at the first hook that sees the validated
+config (``load_datasets``, or ``pre_model_load`` when no dataset is loaded), held
+(``settings.hold``) for the modules Axolotl calls itself, and handed to the trainer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from __future__ import annotations
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
+
+from axolotl_mote.settings import hold, release, settings_of
 
 
 class MotePlugin(BasePlugin):
@@ -49,12 +53,18 @@ class MotePlugin(BasePlugin):
         # adapter_config.json key that names load_mote_model is not for it
         quiet_routed_adapter_warning()
         prepare_raw_config(cfg)
+        release()  # a new run: its settings are resolved at the first hook below
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        hold(cfg)  # the run's one resolution; Axolotl loads the datasets itself
+        return None
 
     # --- model -----------------------------------------------------------------------
     def pre_model_load(self, cfg) -> None:
         from axolotl_mote.integration.config import check_fsdp2_resume
         from axolotl_mote.integration.model import seed_model_init
 
+        hold(cfg)  # already held unless no dataset was loaded (inference, merge)
         check_fsdp2_resume(cfg, warn=False)  # the validated config: FSDP2 defaults
         seed_model_init(cfg)
 
@@ -82,6 +92,7 @@ class MotePlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer) -> None:
         from axolotl_mote.integration.fsdp import install_final_save, is_fsdp2
 
+        trainer.mote_settings = settings_of(cfg)
         if is_fsdp2(cfg):
             install_final_save()
 

@@ -5,8 +5,12 @@ What follows from it, together with Axolotl's own keys (``lora_r``, ``seed``, th
 attention implementation), is resolved here into one frozen :class:`MoteSettings`:
 the parsed options, the template, the :class:`~axolotl_mote.tuner.config.MoteConfig`
 of the experts, the seed, the step-skipping probability and the hideable stages.
-Every consumer (the plugin's hooks, the dataset strategy, the trainer, saving) asks
-:func:`resolve_settings` and gets the same cached object; nobody re-parses the block.
+Inside an ``axolotl train`` run the plugin resolves them once, at its first hook that
+sees the validated config, and holds them (:func:`hold`); every module Axolotl calls
+with that config (the dataset strategy, the model hooks, the trainer, saving) gets the
+held object from :func:`settings_of` by the config's identity, without rebuilding a
+key. Outside a run (library use, scripts, tests) :func:`resolve_settings` resolves a
+config directly, cached by the values it reads.
 """
 
 from __future__ import annotations
@@ -65,6 +69,36 @@ def resolve_settings(cfg: Any) -> MoteSettings:
         default=str,
     )
     return _resolve(key)
+
+
+#: (id of the run's config, its settings): set by the plugin, one run at a time
+_HELD: tuple[int, MoteSettings] | None = None
+
+
+def hold(cfg: Any) -> MoteSettings:
+    """Resolve the run's config once and hold the result (the plugin's first hook).
+
+    Another config object (a new run in the same process) replaces what was held.
+    """
+    global _HELD
+    if _HELD is None or _HELD[0] != id(cfg):
+        _HELD = (id(cfg), resolve_settings(cfg))
+    return _HELD[1]
+
+
+def release() -> None:
+    """Forget the held settings (a new run starts: the plugin's ``register``)."""
+    global _HELD
+    _HELD = None
+
+
+def settings_of(cfg: Any) -> MoteSettings:
+    """The settings of ``cfg``: the held object when it is the run's config (no key
+    rebuilt), else resolved from it (library use)."""
+    held = _HELD
+    if held is not None and held[0] == id(cfg):
+        return held[1]
+    return resolve_settings(cfg)
 
 
 @functools.lru_cache(maxsize=16)

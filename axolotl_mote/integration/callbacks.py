@@ -40,12 +40,12 @@ class StageStatsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         from axolotl_mote.data.stats import format_stats, stage_stats
-        from axolotl_mote.settings import resolve_settings
+        from axolotl_mote.settings import settings_of
 
         dataset = getattr(self.trainer, "train_dataset", None)
         if dataset is None or STEP_IDS_KEY not in getattr(dataset, "column_names", []):
             return control
-        template = resolve_settings(self.cfg).template
+        template = settings_of(self.cfg).template
         self.stats = stage_stats(dataset[STEP_IDS_KEY], template)
         if state.is_world_process_zero:
             LOG.info(format_stats(self.stats, "MoTE training set"))

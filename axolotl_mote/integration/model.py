@@ -9,7 +9,7 @@ from typing import Any
 
 from axolotl_mote.constants import EXPORT_INFO_NAME, MOTE_CONFIG_NAME
 from axolotl_mote.log import get_logger
-from axolotl_mote.settings import resolve_settings
+from axolotl_mote.settings import settings_of
 
 LOG = get_logger("axolotl_mote")
 
@@ -23,7 +23,7 @@ def seed_model_init(cfg: Any) -> None:
     """
     from transformers import set_seed
 
-    set_seed(resolve_settings(cfg).seed)
+    set_seed(settings_of(cfg).seed)
 
 
 def keep_experts_off_the_output_head(cfg: Any, model: Any) -> None:
@@ -54,7 +54,7 @@ def prepare_marker_rows(cfg: Any, model: Any) -> dict[str, Any]:
     trained adapter is loaded: its saved rows replace the base model's.
     """
     keep_experts_off_the_output_head(cfg, model)
-    opts = resolve_settings(cfg).options
+    opts = settings_of(cfg).options
     if cfg.get("lora_model_dir") or (
         opts.marker_init != "describe" and not opts.train_marker_embeddings
     ):
@@ -72,7 +72,7 @@ def marker_trainable_token_indices(
     """PEFT ``trainable_token_indices`` for the marker rows (and the user's own)."""
     from axolotl_mote.markers import marker_ids, trainable_token_indices
 
-    settings = resolve_settings(cfg)
+    settings = settings_of(cfg)
     if not settings.options.train_marker_embeddings:
         return {}
     ids = set(marker_ids(tokenizer, settings.template))
@@ -102,7 +102,7 @@ def init_new_marker_rows(cfg: Any, model: Any, tokenizer: Any) -> dict[str, str]
     Markers the base tokenizer already has keep their rows (e.g. a model already
     trained with these markers). Off for ``marker_init: resize``.
     """
-    settings = resolve_settings(cfg)
+    settings = settings_of(cfg)
     if settings.options.marker_init != "describe":
         return {}
     from transformers import AutoTokenizer
@@ -128,7 +128,7 @@ def init_new_marker_rows(cfg: Any, model: Any, tokenizer: Any) -> dict[str, str]
 
 def lora_config_kwargs(cfg: Any, marker_kwargs: dict[str, Any]) -> dict[str, Any]:
     """``get_lora_config_kwargs``: the rank blocks of every expert, and marker rows."""
-    config = resolve_settings(cfg).config
+    config = settings_of(cfg).config
     kwargs = config.peft_kwargs(
         lora_alpha=cfg.lora_alpha or cfg.lora_r or 8,
         use_rslora=bool(cfg.peft_use_rslora),
@@ -150,7 +150,7 @@ def attach_to_axolotl_model(cfg: Any, model: Any) -> None:
             "MoTE expected a PEFT model after LoRA loading, got "
             f"{type(model).__name__}; set `adapter: lora`"
         )
-    settings = resolve_settings(cfg)
+    settings = settings_of(cfg)
     config = settings.config
     lora_dir = cfg.get("lora_model_dir")
     if lora_dir and (Path(lora_dir) / EXPORT_INFO_NAME).exists():

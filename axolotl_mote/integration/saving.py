@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from axolotl_mote.settings import resolve_settings
+from axolotl_mote.settings import settings_of
 
 CARD_HEADING = "## MoTE: a routed adapter"
 
@@ -64,7 +64,7 @@ def write_mote_config(
     if out_dir is None or not _is_main_process():
         return None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    config = resolve_settings(cfg).config
+    config = settings_of(cfg).config
     rows = embedding_rows(model)
     if rows is not None:
         config = dataclasses.replace(config, vocab_size=rows)

@@ -31,7 +31,7 @@ from axolotl_mote.constants import STEP_IDS_KEY
 from axolotl_mote.log import get_logger
 from axolotl_mote.metrics import StageMetrics
 from axolotl_mote.routing import draw_seed, route
-from axolotl_mote.settings import MoteSettings, resolve_settings
+from axolotl_mote.settings import MoteSettings, settings_of
 from axolotl_mote.tuner.model import get_routing_state
 
 LOG = get_logger("axolotl_mote")
@@ -85,9 +85,15 @@ class MoteTrainer(AxolotlTrainer):
     _mote_marker_ids: set[int] | None = None
 
     # --- plumbing -----------------------------------------------------------------
+    #: the run's settings, handed over by the plugin (``post_trainer_create``)
+    mote_settings: MoteSettings | None = None
+
     @property
     def mote(self) -> MoteSettings:
-        return resolve_settings(self.axolotl_cfg)
+        """The run's settings: the plugin's, or resolved once for this trainer."""
+        if self.mote_settings is None:
+            self.mote_settings = settings_of(self.axolotl_cfg)
+        return self.mote_settings
 
     def _marker_ids(self) -> set[int]:
         if self._mote_marker_ids is None:

@@ -84,9 +84,24 @@ def test_trainer_receives_exact_step_ids(
     assert {0, 1, 2} <= {s for _, steps in rows for s in steps}
 
 
-def test_train_saves_experts_and_config(tiny_model_dir, tmp_path, reset_plugins):
+def test_train_saves_experts_and_config(
+    tiny_model_dir, tmp_path, reset_plugins, monkeypatch
+):
+    import axolotl_mote.settings as settings_module
+
+    resolved = []
+    real = settings_module.resolve_settings
+
+    def counting(cfg):
+        resolved.append(id(cfg))
+        return real(cfg)
+
+    monkeypatch.setattr(settings_module, "resolve_settings", counting)
     cfg = base_config(tiny_model_dir, tmp_path, max_steps=6, learning_rate=5e-3)
     run_train(cfg, tmp_path)
+    # the run's settings were resolved once, by the plugin's first hook, and every
+    # module (strategy, model hooks, trainer at each micro-step, saving) reused them
+    assert len(resolved) == 1, resolved
     out = Path(cfg["output_dir"])
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     mote_cfg = json.loads((out / "mote_config.json").read_text())
