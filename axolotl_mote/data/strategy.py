@@ -23,7 +23,7 @@ from axolotl_mote.data.format import ChainFormatter
 from axolotl_mote.data.schema import parse_chain
 from axolotl_mote.data.stats import format_stats, stage_stats
 from axolotl_mote.log import get_logger
-from axolotl_mote.settings import resolve_settings
+from axolotl_mote.settings import settings_of
 from axolotl_mote.templates import PromptTemplate
 
 LOG = get_logger("axolotl_mote.data")
@@ -124,7 +124,7 @@ class ChainDatasetStrategy(DatasetWrappingStrategy):
 
 def load(tokenizer: Any, cfg: Any, ds_cfg: Any = None, processor: Any = None):
     """Axolotl strategy entry point (``type: axolotl_mote.aligncot``)."""
-    template = resolve_settings(cfg).template
+    template = settings_of(cfg).template
     source = None
     if ds_cfg is not None:
         source = ds_cfg.get("path") if hasattr(ds_cfg, "get") else None
