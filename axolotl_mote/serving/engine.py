@@ -26,6 +26,7 @@ PROMPT_ADAPTER = "prompt"
 class Completion:
     token_ids: list[int]  # generated, the stop token excluded
     finish_reason: str  # "stop" | "length"
+    stop_token_id: int | None = None  # the stop token that ended it, if one did
 
 
 class UnknownAdapterError(KeyError):
@@ -111,7 +112,7 @@ def complete_with_adapter(
         )
     new = out[0, ids.shape[1] :].tolist()
     if stop and new and new[-1] in stop:
-        return Completion(new[:-1], "stop")
+        return Completion(new[:-1], "stop", new[-1])
     return Completion(new, "length")
 
 

@@ -367,7 +367,7 @@ def _completion_reply(body: CompletionRequest, out: dict, worker, metrics) -> di
             choice["prompt_token_ids"] = c["prompt_ids"]
         choices.append(choice)
         prompt_total += len(c["prompt_ids"])
-        generated_total += len(c["token_ids"])
+        generated_total += len(c["token_ids"]) + len(c["ended_by"])
     metrics.prompt_tokens.inc(prompt_total)
     metrics.generation_tokens.inc(generated_total)
     return {

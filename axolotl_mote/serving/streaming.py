@@ -179,6 +179,6 @@ async def _completion_chunks(worker, body, job, events, raw, first):
     for c in out["choices"]:
         yield chunk(c["index"], c["tracker"].rest(c["text"]), c["finish_reason"])
         prompt += len(c["prompt_ids"])
-        generated += len(c["token_ids"])
+        generated += len(c["token_ids"]) + len(c["ended_by"])
     if usage:
         yield {**base, "choices": [], "usage": _usage(prompt, generated)}

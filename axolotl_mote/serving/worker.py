@@ -514,7 +514,7 @@ class MoteWorker:
                 if tracker.stopped:
                     job.cancel("stop")
 
-            generated, reason = [], "length"
+            generated, reason, ended_by = [], "length", []
             if job.max_tokens > 0 and not job.should_stop(time.monotonic()):
                 control = RowControl([job], [on_token], end_ids[0] if end_ids else 0)
                 out = complete_with_adapter(
@@ -530,6 +530,8 @@ class MoteWorker:
                     logits_processor=[control],
                 )
                 generated, reason = out.token_ids, out.finish_reason
+                if out.stop_token_id is not None:  # generated, as vLLM counts it
+                    ended_by = [out.stop_token_id]
             text = self.tokenizer.decode(
                 generated, skip_special_tokens=req.skip_special_tokens
             )
@@ -545,7 +547,7 @@ class MoteWorker:
                     self.tokenizer,
                     req.model,
                     ids,
-                    generated,
+                    generated + ended_by,
                     top=req.logprobs,
                     echo=req.echo,
                 )
@@ -558,6 +560,7 @@ class MoteWorker:
                     "finish_reason": reason,
                     "prompt_ids": ids,
                     "token_ids": generated,
+                    "ended_by": ended_by,
                     "logprobs": logprobs,
                     "tracker": tracker,
                 }
