@@ -181,9 +181,7 @@ _SLOT = _PlanSlot()
 def regions_active(plan: RegionPlan | None, expected: bool = False) -> Iterator[None]:
     """Attention runs by ``plan`` inside the block, on every thread (None: plain).
 
-    ``expected``: step skipping is on, so a training-mode attention call that finds no
-    plan (a recomputation after the plan was dropped, say) raises
-    :class:`PlanMissingError` instead of running unmasked.
+    ``expected`` also expects plans inside the block (see :func:`plans_expected`).
     """
     with _SLOT.lock:
         before = (_SLOT.plan, _SLOT.expected)
@@ -193,6 +191,21 @@ def regions_active(plan: RegionPlan | None, expected: bool = False) -> Iterator[
     finally:
         with _SLOT.lock:
             _SLOT.plan, _SLOT.expected = before
+
+
+@contextlib.contextmanager
+def plans_expected(on: bool = True) -> Iterator[None]:
+    """Step skipping is on for the block (a whole training run): a training-mode
+    attention call that finds no plan (a forward or recomputation outside its training
+    step) raises :class:`PlanMissingError` instead of running unmasked."""
+    with _SLOT.lock:
+        before = _SLOT.expected
+        _SLOT.expected = on or before
+    try:
+        yield
+    finally:
+        with _SLOT.lock:
+            _SLOT.expected = before
 
 
 class PlanMissingError(RuntimeError):

@@ -21,6 +21,7 @@ from axolotl_mote.attention import (
     PlanMissingError,
     mote_sdpa_attention,
     plan_regions,
+    plans_expected,
     regions_active,
     register,
 )
@@ -143,11 +144,14 @@ def test_a_recomputation_without_a_visible_plan_raises():
     model = _llama().train()
     model.set_attn_implementation(register())
     model.gradient_checkpointing_enable({"use_reentrant": False})
-    with regions_active(None, expected=True):
+    with plans_expected():  # what MoteTrainer.train holds for a step-skipping run
         with regions_active(plan):
             loss = model(input_ids=ids, position_ids=pos, labels=ids).loss
         with pytest.raises(PlanMissingError, match="no step-skipping plan"):
             loss.backward()
+        with pytest.raises(PlanMissingError):  # a training forward outside a step
+            model(input_ids=ids, position_ids=pos)
+    model(input_ids=ids, position_ids=pos)  # not expected: plain attention
 
 
 def test_no_plan_outside_training_is_plain_attention():
@@ -156,5 +160,5 @@ def test_no_plan_outside_training_is_plain_attention():
     model = _llama().eval()
     plain = model(input_ids=ids, position_ids=pos).logits
     model.set_attn_implementation(register())
-    with regions_active(None, expected=True), torch.no_grad():
+    with plans_expected(), torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, position_ids=pos).logits, plain)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from axolotl_mote.attention import regions_active, uses_regions
+from axolotl_mote.attention import plans_expected, regions_active, uses_regions
 from axolotl_mote.constants import STEP_IDS_KEY
 from axolotl_mote.log import get_logger
 from axolotl_mote.metrics import StageMetrics
@@ -144,15 +144,26 @@ class MoteTrainer(AxolotlTrainer):
         self._mote_batch_steps = step_ids
         state = get_routing_state(model)
         # the plan is held in a process-wide slot, seen by autograd's backward thread
-        # (gradient-checkpoint recomputation runs there on CUDA); ``expected``: a
-        # training forward that finds no plan raises instead of running unmasked
-        with route(state, step_ids, draw_key=key), regions_active(plan, regions):
+        # (gradient-checkpoint recomputation runs there on CUDA)
+        with route(state, step_ids, draw_key=key), regions_active(plan):
             try:
                 yield
             finally:
                 self._mote_batch_steps = None
 
     # --- hooks into the Trainer loop --------------------------------------------------
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The whole run expects step-skipping plans when the model runs regions: a
+        training forward outside a training step then raises, never runs unmasked."""
+        settings = self.mote
+        expected = (
+            settings.step_skip_prob > 0
+            and bool(settings.hideable)
+            and uses_regions(self.model)
+        )
+        with plans_expected(expected):
+            return super().train(*args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         with self._routed(model, inputs, training=True):
             return super().training_step(model, inputs, num_items_in_batch)
