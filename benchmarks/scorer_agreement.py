@@ -183,6 +183,49 @@ def shipped_learned(path=None) -> Candidate:
     )
 
 
+# --------------------------------------------------------------------------- own sample
+
+
+def draw_own_sample(work_dir: Path, n: int, seed: int = 0) -> list[dict]:
+    """A stratified sample of the safety benchmark's cached replies to label by hand.
+
+    Reads every ``<work_dir>/eval/<model>/<set>*.json`` (full or ``--limit`` runs),
+    groups replies by (arm, prompt label, ``string`` verdict) and draws from each group
+    in proportion to its size, at least two where it has them (seeded, file order
+    otherwise), so every arm, both prompt labels and both verdicts are present. Each row
+    has the reply and an empty ``refused`` for the author to fill in."""
+    import random
+    import re
+
+    from axolotl_mote.evaluation.scorers import StringMatchScorer, load_rubric
+
+    string = StringMatchScorer.from_rubric(load_rubric())
+    rows = []
+    for path in sorted(Path(work_dir).glob("eval/*/*.json")):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        arm = re.sub(r"-s\d+", "", path.parent.name)
+        for g in saved.get("generations", []):
+            answer = g.get("answer") or ""
+            rows.append({
+                "id": f"{path.parent.name}/{g['set']}/{g['id']}",
+                "arm": arm, "set": g["set"], "label": g["label"],
+                "prompt": g["question"], "response": answer,
+                "string_refused": string.refusal(answer) is not None,
+                "refused": None,
+            })  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["arm"], row["label"], row["string_refused"])
+        groups.setdefault(key, []).append(row)
+    rng = random.Random(seed)
+    out = []
+    for key in sorted(groups):
+        group = groups[key]
+        k = min(len(group), max(2, round(n * len(group) / max(len(rows), 1))))
+        out += rng.sample(group, k)
+    return sorted(out, key=lambda r: r["id"])
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -232,9 +275,25 @@ def main(argv: list[str] | None = None) -> dict:
         "--fit-out", type=Path, help="fit the learned scorer on all public sets: save"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--draw-own",
+        nargs=2,
+        type=Path,
+        metavar=("WORK_DIR", "OUT"),
+        help="draw a stratified sample of safety_smollm2.py's cached replies to "
+        "label by hand (--draw-n of them) into OUT, and stop",
+    )
+    parser.add_argument("--draw-n", type=int, default=200)
     args = parser.parse_args(argv)
     from axolotl_mote.evaluation.labelled_sets import load_labelled_set
 
+    if args.draw_own:
+        work_dir, out = args.draw_own
+        sample = draw_own_sample(work_dir, args.draw_n)
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in sample]
+        out.write_text("".join(lines), encoding="utf-8")
+        print(f"wrote {len(sample)} replies to label into {out}")
+        return {"drawn": len(sample)}
     if not args.sets:
         parser.error("give at least one --set NAME=PATH")
     sets = [load_labelled_set(spec) for spec in args.sets]

@@ -62,6 +62,26 @@ def test_xstest_split_by_label_and_limit(tmp_path):
     assert [it.id for it in again[0].items] == [it.id for it in sets[0].items]
 
 
+def test_base_config_carries_the_papers_settings_to_every_arm(tmp_path):
+    """--base-model with --base-config: every arm gets the config's budget, precision
+    and distributed block; only the model, data, output and seed are the harness's."""
+    bench = _bench()
+    data = {"chains": tmp_path / "c.jsonl", "answers": tmp_path / "a.jsonl"}
+    data["chains"].write_text('{"prompt": "q", "answer": "a"}\n')
+    data["answers"].write_text('{"messages": []}\n')
+    config = REPO / "example_configs" / "llama3.1-8b-8gpu-fsdp2.yml"
+    cfgs = bench.arm_configs("org/Some-Chat-8B", data, tmp_path, epochs=None, seed=3,
+                             lora_r=None, tiny=False, config=config)  # fmt: skip
+    for arm, cfg in cfgs.items():
+        assert cfg["base_model"] == "org/Some-Chat-8B" and cfg["seed"] == 3
+        assert cfg["learning_rate"] == 2e-5 and cfg["num_epochs"] == 3
+        assert cfg["bf16"] is True and cfg["fsdp_version"] == 2
+        assert cfg["fsdp_config"]["activation_checkpointing"] is True
+        assert cfg["output_dir"] == str(tmp_path / "train" / f"{arm}-s3" / "out")
+    assert cfgs["mote"]["lora_r"] == 16 and cfgs["lora_answers"]["lora_r"] == 64
+    assert "plugins" not in cfgs["lora_answers"]
+
+
 def test_budgets_are_identical_apart_from_the_arm(tmp_path):
     bench = _bench()
     data = {"chains": tmp_path / "c.jsonl", "answers": tmp_path / "a.jsonl"}
@@ -183,13 +203,22 @@ def test_mcnemar_and_paired_comparison():
 @pytest.mark.slow
 def test_tiny_end_to_end_and_resume(tmp_path):
     bench = _bench()
+    from axolotl_mote.tiny import build_tiny_model
+
+    model = Path(build_tiny_model(tmp_path / "model")).resolve()
     argv = [
         "--tiny", "--limit", "2", "--max-new-tokens", "8", "--max-stage-tokens", "2",
         "--work-dir", str(tmp_path / "w"), "--xstest", str(_xstest(tmp_path / "x.csv")),
         "--seeds", "1", "--arms", "base", "lora_answers", "lora_chains", "mote",
         "--routings", "random", "expected", "--threads", "1",
+        "--base-model", str(model),  # the path any chat model takes
     ]  # fmt: skip
     summary = bench.main(argv)
+    assert f"--base-model {model}" in summary["command"]
+    assert not (tmp_path / "w" / "tiny-model").exists()  # --base-model, not --tiny's
+    for arm in ("lora_answers", "lora_chains", "mote"):
+        trained = (tmp_path / "w" / "train" / f"{arm}-s1" / "config.yml").read_text()
+        assert f"base_model: {model}\n" in trained
     docs = tmp_path / "w" / "docs"
     assert (docs / "safety_smollm2.png").is_file()
     assert bench.TABLE_START in (docs / "safety_smollm2.md").read_text()
