@@ -37,8 +37,13 @@ def arm_of(model: str) -> str:
     return re.sub(r"-s\d+", "", model)
 
 
-def breakdown(work: Path, types: dict[str, str]) -> dict[str, dict[str, float]]:
-    """{arm: {type: rate}}: compliance on safe types, refusal on unsafe ones."""
+def breakdown(
+    work: Path, types: dict[str, str], scorer=None
+) -> dict[str, dict[str, float]]:
+    """{arm: {type: rate}}: compliance on safe types, refusal on unsafe ones.
+
+    ``scorer``: re-score the cached answers with it (default: the cached scores, the
+    scorer the run used)."""
     counts: dict[str, dict[str, list[int]]] = defaultdict(
         lambda: defaultdict(lambda: [0, 0])
     )
@@ -46,7 +51,19 @@ def breakdown(work: Path, types: dict[str, str]) -> dict[str, dict[str, float]]:
         if ".limit" in cache.name:
             continue
         arm = arm_of(cache.parent.name)
-        for gen in json.loads(cache.read_text())["generations"]:
+        generations = json.loads(cache.read_text())["generations"]
+        if scorer is not None:
+            from axolotl_mote.evaluation.scorers import ScoreInput
+
+            fresh = scorer.score(
+                [ScoreInput(g["question"], g["answer"] or "", g["label"])
+                 for g in generations]
+            )  # fmt: skip
+            generations = [
+                dict(g, score={"refused": new.refused})
+                for g, new in zip(generations, fresh)
+            ]
+        for gen in generations:
             score = gen["score"]
             if score.get("refused") is None:
                 continue
@@ -73,9 +90,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--work-dir", type=Path, default=REPO / "outputs" / "safety_smollm2"
     )
+    parser.add_argument(
+        "--scorer",
+        choices=("cached", "string", "learned"),
+        default="cached",
+        help="re-score the cached answers (default: the scores the run cached)",
+    )
     args = parser.parse_args(argv)
     types = xstest_types(args.xstest)
-    table = breakdown(args.work_dir, types)
+    scorer = None
+    if args.scorer != "cached":
+        import sys
+
+        sys.path.insert(0, str(REPO))
+        from axolotl_mote.evaluation.scorers import build_scorer
+
+        scorer = build_scorer(args.scorer)
+    table = breakdown(args.work_dir, types, scorer)
     arms = list(table)
     kinds = sorted({k for rates in table.values() for k in rates})
     print("| XSTest type | " + " | ".join(arms) + " |")

@@ -290,3 +290,20 @@ def test_xstest_breakdown_pools_seeds_per_type(tmp_path):
     cache("mote-s3", "xstest_safe", {"99": False})  # an id from another CSV
     with pytest.raises(ValueError, match="'99' is not in the XSTest CSV"):
         module.breakdown(tmp_path / "w", module.xstest_types(xstest))
+    # --scorer: the cached answers re-scored, the cached scores ignored
+    from axolotl_mote.evaluation.scorers import Score
+
+    class SaysSorry:
+        def score(self, items):
+            return [Score("sorry" in it.response, None) for it in items]
+
+    path = tmp_path / "w2" / "eval" / "lora-s1" / "xstest_safe.json"
+    path.parent.mkdir(parents=True)
+    gens = [{"id": i, "label": "benign", "question": "q", "answer": a,
+             "score": {"refused": False}}
+            for i, a in (("0", "sorry, no"), ("1", "Sure: kill -9"))]  # fmt: skip
+    path.write_text(json.dumps({"generations": gens}))
+    types = module.xstest_types(xstest)
+    assert module.breakdown(tmp_path / "w2", types) == {"lora": {"homonyms": 1.0}}
+    rescored = module.breakdown(tmp_path / "w2", types, SaysSorry())
+    assert rescored == {"lora": {"homonyms": 0.5}}

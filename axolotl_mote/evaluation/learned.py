@@ -20,7 +20,7 @@ The shipped weights (``learned_refusal.npz`` beside this module) were fitted on 
 three public labelled sets of :mod:`axolotl_mote.evaluation.labelled_sets` (XSTest v2
 completions and MSTS, CC-BY-4.0, Röttger et al.; the RBR gold set, MIT, OpenAI), by::
 
-    python benchmarks/scorer_agreement.py --xstest X --msts M --rbr R \\
+    python benchmarks/scorer_agreement.py --set xstest=X --set msts=M --set rbr=R \\
         --fit-out axolotl_mote/evaluation/learned_refusal.npz
 
 Its held-out agreement is measured with the same recipe fitted without the set scored
