@@ -46,12 +46,14 @@ class MotePlugin(BasePlugin):
         return "axolotl_mote.args.MoteArgs"
 
     def register(self, cfg: dict) -> None:
+        from axolotl_mote.data.schema import print_record_errors_once
         from axolotl_mote.integration.config import prepare_raw_config
         from axolotl_mote.tuner.config import quiet_routed_adapter_warning
 
         # this run routes MoTE adapters (lora_model_dir, resumes): PEFT's note on the
         # adapter_config.json key that names load_mote_model is not for it
         quiet_routed_adapter_warning()
+        print_record_errors_once()  # a bad record: its message, no traceback
         prepare_raw_config(cfg)
         release()  # a new run: its settings are resolved at the first hook below
 

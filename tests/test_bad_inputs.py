@@ -73,8 +73,12 @@ def test_validate_reports_every_bad_record_with_a_limit(tmp_path):
     assert "5 bad record(s), 1 good" in result.output
 
 
-def test_validate_takes_a_config(tmp_path):
+def test_validate_takes_a_config(tmp_path, monkeypatch):
+    """Relative dataset paths are read from the working directory, as `axolotl train`
+    reads them (tests/data/test_validate_config.py: from elsewhere)."""
     import yaml
+
+    monkeypatch.chdir(tmp_path)
 
     good = _jsonl(tmp_path / "good.jsonl", GOOD)
     bad = _jsonl(tmp_path / "bad.jsonl", dict(GOOD, answer=""))
@@ -91,7 +95,7 @@ def test_validate_takes_a_config(tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     result = CliRunner().invoke(main, ["validate", "--config", str(config)])
     assert result.exit_code == 1, result.output
-    assert f"{good}: OK" in result.output
+    assert f"{good.name}: OK" in result.output
     assert f"{bad}:1" in result.output and "stage 'answer' is empty" in result.output
 
 

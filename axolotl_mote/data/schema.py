@@ -12,7 +12,7 @@ every entry point rejects the same records with the same message. Pure Python: n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,41 @@ _ROLES = ("system", "user", "assistant")
 
 
 class ChainRecordError(ValueError):
-    """A record that cannot be turned into a chain; the message says where and why."""
+    """A record that cannot be turned into a chain; the message says where and why.
+
+    ``line``: the file's line that could not be read (bad UTF-8, broken JSON), where
+    reading stopped; None for a readable but invalid record."""
+
+    line: int | None = None
+
+
+def print_record_errors_once() -> None:
+    """Make an uncaught :class:`ChainRecordError` print its message alone (no
+    traceback) on stderr, process-wide; the exit status stays 1 and every other
+    exception keeps Python's traceback. Installed by the plugin: a bad record found by
+    ``axolotl train`` (pre-flight, or in a dataset worker whose remote traceback is
+    chained to it) is one message, not a stack of tracebacks around it."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "mote_record_errors", False):
+        return
+
+    def hook(kind, err, tb):
+        if isinstance(err, ChainRecordError):
+            sys.stderr.write(f"\n{err}\n")
+            sys.stderr.flush()
+            return
+        previous(kind, err, tb)
+
+    hook.mote_record_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def _unreadable(message: str, lineno: int) -> ChainRecordError:
+    err = ChainRecordError(message)
+    err.line = lineno
+    return err
 
 
 @dataclass
@@ -160,10 +194,11 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ChainRecordError(
+                raise _unreadable(
                     f"{path}:{lineno}: byte {raw[err.start]:#04x} at column "
                     f"{err.start + 1} is not UTF-8; save the file as UTF-8 (e.g. "
-                    f"`iconv -f latin1 -t utf-8 {Path(path).name}`)"
+                    f"`iconv -f latin1 -t utf-8 {Path(path).name}`)",
+                    lineno,
                 ) from None
             if lineno == 1:
                 line = line.removeprefix("\ufeff")  # a BOM from some editors
@@ -172,9 +207,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise ChainRecordError(
+                raise _unreadable(
                     f"{path}:{lineno}: not valid JSON ({err.msg} at column "
-                    f"{err.colno}); each line must be one JSON object"
+                    f"{err.colno}); each line must be one JSON object",
+                    lineno,
                 ) from err
 
 
@@ -187,6 +223,8 @@ class FileCheck:
     stages: dict[str, int] = field(default_factory=dict)  # stage key -> records with it
     errors: list[str] = field(default_factory=list)  # one message per bad record
     more_errors: int = 0  # bad records beyond ``max_errors`` (counted, not listed)
+    stopped_at: int | None = None  # the unreadable line the check stopped at
+    hint: str | None = None  # e.g. the shipped template whose stage keys fit the file
 
     @property
     def ok(self) -> bool:
@@ -200,17 +238,29 @@ class FileCheck:
         lines = list(self.errors)
         if self.more_errors:
             lines.append(f"... and {self.more_errors} more bad record(s)")
+        if self.stopped_at is not None:
+            lines.append(
+                f"{self.path}: the check stopped at line {self.stopped_at}: the lines "
+                f"after it were not read (fix that line and check again)"
+            )
+        if self.hint:
+            lines.append(self.hint)
         return "\n".join(lines)
 
 
 def check_jsonl(
-    path: str | Path, template: PromptTemplate, max_errors: int | None = 20
+    path: str | Path,
+    template: PromptTemplate,
+    max_errors: int | None = 20,
+    on_chain: Callable[[int, Chain], None] | None = None,
 ) -> FileCheck:
     """Check every record of a JSONL file; collect every problem instead of stopping.
 
     Up to ``max_errors`` messages are kept (None: all); the rest are counted. A file
-    that cannot be read on (bad UTF-8, broken JSON) ends the check at that line. An
-    empty file is a problem: it would train on nothing.
+    that cannot be read on (bad UTF-8, broken JSON) ends the check at that line
+    (``stopped_at``, said in the message). An empty file is a problem: it would train
+    on nothing. Records with keys of another shipped template get a ``hint`` naming
+    it. ``on_chain(line, chain)`` is called for every good record.
     """
     report = FileCheck(str(path))
 
@@ -221,6 +271,7 @@ def check_jsonl(
             report.more_errors += 1
 
     seen_ids: dict[str, int] = {}
+    keys: set[str] = set()  # every non-reserved key with a value, for the hint
     lines = iter_jsonl(path)
     while True:
         try:
@@ -229,7 +280,10 @@ def check_jsonl(
             break
         except ChainRecordError as err:
             add(str(err))
+            report.stopped_at = err.line
             break
+        if isinstance(record, dict):
+            keys.update(k for k, v in record.items() if v is not None)
         try:
             chain = parse_chain(record, template, location=f"{path}:{lineno}")
         except ChainRecordError as err:
@@ -246,12 +300,39 @@ def check_jsonl(
         report.records += 1
         for key in chain.stages:
             report.stages[key] = report.stages.get(key, 0) + 1
+        if on_chain is not None:
+            on_chain(lineno, chain)
+    if report.errors:
+        report.hint = template_hint(keys - set(_RESERVED_KEYS), template)
     if report.records == 0 and not report.errors:
         add(
             f"{path}: no records (the file is empty or holds only blank lines); "
             "add one JSON chain record per line"
         )
     return report
+
+
+def template_hint(keys: set[str], template: PromptTemplate) -> str | None:
+    """A shipped template whose stage keys hold every stage-like key of a file that
+    ``template`` does not know (the data was written for that template); None if the
+    keys fit ``template`` or no shipped one."""
+    from axolotl_mote.templates import available_templates, load_template
+
+    if not keys or keys <= set(template.stage_keys):
+        return None
+    for name in available_templates():
+        if name == template.name:
+            continue
+        other = load_template(name)
+        if keys <= set(other.stage_keys):
+            return (
+                f"hint: these records use the stage keys of the shipped template "
+                f"{name!r} ({', '.join(sorted(keys))}), not those of "
+                f"{template.name!r}: "
+                f"check them with `--template {name}`, train them with "
+                f"`mote: {{template: {name}}}`"
+            )
+    return None
 
 
 def validate_jsonl(path: str | Path, template: PromptTemplate) -> dict[str, int]:

@@ -294,9 +294,13 @@ def test_broken_json_line(line, expected, aligncot, tmp_path):
     path.write_text(f"{good}\n{line}\n")
     with pytest.raises(ChainRecordError) as info:
         validate_jsonl(path, aligncot)
-    msg = str(info.value)
-    assert msg.startswith(f"{path}:2: {expected}"), msg
-    assert msg.endswith("each line must be one JSON object")
+    first, stopped = str(info.value).split("\n")
+    assert first.startswith(f"{path}:2: {expected}"), first
+    assert first.endswith("each line must be one JSON object")
+    assert stopped == (
+        f"{path}: the check stopped at line 2: the lines after it were not read (fix "
+        "that line and check again)"
+    )
 
 
 def test_duplicate_ids_name_both_lines(aligncot, tmp_path):
