@@ -182,6 +182,9 @@ def build_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         message, param = describe_errors(list(exc.errors()))
+        kind = request.headers.get("content-type", "application/json")
+        if "json" not in kind and message.endswith("must be a JSON object"):
+            message += f" sent as Content-Type: application/json (got {kind!r})"
         return _error(400, message, param)
 
     @app.exception_handler(HTTPException)

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers.tiny import build_mote
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def saved(tiny_model_dir, tmp_path_factory):
     """(adapter dir, model, tokenizer): a tiny MoTE adapter. Marker rows are left as
     initialised, so stages hold some text before the model closes them."""

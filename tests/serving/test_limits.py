@@ -28,7 +28,27 @@ PROMPTS = ["How do I bake bread at home?", "What is the capital of France?"]
 
 
 @pytest.fixture(scope="module")
-def server(saved):
+def process(saved, tiny_model_dir):
+    """``axolotl-mote serve`` in a subprocess, started before the other tests of the
+    module so that its start-up (imports, loading) overlaps them."""
+    adapter, _, _ = saved
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "axolotl_mote.cli.main", "serve", "--adapter",
+           str(adapter), "--base-model", str(tiny_model_dir), "--port", str(port),
+           "--dtype", "float32", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    yield proc, f"http://127.0.0.1:{port}"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(saved, process):
     from axolotl_mote.serving.server import MoteWorker, ServerThread, build_app
 
     _, model, tokenizer = saved
@@ -180,46 +200,33 @@ def test_a_disconnect_cancels_its_row_only(server, saved):
     assert gone["completion_tokens"] < len(exact[1].token_ids) - 1
 
 
-def test_sigterm_with_a_request_in_flight_exits_within_the_bound(saved, tiny_model_dir):
+def test_sigterm_with_a_request_in_flight_exits_within_the_bound(process, saved):
     import httpx
 
-    adapter, _, tokenizer = saved
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "axolotl_mote.cli.main", "serve", "--adapter",
-           str(adapter), "--base-model", str(tiny_model_dir), "--port", str(port),
-           "--dtype", "float32", "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    root = f"http://127.0.0.1:{port}"
-    try:
-        _wait(lambda: _healthy(root) or proc.poll() is not None, 120)
-        assert proc.poll() is None, proc.stdout.read()
-        body = {**_long_completion(tokenizer, 1900), "stream": True}
-        got: list[str] = []
+    proc, root = process
+    _, _, tokenizer = saved
+    _wait(lambda: _healthy(root) or proc.poll() is not None, 180)
+    assert proc.poll() is None, proc.stdout.read()
+    body = {**_long_completion(tokenizer, 1900), "stream": True}
+    got: list[str] = []
 
-        def stream() -> None:
-            try:
-                with httpx.stream("POST", f"{root}/v1/completions", json=body,
-                                  timeout=60) as reply:  # fmt: skip
-                    for line in reply.iter_lines():
-                        got.append(line)
-            except httpx.HTTPError:
-                got.append("broken")
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", f"{root}/v1/completions", json=body,
+                              timeout=60) as reply:  # fmt: skip
+                for line in reply.iter_lines():
+                    got.append(line)
+        except httpx.HTTPError:
+            got.append("broken")
 
-        client = threading.Thread(target=stream)
-        client.start()
-        _wait(lambda: len(got) >= 4)  # tokens are streaming: the request is running
-        start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        took = time.monotonic() - start
-        client.join(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    client = threading.Thread(target=stream)
+    client.start()
+    _wait(lambda: len(got) >= 4)  # tokens are streaming: the request is running
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    took = time.monotonic() - start
+    client.join(10)
     assert took <= 10, took
     assert not client.is_alive()
     text_chunks = [line for line in got if line.startswith("data: {")]

@@ -329,3 +329,14 @@ def test_streaming_gives_the_non_streamed_text(server):
         c.choices[0].text for c in api.completions.create(**base, stream=True)
     )
     assert streamed == once.choices[0].text
+
+
+def test_a_body_sent_as_a_form_is_told_to_send_json(http):
+    """curl -d without -H sends application/x-www-form-urlencoded."""
+    reply = http.post(
+        "/v1/chat/completions",
+        content=_json(_chat()),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert reply.status_code == 400
+    assert "Content-Type: application/json" in reply.json()["error"]["message"]
