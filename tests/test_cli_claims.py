@@ -108,6 +108,10 @@ def test_known_third_party_noise_is_dropped_and_nothing_else():
     )
     assert not shown("DeepSpeed", "Setting accelerator to CPU. If you have GPU")
     assert shown("torchao", "a real torchao problem")
+    log = logging.getLogger("torchao")  # an error is never dropped, even if it matches
+    error = log.makeRecord("torchao", logging.ERROR, "f.py", 1, "Failed to load x.so",
+                           (), None)  # fmt: skip
+    assert log.filter(error)
     assert shown("DeepSpeed", "ZeRO-3 cannot partition this model")
     assert shown("transformers.modeling_utils", "Failed to load weights.so")
     assert len(logging.getLogger("torchao").filters) == 1
