@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +43,6 @@ import torch
 from axolotl_mote.constants import (
     EXPECTED_STEP,
     PAD_STEP,
-    PROMPT_ROUTINGS,
     PROMPT_STEP,
     SHARED_ONLY_STEP,
 )
@@ -50,6 +50,52 @@ from axolotl_mote.constants import (
 
 class RoutingError(RuntimeError, ValueError):
     """Step ids are missing, malformed or do not fit the input of a MoTE forward."""
+
+
+@dataclass(frozen=True)
+class PromptRouting:
+    """How question (``PROMPT_STEP``) tokens are routed, parsed once.
+
+    ``value`` is what was asked for: ``'random'``, ``'shared'``, ``'expected'`` or an
+    expert index (a stage name is turned into its index by
+    :meth:`~axolotl_mote.tuner.config.MoteConfig.resolve_prompt_routing`). ``step`` is
+    the step value every prompt token takes, or None for random routing (one step
+    expert drawn per prompt). The routing state, the generation router and the export
+    read ``step``; nobody else switches on the name.
+    """
+
+    value: int | str
+    step: int | None
+
+    @classmethod
+    def parse(
+        cls, value: int | str | PromptRouting, num_experts: int, shared_expert: bool
+    ) -> PromptRouting:
+        """Check ``value`` against the experts; the error names the valid choices."""
+        if isinstance(value, PromptRouting):
+            value = value.value
+        if value == "random":
+            return cls("random", None)
+        if value == "expected":
+            return cls("expected", EXPECTED_STEP)
+        if value == "shared":
+            if not shared_expert:
+                raise RoutingError(
+                    "prompt routing 'shared' needs a shared expert, and this adapter "
+                    "has none; use 'random', 'expected' or a stage"
+                )
+            return cls("shared", SHARED_ONLY_STEP)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if 0 <= value < num_experts:
+                return cls(value, value)
+        raise RoutingError(
+            f"prompt routing {value!r} is not 'random', 'shared', 'expected' or an "
+            f"expert index 0..{num_experts - 1}"
+        )
+
+    @property
+    def is_random(self) -> bool:
+        return self.step is None
 
 
 #: Up to this many tokens the uniform check reads the step ids in Python (decode steps);
@@ -80,6 +126,7 @@ class RoutingState:
         "alpha",
         "shared_expert",
         "prompt_routing",
+        "prompt",
         "seed",
         "single",
         "config",
@@ -97,20 +144,18 @@ class RoutingState:
         num_experts: int,
         alpha: float,
         shared_expert: bool,
-        prompt_routing: int | str,
+        prompt_routing: int | str | PromptRouting,
         seed: int = 42,
         config: Any = None,
         single: bool = False,
     ) -> None:
-        if not (isinstance(prompt_routing, int) or prompt_routing in PROMPT_ROUTINGS):
-            raise ValueError(
-                f"prompt_routing must be 'random', 'shared', 'expected' or an expert "
-                f"index, got {prompt_routing!r}"
-            )
+        #: the prompt's routing, parsed and checked against the experts once
+        self.prompt = PromptRouting.parse(prompt_routing, num_experts, shared_expert)
         self.num_experts = num_experts
         self.alpha = float(alpha)
         self.shared_expert = shared_expert
-        self.prompt_routing = prompt_routing
+        #: the name or index asked for (``self.prompt.value``)
+        self.prompt_routing = self.prompt.value
         self.seed = int(seed)
         #: no routing: every token through every block at weight 1 (one plain LoRA of
         #: rank n_blocks * r, ``mote.experts: single``, the single-LoRA baseline).
@@ -215,15 +260,10 @@ class RoutingState:
     def _resolve_prompt(self, steps: torch.Tensor) -> torch.Tensor:
         """``PROMPT_STEP`` replaced by what ``prompt_routing`` makes of it."""
         is_prompt = steps == PROMPT_STEP
-        routing = self.prompt_routing
-        if routing == "random":
+        if self.prompt.is_random:
             value = self._prompt_experts(steps)
-        elif routing == "shared":
-            value = torch.full_like(steps, SHARED_ONLY_STEP)
-        elif routing == "expected":
-            value = torch.full_like(steps, EXPECTED_STEP)
         else:
-            value = torch.full_like(steps, int(routing))
+            value = torch.full_like(steps, self.prompt.step)
         return torch.where(is_prompt, value, steps)
 
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -298,11 +338,7 @@ class RoutingState:
             ids = set(steps.flatten().tolist())
             if len(ids) == 1:
                 (step,) = ids
-                if (
-                    step != PROMPT_STEP
-                    or self.prompt_routing != "random"
-                    or self.single
-                ):
+                if step != PROMPT_STEP or not self.prompt.is_random or self.single:
                     return self._row_of(step, dtype)
         # mixed ids can still share coefficients (a prompt routed to the stage of the
         # other tokens), and random prompt draws live in the coefficient tensor

@@ -151,6 +151,7 @@ def evaluate(
         for spec in specs:
             if spec.adapter:
                 options.check_plans([plan], spec.adapter)
+                options.check_prompt_routing(prompt_routing, spec.adapter)
         rubric_data = load_rubric(rubric)
         rating_specs = load_ratings(rubric_data, rating_names) if rating_names else []
         judge = None

@@ -188,6 +188,7 @@ def generate(
     except (ValueError, TypeError) as err:
         raise click.BadParameter(str(err), param_hint="a record's plan") from None
     options.check_plans(plans, adapter_dir)
+    options.check_prompt_routing(prompt_routing, adapter_dir)
     torch.manual_seed(seed)
     try:
         model, tokenizer = load_mote_model(base, adapter_dir, **loading)

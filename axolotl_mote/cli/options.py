@@ -169,6 +169,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_prompt_routing(value: str | None, adapter: str | Path) -> None:
+    """Refuse a ``--prompt-routing`` the adapter cannot take (an unknown word or stage,
+    ``shared`` without a shared expert), before any model loads."""
+    from axolotl_mote.tuner.config import MoteConfig
+
+    if value is None:
+        return
+    try:
+        MoteConfig.load(adapter).resolve_prompt_routing(value)
+    except FileNotFoundError:
+        return  # not a MoTE adapter: check_plans / the loader say so
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--prompt-routing") from None
+
+
 def check_plans(plans: list[Any], adapter: str | Path) -> None:
     """Refuse a plan the adapter's template cannot run, before any model loads."""
     from axolotl_mote.generation import parse_plan

@@ -141,6 +141,7 @@ def generate_chains(
         routing,
         state.num_experts,
         seed=state.seed if seed is None else seed,
+        shared_expert=state.shared_expert,
     )
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = (
@@ -247,9 +248,10 @@ def install_router(
     tmpl = resolve_template(state, template)
     router = StageRouter(
         start_marker_steps(tmpl, marker_token_ids(tmpl, tokenizer)),
-        state.prompt_routing,
+        state.prompt,
         state.num_experts,
         seed=state.seed if seed is None else seed,
+        shared_expert=state.shared_expert,
     )
     install(model, router)
     return router

@@ -33,14 +33,8 @@ from typing import Any
 
 import torch
 
-from axolotl_mote.constants import (
-    EXPECTED_STEP,
-    PAD_STEP,
-    PROMPT_ROUTINGS,
-    PROMPT_STEP,
-    SHARED_ONLY_STEP,
-)
-from axolotl_mote.routing import draw_seed, start_position
+from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
+from axolotl_mote.routing import PromptRouting, draw_seed, start_position
 from axolotl_mote.templates import PromptTemplate, StageMode
 
 _NOT_MARKER = -99
@@ -94,20 +88,17 @@ class StageRouter:
     def __init__(
         self,
         marker_steps: dict[int, int],
-        prompt_routing: int | str,
+        prompt_routing: int | str | PromptRouting,
         num_experts: int,
         seed: int = 42,
+        shared_expert: bool = True,
     ) -> None:
-        if not (isinstance(prompt_routing, int) or prompt_routing in PROMPT_ROUTINGS):
-            raise ValueError(
-                f"prompt_routing must be one of {PROMPT_ROUTINGS} or an expert index, "
-                f"got {prompt_routing!r}"
-            )
+        self.prompt = PromptRouting.parse(prompt_routing, num_experts, shared_expert)
         size = max(marker_steps) + 2
         self.table = torch.full((size,), _NOT_MARKER, dtype=torch.long)  # [V']
         for token, step in marker_steps.items():
             self.table[token] = step
-        self.prompt_routing = prompt_routing
+        self.prompt_routing = self.prompt.value
         self.num_experts = num_experts
         self.seed = int(seed)
         self.prompt_steps: torch.Tensor | None = None  # [B], set at each prefill
@@ -118,13 +109,8 @@ class StageRouter:
     # --- the prompt's routing -------------------------------------------------------
     def prompt_step(self, prompt_ids: list[int]) -> int:
         """The step value all tokens of a prompt (its token ids) are routed by."""
-        routing = self.prompt_routing
-        if routing == "shared":
-            return SHARED_ONLY_STEP
-        if routing == "expected":
-            return EXPECTED_STEP
-        if routing != "random":
-            return int(routing)
+        if not self.prompt.is_random:
+            return self.prompt.step
         data = torch.tensor(prompt_ids, dtype=torch.int64).numpy().tobytes()
         gen = torch.Generator().manual_seed(draw_seed(self.seed, "prompt", data))
         return int(torch.randint(self.num_experts, (1,), generator=gen))

@@ -180,6 +180,26 @@ class MoteConfig:
             raise ValueError(f"prompt_routing {self.prompt_routing!r} is no stage")
         return index
 
+    def resolve_prompt_routing(self, value: str | int | None) -> int | str:
+        """An inference-time override (``--prompt-routing``) checked against this
+        adapter: 'random' / 'shared' / 'expected' or a stage's expert index; None is
+        the adapter's own. Raises ValueError naming the valid choices (before any model
+        loads)."""
+        from axolotl_mote.routing import PromptRouting
+
+        if value is None:
+            return self.prompt_routing_index()
+        if isinstance(value, str) and value not in PROMPT_ROUTINGS:
+            index = self._stage_index(value)
+            if index is None:
+                raise ValueError(
+                    f"prompt routing {value!r} is not 'random', 'shared', 'expected' "
+                    f"or a stage of this adapter ({', '.join(self.stage_names)})"
+                )
+            value = index
+        parsed = PromptRouting.parse(value, self.num_experts, self.shared_expert)
+        return parsed.value
+
     def _stage_index(self, name_or_key: str) -> int | None:
         """Expert index of a trained stage by name, or by record key via the
         template."""
