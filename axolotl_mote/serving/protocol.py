@@ -205,6 +205,15 @@ class CompletionRequest(_Sampling):
                 raise ValueError(f"logit_bias keys are token ids, got {key!r}")
         return bias
 
+    @model_validator(mode="after")
+    def _streams_text_only(self):
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise ValueError(
+                "echo and logprobs are not supported with stream: true; send the "
+                "request without stream"
+            )
+        return self
+
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, value):

@@ -128,6 +128,9 @@ BAD = [
      "logit_bias", "token ids"),
     ("unknown-adapter", "/v1/completions",
      _json({"model": "nope", "prompt": "hi"}), 404, "model", "unknown adapter"),
+    ("stream-with-logprobs", "/v1/completions",
+     _json({"model": "prompt", "prompt": "hi", "stream": True, "logprobs": 1}), 400,
+     None, "not supported with stream"),
     ("completion-n-3", "/v1/completions",
      _json({"model": "prompt", "prompt": "hi", "n": 3}), 400, "n", "one choice"),
 ]  # fmt: skip
