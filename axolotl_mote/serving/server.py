@@ -402,23 +402,21 @@ async def _tokenize(worker: MoteWorker, request: Request):
         except ValidationError as err:
             message, param = describe_errors(list(err.errors()))
             return _error(400, message, param)
-        ids = await asyncio.to_thread(
-            _locked, worker.formatter.prompt_ids, req.conversation()
-        )
+        job = (worker.formatter.prompt_ids, req.conversation())
     elif isinstance(body.get("prompt"), str):
         add = body.get("add_special_tokens", True)
         if not isinstance(add, bool):
             return _error(
                 400, "add_special_tokens must be a boolean", "add_special_tokens"
             )
-        ids = await asyncio.to_thread(
-            _locked,
-            lambda: worker.tokenizer(body["prompt"], add_special_tokens=add)[
-                "input_ids"
-            ],
-        )
+        job = (lambda: worker.tokenizer(body["prompt"], add_special_tokens=add)
+               ["input_ids"],)  # fmt: skip
     else:
         return _error(400, "send `prompt` (a string) or `messages`", "prompt")
+    try:
+        ids = await asyncio.to_thread(_locked, *job)
+    except Exception as err:  # e.g. a lone surrogate the tokenizer cannot encode
+        return _error(400, f"cannot tokenize: {type(err).__name__}: {err}")
     return {"count": len(ids), "max_model_len": worker.max_model_len, "tokens": ids}
 
 

@@ -131,6 +131,11 @@ BAD = [
     ("stream-with-logprobs", "/v1/completions",
      _json({"model": "prompt", "prompt": "hi", "stream": True, "logprobs": 1}), 400,
      None, "not supported with stream"),
+    ("lone-surrogate", "/v1/chat/completions",
+     b'{"model": "mote", "messages": [{"role": "user", "content": "a\\ud800"}]}',
+     400, None, ""),
+    ("lone-surrogate-prompt", "/v1/completions",
+     b'{"model": "prompt", "prompt": "a\\ud800"}', 400, None, ""),
     ("completion-n-3", "/v1/completions",
      _json({"model": "prompt", "prompt": "hi", "n": 3}), 400, "n", "one choice"),
 ]  # fmt: skip
@@ -343,3 +348,43 @@ def test_a_body_sent_as_a_form_is_told_to_send_json(http):
     )
     assert reply.status_code == 400
     assert "Content-Type: application/json" in reply.json()["error"]["message"]
+
+
+def test_tokenize_detokenize_and_tokenizer_info(http, saved):
+    from axolotl_mote.data.format import ChainFormatter
+    from axolotl_mote.templates import load_template
+
+    _, _, tokenizer = saved
+    text = http.post("/tokenize", json={"prompt": "Hello there"}).json()
+    assert text["tokens"] == tokenizer("Hello there")["input_ids"]
+    assert text["count"] == len(text["tokens"])
+    assert text["max_model_len"] == MAX_MODEL_LEN
+    chat = http.post("/tokenize", json={"messages": HELLO}).json()
+    formatter = ChainFormatter(load_template("aligncot"), tokenizer)
+    assert chat["tokens"] == formatter.prompt_ids(HELLO)
+    back = http.post("/detokenize", json={"tokens": text["tokens"]}).json()
+    assert back["prompt"] == tokenizer.decode(text["tokens"])
+    info = http.get("/tokenizer_info").json()
+    assert info["vocab_size"] == len(tokenizer)
+    assert info["eos_token"] == tokenizer.eos_token
+    assert http.post("/tokenize", json={"prompt": 5}).status_code == 400
+    surrogate = b'{"prompt": "a\\ud800"}'
+    assert http.post("/tokenize", content=surrogate).status_code == 400
+    assert http.post("/detokenize", json={"tokens": [10**7]}).status_code == 400
+
+
+def test_text_parts_are_the_same_as_a_string(http):
+    parts = [{"type": "text", "text": "How do I bake "},
+             {"type": "text", "text": "bread at home?"}]  # fmt: skip
+    as_parts = http.post(
+        "/v1/chat/completions",
+        json=_chat(messages=[{"role": "user", "content": parts}], max_tokens=8),
+    ).json()
+    as_text = http.post("/v1/chat/completions", json=_chat(max_tokens=8)).json()
+    assert as_parts["mote"]["text"] == as_text["mote"]["text"]
+    image = [{"type": "image_url", "image_url": {"url": "x"}}]
+    refused = http.post(
+        "/v1/chat/completions",
+        json=_chat(messages=[{"role": "user", "content": image}]),
+    )
+    assert refused.status_code == 400
