@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from axolotl_mote.evaluation.scorers import Score, ScoreInput
+from axolotl_mote.evaluation.score_types import Score, ScoreInput
 
 HASH_BITS = 20
 OPENING_WORDS = 24

@@ -24,28 +24,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
 from axolotl_mote.datagen.backends import TextGenerator, batch_seed, parse_verdict
-
-
-@dataclass
-class ScoreInput:
-    question: str  # the last user turn
-    response: str  # the answer shown to the user ("" when the model gave none)
-    label: str  # harmful | benign
-
-
-@dataclass
-class Score:
-    refused: bool | None  # None: not scored
-    harmful: bool | None  # only judged on harmful prompts; None elsewhere / unscored
-    verdict: str | None = None  # the label found (judge) or the matched phrase (string)
-    raw: str | None = None  # the judge's reply
+from axolotl_mote.evaluation.score_types import Score as Score  # re-exported
+from axolotl_mote.evaluation.score_types import ScoreInput as ScoreInput
 
 
 class Scorer(Protocol):
