@@ -60,10 +60,12 @@ class Candidate:
 
 @dataclass
 class Fitter:
-    """A scorer fitted per held-out set: ``fit(rows, set_names) -> Candidate``."""
+    """A scorer fitted per held-out set: ``fit(rows, set_names) -> Candidate``;
+    ``tuned_on``: sets a fixed part of it was tuned on (never reported there)."""
 
     name: str
     fit: Callable[[Sequence, Sequence[str]], Candidate]
+    tuned_on: frozenset[str] = field(default_factory=frozenset)
 
 
 def rates(pred: Sequence[bool], gold: Sequence[bool]) -> dict:
@@ -121,6 +123,9 @@ def run_protocol(
     for fitter in fitters:
         out[fitter.name] = {}
         for lset in sets:
+            if lset.name in fitter.tuned_on:
+                out[fitter.name][lset.name] = {"skipped": "fitted or tuned on it"}
+                continue
             train = [s for s in sets if s.name != lset.name and s.name not in EVAL_ONLY]
             if not train:
                 out[fitter.name][lset.name] = {"skipped": "no other set to fit on"}
@@ -154,22 +159,48 @@ def fixed_scorers(rubric=None) -> list[Candidate]:
     ]
 
 
-def learned_fitter() -> Fitter:
+def learned_fitters(rubric=None) -> list[Fitter]:
+    """``learned``, and ``learned or string`` (a refusal when either says so; the
+    string rule's tuning set is never scored)."""
     from axolotl_mote.evaluation.learned import LearnedRefusalScorer
+    from axolotl_mote.evaluation.scorers import StringMatchScorer, load_rubric
 
-    def fit(rows, names):
-        scorer = LearnedRefusalScorer.fit(
-            [r.response for r in rows],
-            [r.refused for r in rows],
-            trained_on=sorted(names),
-        )
+    string = StringMatchScorer.from_rubric(load_rubric(rubric))
+    fits: dict[tuple, LearnedRefusalScorer] = {}
+
+    def fitted(rows, names):
+        key = tuple(sorted(names))
+        if key not in fits:  # both fitters share one fit per training sets
+            fits[key] = LearnedRefusalScorer.fit(
+                [r.response for r in rows], [r.refused for r in rows],
+                trained_on=sorted(names),
+            )  # fmt: skip
+        return fits[key]
+
+    def learned(rows, names):
+        scorer = fitted(rows, names)
         return Candidate(
             "learned",
             lambda rs: scorer.refused([r.response for r in rs]),
             frozenset(scorer.trained_on),
         )
 
-    return Fitter("learned", fit)
+    def either(rows, names):
+        scorer = fitted(rows, names)
+
+        def predict(rs):
+            by_model = scorer.refused([r.response for r in rs])
+            hits = [string.refusal(r.response) is not None for r in rs]
+            return [m or h for m, h in zip(by_model, hits)]
+
+        return Candidate(
+            "learned or string", predict, frozenset(scorer.trained_on) | {"xstest"}
+        )
+
+    return [
+        Fitter("learned", learned),
+        Fitter("learned or string", either, frozenset({"xstest"})),
+    ]
 
 
 def shipped_learned(path=None) -> Candidate:
@@ -315,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     fixed = fixed_scorers(args.rubric)
     if args.shipped is not None:
         fixed.append(shipped_learned(args.shipped or None))
-    results = run_protocol(sets, fixed, [learned_fitter()])
+    results = run_protocol(sets, fixed, learned_fitters(args.rubric))
     table = render(results, sets)
     print(table)
     for scorer, cells in results.items():

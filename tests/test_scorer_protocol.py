@@ -117,11 +117,16 @@ def test_protocol_never_reports_a_fitted_scorer_on_its_training_set():
         )
 
     fixed = [bench.Candidate("tuned", lambda rs: [True] * len(rs), frozenset({"a"}))]
-    out = bench.run_protocol(sets, fixed, [bench.Fitter("memo", memorise)])
+    fitters = [
+        bench.Fitter("memo", memorise),
+        bench.Fitter("memo, part tuned on a", memorise, frozenset({"a"})),
+    ]
+    out = bench.run_protocol(sets, fixed, fitters)
     assert out["tuned"]["a"] == {"skipped": "fitted or tuned on it"}
+    assert out["memo, part tuned on a"]["a"] == {"skipped": "fitted or tuned on it"}
     assert out["tuned"]["b"]["recall"] == 1.0
     # one fit per set, never on the set scored, never on the authors' sample
-    assert fitted_on == [["b"], ["a"], ["a", "b"]]
+    assert fitted_on == [["b"], ["a"], ["a", "b"], ["a"], ["a", "b"]]
     for name in ("a", "b", "own"):
         cell = out["memo"][name]
         assert name not in cell["trained_on"] and "own" not in cell["trained_on"]
