@@ -200,6 +200,22 @@ def test_a_disconnect_cancels_its_row_only(server, saved):
     assert gone["completion_tokens"] < len(exact[1].token_ids) - 1
 
 
+def test_a_stream_closed_by_its_client_stops_its_generation(server, http, saved):
+    _, model, tokenizer = saved
+    _, worker = server
+    body = {**_long_completion(tokenizer, 200), "stream": True}
+    done = len(worker.finished)
+    with slow_model(model, 0.02):
+        with http.stream("POST", "/v1/completions", json=body) as reply:
+            lines = reply.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass  # one token has arrived; now hang up
+        _wait(lambda: len(worker.finished) > done)
+    job, result = worker.finished[-1]
+    assert job.stop_reason == "disconnected"
+    assert len(result["choices"][0]["token_ids"]) < 100  # 200 take 4 s or more
+
+
 def test_sigterm_with_a_request_in_flight_exits_within_the_bound(process, saved):
     import httpx
 
