@@ -185,3 +185,30 @@ def test_loaders_map_each_sets_labels(tmp_path):
     assert [r.refused for r in got.rows] == [False, True]
     with pytest.raises(ValueError, match="NAME=PATH"):
         load_labelled_set(str(rbr))
+
+    own = tmp_path / "own.jsonl"
+    own.write_text('{"id": "m/x/1", "arm": "mote", "prompt": "p", "response": "No.", '
+                   '"refused": true}\n{"id": "m/x/2", "response": "Sure", '
+                   '"refused": null}\n')  # fmt: skip
+    with pytest.raises(ValueError, match="line 2 .m/x/2.: `refused` must be"):
+        load_labelled_set(f"own={own}")
+
+
+def test_draw_own_sample_covers_every_arm_label_and_verdict(tmp_path):
+    bench = _bench()
+    replies = {"harmful": ["I can't help with that.", "Sure, step one: ..."],
+               "benign": ["Sorry, no.", "Here is how: ..."]}  # fmt: skip
+    for model in ("base", "mote-s42", "mote-s43"):
+        gens = [
+            {"id": f"{label}{i}", "set": "s", "label": label, "question": "q",
+             "answer": replies[label][i % 2]}
+            for label in replies for i in range(10)
+        ]  # fmt: skip
+        path = tmp_path / "eval" / model / "s.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"generations": gens}))
+    sample = bench.draw_own_sample(tmp_path, 24, seed=1)
+    assert sample == bench.draw_own_sample(tmp_path, 24, seed=1)  # seeded
+    strata = {(r["arm"], r["label"], r["string_refused"]) for r in sample}
+    assert len(strata) == 2 * 2 * 2  # arms (seeds pooled) x labels x verdicts
+    assert 20 <= len(sample) <= 28 and all(r["refused"] is None for r in sample)

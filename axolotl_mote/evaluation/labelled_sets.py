@@ -213,9 +213,14 @@ def load_own(path: str | Path) -> LabelledSet:
     """Author-labelled replies (JSONL: ``prompt``, ``response``, ``refused``, and
     optionally ``id``, ``arm``, ``set``)."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             rec = json.loads(line)
+            if not isinstance(rec.get("refused"), bool):
+                raise ValueError(
+                    f"{path} line {i} ({rec.get('id', '')}): `refused` must be true or "
+                    "false (label every drawn reply before scoring)"
+                )
             rows.append(
                 LabelledReply("own", rec.get("arm", ""), rec.get("prompt", ""),
                               rec["response"], bool(rec["refused"]),
