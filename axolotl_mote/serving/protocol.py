@@ -127,6 +127,27 @@ class ChatCompletionRequest(_Sampling):
         | None
     ) = None
 
+    # fields of OpenAI's schema this server cannot honour: refused, not ignored
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    response_format: Any = None
+    logit_bias: Any = None
+
+    @field_validator("tools", "tool_choice", "functions", "logit_bias")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported on this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value and not (isinstance(value, dict) and value.get("type") == "text"):
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return value
+
     @field_validator("messages")
     @classmethod
     def _conversation(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
