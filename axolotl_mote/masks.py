@@ -387,7 +387,7 @@ def _shifted(draw: SkipDraw) -> torch.Tensor:
     )
 
 
-def apply_step_skipping(
+def step_skipping(
     inputs: dict[str, Any],
     *,
     step_ids: torch.Tensor,
@@ -397,75 +397,50 @@ def apply_step_skipping(
     marker_ids: set[int] | None,
     markers_visible: bool,
     shift_positions: bool,
-    attn_implementation: str,
+    attn_implementation: str = "sdpa",
+    regions: bool = False,
     mask_dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """Return ``inputs`` with ``attention_mask`` (and maybe ``position_ids``) replaced.
+) -> tuple[dict[str, Any], Any]:
+    """A training batch with its step-skipping draw applied: ``(inputs, plan)``.
 
-    ``p == 0`` or no hideable stage: ``inputs`` itself, untouched. Otherwise a shallow
-    copy with ``attention_mask`` = the step-skipping mask in the format of
-    ``attn_implementation`` (see module docstring) and, with ``shift_positions``,
-    shifted ``position_ids`` (created per sequence when absent). ``mask_dtype`` is the
-    eager mask's dtype (use the model's); ``device`` is where outputs go (default:
-    ``step_ids``'s; a ``BlockMask`` is not moved by the Trainer, so build it on the
-    model's device). The dense masks are the reference the region plan
-    (:func:`plan_step_skipping`) is tested against.
+    The one entry point. ``p == 0`` or no hideable stage: ``(inputs, None)`` with the
+    very dict, untouched. Otherwise a shallow copy, with shifted ``position_ids``
+    (``shift_positions``; created per sequence when absent), and:
+
+    * ``regions``: the attention mask untouched and the
+      :class:`~axolotl_mote.attention.RegionPlan` to run the forward under (sdpa's
+      ``mote_sdpa``, flash attention's varlen kernel);
+    * else ``attention_mask`` replaced by the step mask in the format of
+      ``attn_implementation`` (module docstring; ``mask_dtype`` is eager's dtype) and
+      no plan. ``device`` is where outputs go (default ``step_ids``'s; a ``BlockMask``
+      is not moved by the Trainer, so build it on the model's device).
+
+    The same generator state draws the same stages either way: the dense masks are
+    the reference the regions are tested against.
     """
     if p <= 0 or not hideable:
-        return inputs
-    check_attn_implementation(attn_implementation)
+        return inputs, None
+    if not regions:
+        check_attn_implementation(attn_implementation)
     draw = draw_step_skipping(
         inputs, step_ids=step_ids, hideable=hideable, p=p, generator=generator,
         marker_ids=marker_ids, markers_visible=markers_visible, device=device,
     )  # fmt: skip
     out = dict(inputs)
+    if shift_positions:
+        out["position_ids"] = _shifted(draw)
+    if regions:
+        from axolotl_mote.attention import plan_regions
+
+        # a visible marker of a hidden stage is cut off from its hidden content as
+        # well, so it starts the next region: the content alone is the hidden span
+        content, _ = _token_roles(draw.step_ids, draw.seq, draw.hidden, draw.is_marker)
+        return out, plan_regions(draw.step_ids, draw.seq, content)
     args = (draw.step_ids, draw.seq, draw.hidden, draw.is_marker)
     if attn_implementation == "flex_attention":
         out["attention_mask"] = flex_block_mask(*args)
     else:
         mask = build_step_skip_mask(*args)
         out["attention_mask"] = DENSE_BACKENDS[attn_implementation](mask, mask_dtype)
-    if shift_positions:
-        out["position_ids"] = _shifted(draw)
-    return out
-
-
-def plan_step_skipping(
-    inputs: dict[str, Any],
-    *,
-    step_ids: torch.Tensor,
-    hideable: list[int],
-    p: float,
-    generator: torch.Generator | None,
-    marker_ids: set[int] | None,
-    markers_visible: bool,
-    shift_positions: bool,
-    device: torch.device | str | None = None,
-) -> tuple[dict[str, Any], Any]:
-    """Step skipping as attention regions (``attention.py``): no ``T × T`` mask.
-
-    Returns ``(inputs, plan)``: a shallow copy of ``inputs`` with shifted
-    ``position_ids`` (``shift_positions``) and its attention mask untouched, and the
-    :class:`~axolotl_mote.attention.RegionPlan` to run the forward under. The same
-    draw as :func:`apply_step_skipping` for the same generator state.
-    """
-    from axolotl_mote.attention import plan_regions
-
-    if p <= 0 or not hideable:
-        return inputs, None
-    draw = draw_step_skipping(
-        inputs, step_ids=step_ids, hideable=hideable, p=p, generator=generator,
-        marker_ids=marker_ids, markers_visible=markers_visible, device=device,
-    )  # fmt: skip
-    content, vis_marker = _token_roles(
-        draw.step_ids, draw.seq, draw.hidden, draw.is_marker
-    )
-    # a visible marker of a hidden stage is cut off from its hidden content as well, so
-    # it starts the next region: mark the content alone as the hidden span
-    plan = plan_regions(draw.step_ids, draw.seq, content)
-    del vis_marker
-    out = dict(inputs)
-    if shift_positions:
-        out["position_ids"] = _shifted(draw)
-    return out, plan
+    return out, None

@@ -191,7 +191,7 @@ def check_masks_ckpt(device: str, sizes, backend: str, reentrant: bool) -> dict:
     """Loss and gradients: step skipping (regions or flex) with gradient checkpointing
     against the dense step mask without it."""
     from axolotl_mote.attention import regions_active, register
-    from axolotl_mote.masks import apply_step_skipping, plan_step_skipping
+    from axolotl_mote.masks import step_skipping
 
     hidden, layers, seq = sizes
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def check_masks_ckpt(device: str, sizes, backend: str, reentrant: bool) -> dict:
     def gen():
         return torch.Generator().manual_seed(7)
 
-    dense = apply_step_skipping(dict(inputs), generator=gen(),
+    dense, _ = step_skipping(dict(inputs), generator=gen(),
                                 attn_implementation="sdpa", **skip)  # fmt: skip
     ref_loss = model(**dense).loss
     ref_loss.backward()
@@ -214,13 +214,13 @@ def check_masks_ckpt(device: str, sizes, backend: str, reentrant: bool) -> dict:
     model.zero_grad(set_to_none=True)
     model.gradient_checkpointing_enable({"use_reentrant": reentrant})
     if backend == "regions":
-        batch, plan = plan_step_skipping(dict(inputs), generator=gen(), **skip)
+        batch, plan = step_skipping(dict(inputs), generator=gen(), regions=True, **skip)
         model.set_attn_implementation(register())
         with regions_active(plan, expected=True):
             loss = model(**batch).loss
             loss.backward()
     else:
-        batch = apply_step_skipping(
+        batch, _ = step_skipping(
             dict(inputs), generator=gen(), device=device,
             attn_implementation="flex_attention", **skip,
         )  # fmt: skip
@@ -247,7 +247,7 @@ def check_flash_varlen(device: str) -> dict:
         regions_to_mask,
         varlen_region_attention,
     )
-    from axolotl_mote.masks import plan_step_skipping
+    from axolotl_mote.masks import step_skipping
 
     kernel, dtype, tol, name = (
         reference_varlen_attention,
@@ -268,10 +268,10 @@ def check_flash_varlen(device: str) -> dict:
         except ImportError:
             pass
     ids, steps, pos = packed_batch(256, 512, pad=16, rows=2)
-    _, plan = plan_step_skipping(
+    _, plan = step_skipping(
         {"input_ids": ids, "position_ids": pos}, step_ids=steps, hideable=[0, 1],
         p=0.6, generator=torch.Generator().manual_seed(3), marker_ids=None,
-        markers_visible=False, shift_positions=False,
+        markers_visible=False, shift_positions=False, regions=True,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, h, 256, 64, generator=gen).to(device, dtype)
@@ -401,7 +401,7 @@ def time_train(device: str, dtype, sizes, rounds, warmup) -> dict:
 def time_skip(device: str, dtype, hidden, layers, seq, rounds, warmup) -> dict:
     """Step skipping (regions, flex, dense) ÷ plain causal on one packed row."""
     from axolotl_mote.attention import regions_active, register
-    from axolotl_mote.masks import apply_step_skipping, plan_step_skipping
+    from axolotl_mote.masks import step_skipping
 
     torch.manual_seed(0)
     vocab = 32000 if hidden >= 1024 else 512  # ~1B at hidden 2,048 and 16 layers
@@ -426,21 +426,21 @@ def time_skip(device: str, dtype, hidden, layers, seq, rounds, warmup) -> dict:
 
     def regions():
         base.set_attn_implementation(register())
-        batch, plan = plan_step_skipping(dict(inputs), generator=gen(), **skip)
+        batch, plan = step_skipping(dict(inputs), generator=gen(), regions=True, **skip)
         with regions_active(plan, expected=True):
             model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
 
     def dense():
         base.set_attn_implementation("sdpa")
-        batch = apply_step_skipping(dict(inputs), generator=gen(), device=device,
+        batch, _ = step_skipping(dict(inputs), generator=gen(), device=device,
                                     attn_implementation="sdpa", **skip)  # fmt: skip
         model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
 
     def flex():
         base.set_attn_implementation("flex_attention")
-        batch = apply_step_skipping(
+        batch, _ = step_skipping(
             dict(inputs), generator=gen(), device=device,
             attn_implementation="flex_attention", **skip,
         )  # fmt: skip

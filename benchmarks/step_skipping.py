@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from axolotl_mote.attention import regions_active, register  # noqa: E402
 from axolotl_mote.constants import PROMPT_STEP  # noqa: E402
-from axolotl_mote.masks import apply_step_skipping, plan_step_skipping  # noqa: E402
+from axolotl_mote.masks import step_skipping  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: sixteenths of a chain: Q, analysis, guidance, answer
@@ -119,9 +119,9 @@ def step_plain(model, ids, steps, pos, i) -> None:
 def step_regions(model, ids, steps, pos, i) -> None:
     _base(model).set_attn_implementation(register())
     gen = torch.Generator().manual_seed(i)
-    batch, plan = plan_step_skipping(
+    batch, plan = step_skipping(
         {"input_ids": ids, "position_ids": pos, "labels": ids},
-        step_ids=steps, generator=gen, shift_positions=False, **SKIP,
+        step_ids=steps, generator=gen, shift_positions=False, regions=True, **SKIP,
     )  # fmt: skip
     with regions_active(plan):
         model(**batch).loss.backward()
@@ -130,7 +130,7 @@ def step_regions(model, ids, steps, pos, i) -> None:
 def step_dense(model, ids, steps, pos, i) -> None:
     _base(model).set_attn_implementation("sdpa")
     gen = torch.Generator().manual_seed(i)
-    batch = apply_step_skipping(
+    batch, _ = step_skipping(
         {"input_ids": ids, "position_ids": pos, "labels": ids},
         step_ids=steps, generator=gen, shift_positions=False,
         attn_implementation="sdpa", **SKIP,

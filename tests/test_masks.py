@@ -13,7 +13,6 @@ import torch
 from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
 from axolotl_mote.masks import (
     StepSkipError,
-    apply_step_skipping,
     build_step_skip_mask,
     hidden_tokens,
     positions_in_sequence,
@@ -21,6 +20,7 @@ from axolotl_mote.masks import (
     sample_hidden_stages,
     sequence_ids,
     shifted_position_ids,
+    step_skipping,
 )
 
 Q, A, G, ANS, PAD = PROMPT_STEP, 0, 1, 2, PAD_STEP
@@ -311,6 +311,13 @@ def _inputs(s, ids, pos):
     return {"input_ids": ids, "attention_mask": (s != PAD).long(), "position_ids": pos}
 
 
+def _dense(inputs, **kwargs):
+    """The dense (or flex) path of the entry point: a batch and no plan."""
+    out, plan = step_skipping(inputs, **kwargs)
+    assert plan is None
+    return out
+
+
 def _kwargs(**over):
     kw = dict(
         step_ids=None,
@@ -330,18 +337,16 @@ def test_p0_returns_inputs_untouched():
     s, ids, pos = random_batch(torch.Generator().manual_seed(0))
     inputs = _inputs(s, ids, pos)
     before = dict(inputs)
-    out = apply_step_skipping(
-        inputs, **_kwargs(step_ids=s, p=0.0, shift_positions=True)
-    )
+    out = _dense(inputs, **_kwargs(step_ids=s, p=0.0, shift_positions=True))
     assert out is inputs and all(out[k] is before[k] for k in before)
-    assert apply_step_skipping(inputs, **_kwargs(step_ids=s, hideable=[])) is inputs
+    assert _dense(inputs, **_kwargs(step_ids=s, hideable=[])) is inputs
 
 
 def test_backend_formats_and_position_handling():
     s, ids, pos = random_batch(torch.Generator().manual_seed(1))
     inputs = _inputs(s, ids, pos)
     seq = sequence_ids(pos, None, s)
-    out = apply_step_skipping(inputs, **_kwargs(step_ids=s))
+    out = _dense(inputs, **_kwargs(step_ids=s))
     assert (
         out is not inputs
         and out["position_ids"] is pos
@@ -349,14 +354,14 @@ def test_backend_formats_and_position_handling():
     )
     sdpa = out["attention_mask"]
     assert sdpa.dtype == torch.bool and sdpa.shape == (3, 1, 40, 40)
-    eager = apply_step_skipping(
+    eager = _dense(
         inputs,
         **_kwargs(step_ids=s, attn_implementation="eager", mask_dtype=torch.bfloat16),
     )["attention_mask"]
     assert eager.dtype == torch.bfloat16
     assert torch.equal(eager == 0, sdpa)
     assert (eager[~sdpa] == torch.finfo(torch.bfloat16).min).all()
-    shifted = apply_step_skipping(inputs, **_kwargs(step_ids=s, shift_positions=True))
+    shifted = _dense(inputs, **_kwargs(step_ids=s, shift_positions=True))
     assert torch.equal(
         shifted["attention_mask"], sdpa
     )  # same generator seed, same draw
@@ -365,7 +370,7 @@ def test_backend_formats_and_position_handling():
     # no position_ids (Axolotl's segment-id attention_mask): created per sequence,
     # shifted
     no_pos = {"input_ids": ids, "attention_mask": seq}
-    made = apply_step_skipping(no_pos, **_kwargs(step_ids=s, shift_positions=True))
+    made = _dense(no_pos, **_kwargs(step_ids=s, shift_positions=True))
     assert torch.equal(
         made["position_ids"], shifted["position_ids"].masked_fill(~real, 0)
     )
@@ -378,18 +383,16 @@ def test_backend_formats_and_position_handling():
 def test_unsupported_attention_raises_naming_alternatives(impl):
     s, ids, pos = random_batch(torch.Generator().manual_seed(0))
     with pytest.raises(StepSkipError, match="sdpa, eager or flex_attention"):
-        apply_step_skipping(
-            _inputs(s, ids, pos), **_kwargs(step_ids=s, attn_implementation=impl)
-        )
+        _dense(_inputs(s, ids, pos), **_kwargs(step_ids=s, attn_implementation=impl))
 
 
 def test_bad_batches_raise():
     s, ids, pos = random_batch(torch.Generator().manual_seed(0))
     with pytest.raises(StepSkipError, match="do not match input_ids"):
-        apply_step_skipping(_inputs(s, ids, pos), **_kwargs(step_ids=s[:, :-1]))
+        _dense(_inputs(s, ids, pos), **_kwargs(step_ids=s[:, :-1]))
     four_d = dict(_inputs(s, ids, pos), attention_mask=torch.ones(3, 1, 40, 40))
     with pytest.raises(StepSkipError, match="2D attention_mask"):
-        apply_step_skipping(four_d, **_kwargs(step_ids=s))
+        _dense(four_d, **_kwargs(step_ids=s))
     with pytest.raises(StepSkipError, match=">= 0"):
         sample_hidden_stages(s, sequence_ids(pos, None, s), [-2], 0.5, None)
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
 from axolotl_mote.masks import (
     DENSE_BACKENDS,
-    apply_step_skipping,
     build_step_skip_mask,
     sequence_ids,
+    step_skipping,
 )
 
 Q, A, G, ANS, PAD = PROMPT_STEP, 0, 1, 2, PAD_STEP
@@ -59,7 +59,7 @@ def chain_tensors(lengths=((Q, 3), (A, 5), (G, 4), (ANS, 5))):
 
 
 def skip(inputs, steps, attn, hideable, p=1.0, visible=False, shift=False):
-    return apply_step_skipping(
+    return step_skipping(
         inputs,
         step_ids=steps,
         hideable=hideable,
@@ -69,7 +69,7 @@ def skip(inputs, steps, attn, hideable, p=1.0, visible=False, shift=False):
         markers_visible=visible,
         shift_positions=shift,
         attn_implementation=attn,
-    )
+    )[0]
 
 
 def answer_grad(model, steps, ids, batch) -> torch.Tensor:

@@ -47,16 +47,15 @@ def skip_steps(
 ) -> Any:
     """Apply step skipping to a training batch in place (a no-op at p = 0).
 
-    ``regions``: the model runs ``attention.py``'s region attention; returns the plan
-    to hold active around forward and backward (the attention mask stays as it is).
-    Otherwise the dense (or flex) step mask replaces ``attention_mask``; returns None.
+    ``regions``: the model runs region attention (``attention.py``); returns the plan
+    to hold active around forward and backward, the attention mask stays. Otherwise the
+    dense (or flex) step mask replaces ``attention_mask``; returns None.
     """
-    if settings.step_skip_prob <= 0 or not settings.hideable:
-        return None
-    from axolotl_mote.masks import apply_step_skipping, plan_step_skipping
+    from axolotl_mote.masks import step_skipping
 
     options = settings.options
-    kwargs = dict(
+    new_inputs, plan = step_skipping(
+        inputs,
         step_ids=step_ids,
         hideable=list(settings.hideable),
         p=settings.step_skip_prob,
@@ -64,17 +63,11 @@ def skip_steps(
         marker_ids=marker_ids,
         markers_visible=bool(options.skip_markers_visible),
         shift_positions=options.skip_positions == "shift",
+        attn_implementation=settings.attn_implementation,
+        regions=regions,
     )
-    if regions:
-        new_inputs, plan = plan_step_skipping(inputs, **kwargs)
-        inputs.update(new_inputs)
-        return plan
-    inputs.update(
-        apply_step_skipping(
-            inputs, attn_implementation=settings.attn_implementation, **kwargs
-        )
-    )
-    return None
+    inputs.update(new_inputs)
+    return plan
 
 
 class MoteTrainer(AxolotlTrainer):

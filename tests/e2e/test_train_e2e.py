@@ -181,22 +181,23 @@ def test_train_with_step_skipping_packed(
 
     calls: list[tuple[dict, torch.Tensor]] = []
     kinds: set[str] = set()
-    dense, regional = masks.apply_step_skipping, masks.plan_step_skipping
+    real = masks.step_skipping
 
-    def spy_dense(inputs, **kwargs):
-        out = dense(inputs, **kwargs)
-        kinds.add("dense")
-        calls.append((dict(inputs, step_ids=kwargs["step_ids"]), out["attention_mask"]))
-        return out
-
-    def spy_regions(inputs, **kwargs):
-        out, plan = regional(inputs, **kwargs)
-        kinds.add("regions")
-        calls.append((dict(inputs, step_ids=kwargs["step_ids"]), regions_to_mask(plan)))
+    def spy(inputs, **kwargs):
+        out, plan = real(inputs, **kwargs)
+        if plan is None:
+            kinds.add("dense")
+            calls.append(
+                (dict(inputs, step_ids=kwargs["step_ids"]), out["attention_mask"])
+            )
+        else:
+            kinds.add("regions")
+            calls.append(
+                (dict(inputs, step_ids=kwargs["step_ids"]), regions_to_mask(plan))
+            )
         return out, plan
 
-    monkeypatch.setattr(masks, "apply_step_skipping", spy_dense)
-    monkeypatch.setattr(masks, "plan_step_skipping", spy_regions)
+    monkeypatch.setattr(masks, "step_skipping", spy)
     cfg = base_config(
         tiny_model_dir,
         tmp_path,
