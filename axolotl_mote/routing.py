@@ -7,8 +7,13 @@ it per forward from the emitted markers (``generation/auto.py``, through
 :meth:`RoutingState.set` with ``auto=True``). When a MoTE layer runs with neither, it
 raises :class:`RoutingError`: MoTE never silently falls back to "no routing".
 
-The state is closed (``__slots__``): its fields are declared here and changed only
-through its methods, never patched from outside.
+It has three parts: the frozen :class:`RoutingSpec` (the experts: their number,
+alpha, the shared expert, the prompt's :class:`PromptRouting`, the seed), fixed when
+MoTE is attached; the per-forward state (step ids, the masks and coefficients built from
+them, the decode packs of one generated sequence), changed only through
+:meth:`RoutingState.set` / :meth:`RoutingState.clear`; and the model's
+:class:`Attachments` (every variant and hook, removed together). The state is closed
+(``__slots__``), and the spec's fields read through without a setter.
 
 Coefficients per token, blocks ordered ``[step_0 .. step_{E-1}, shared]``
 (``w = alpha`` with a shared expert, else 1):
@@ -35,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -118,21 +123,67 @@ def draw_seed(*parts: int | str | bytes) -> int:
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
+@dataclass(frozen=True)
+class RoutingSpec:
+    """What the experts are, fixed when MoTE is attached to a model."""
+
+    num_experts: int
+    alpha: float
+    shared_expert: bool
+    prompt: PromptRouting
+    seed: int = 42
+    #: no routing: every token through every block at weight 1 (one plain LoRA of
+    #: rank n_blocks * r, ``mote.experts: single``, the single-LoRA baseline)
+    single: bool = False
+    #: the MoteConfig the layers were attached with (template, stage names)
+    config: Any = field(default=None, compare=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.num_experts + int(self.shared_expert)
+
+
+class Attachments:
+    """What is attached to a model for one routing state: every variant and hook, as
+    removable handles (``.remove()``); ``tuner.model.detach_mote`` removes them all."""
+
+    __slots__ = ("handles",)
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def add(self, handle: Any) -> Any:
+        self.handles.append(handle)
+        return handle
+
+    def discard(self, handle: Any) -> None:
+        if handle in self.handles:
+            self.handles.remove(handle)
+
+    def remove_all(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+        self.handles.clear()
+
+    def find(self, kind: type) -> Any:
+        """The first attached handle of ``kind``, or None."""
+        return next((h for h in self.handles if isinstance(h, kind)), None)
+
+
 class RoutingState:
-    """Holds the current step ids and caches the masks built from them."""
+    """The routing of the current forward(s) of one model: its step ids and what is
+    built from them, beside the frozen :class:`RoutingSpec` and the model's
+    :class:`Attachments`.
+
+    The spec's fields read through (``state.alpha`` is ``state.spec.alpha``) and cannot
+    be assigned: a model's experts do not change while it is attached.
+    """
 
     __slots__ = (
-        "num_experts",
-        "alpha",
-        "shared_expert",
-        "prompt_routing",
-        "prompt",
-        "seed",
-        "single",
-        "config",
+        "spec",
+        "attachments",
         "fast_path",
         "packs",
-        "handles",
         "_step_ids",
         "_draw_key",
         "_auto",
@@ -149,19 +200,17 @@ class RoutingState:
         config: Any = None,
         single: bool = False,
     ) -> None:
-        #: the prompt's routing, parsed and checked against the experts once
-        self.prompt = PromptRouting.parse(prompt_routing, num_experts, shared_expert)
-        self.num_experts = num_experts
-        self.alpha = float(alpha)
-        self.shared_expert = shared_expert
-        #: the name or index asked for (``self.prompt.value``)
-        self.prompt_routing = self.prompt.value
-        self.seed = int(seed)
-        #: no routing: every token through every block at weight 1 (one plain LoRA of
-        #: rank n_blocks * r, ``mote.experts: single``, the single-LoRA baseline).
-        self.single = bool(single)
-        #: the MoteConfig the layers were attached with (template, stage names).
-        self.config = config
+        self.spec = RoutingSpec(
+            num_experts=int(num_experts),
+            alpha=float(alpha),
+            shared_expert=bool(shared_expert),
+            # the prompt's routing, parsed and checked against the experts once
+            prompt=PromptRouting.parse(prompt_routing, num_experts, shared_expert),
+            seed=int(seed),
+            single=bool(single),
+            config=config,
+        )
+        self.attachments = Attachments()
         #: False forces the reference form everywhere: the masked path as PEFT writes
         #: it, ``result + lora_B(h * mask) * scaling`` (no decode packs, no fused
         #: addmm; A/B benchmarks, debugging).
@@ -169,17 +218,30 @@ class RoutingState:
         #: fast-path blocks packed per layer and coefficient row (tuner/layer.py);
         #: kept only while forwards continue one sequence.
         self.packs: dict[tuple, Any] = {}
-        #: removable hook/variant handles (``.remove()``) of everything attached to the
-        #: model for this state; ``tuner.model.detach_mote`` removes them all.
-        self.handles: list[Any] = []
         self._step_ids: torch.Tensor | None = None
         self._draw_key = 0
         self._auto = False
         self._cache: dict[tuple, Any] = {}
 
+    # --- the spec, read through (read-only) ---------------------------------------
+    num_experts = property(lambda self: self.spec.num_experts)
+    alpha = property(lambda self: self.spec.alpha)
+    shared_expert = property(lambda self: self.spec.shared_expert)
+    prompt = property(lambda self: self.spec.prompt)
+    seed = property(lambda self: self.spec.seed)
+    single = property(lambda self: self.spec.single)
+    config = property(lambda self: self.spec.config)
+    n_blocks = property(lambda self: self.spec.n_blocks)
+
     @property
-    def n_blocks(self) -> int:
-        return self.num_experts + int(self.shared_expert)
+    def prompt_routing(self) -> int | str:
+        """The prompt routing asked for: 'random', 'shared', 'expected' or an index."""
+        return self.spec.prompt.value
+
+    @property
+    def handles(self) -> list[Any]:
+        """The attachments' handles (``self.attachments``)."""
+        return self.attachments.handles
 
     @property
     def is_set(self) -> bool:

@@ -43,7 +43,7 @@ class AutoRouting:
                 target.register_forward_pre_hook(self._before, with_kwargs=True)
             )
             self._handles.append(target.register_forward_hook(self._after))
-        state.handles.append(self)
+        state.attachments.add(self)
 
     def _before(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -79,8 +79,7 @@ class AutoRouting:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self in self.state.handles:
-            self.state.handles.remove(self)
+        self.state.attachments.discard(self)
         if self.state.is_auto:
             self.state.clear()
 
@@ -90,7 +89,7 @@ def auto_routing(model: Any) -> AutoRouting | None:
     from axolotl_mote.tuner.model import get_routing_state
 
     state = get_routing_state(model)
-    return next((h for h in state.handles if isinstance(h, AutoRouting)), None)
+    return state.attachments.find(AutoRouting)
 
 
 def install(model: Any, resolver: Resolver) -> AutoRouting:

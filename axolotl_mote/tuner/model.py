@@ -73,9 +73,9 @@ def attach_mote(
             "lora_target_linear"
         )
     for name, module, rank in checked:
-        state.handles.append(install_variant(module, adapter_name, state, rank, name))
+        state.attachments.add(install_variant(module, adapter_name, state, rank, name))
     if compact_save:
-        state.handles.append(CompactSaving(model))
+        state.attachments.add(CompactSaving(model))
     inner = inner_model(model)
     for target in {id(model): model, id(inner): inner}.values():
         object.__setattr__(target, STATE_ATTR, state)
@@ -120,9 +120,7 @@ def detach_mote(model: Any) -> None:
     """Remove MoTE's variants, hooks and state (no-op if none)."""
     state = vars(model).get(STATE_ATTR) if hasattr(model, "__dict__") else None
     if state is not None:
-        for handle in reversed(state.handles):
-            handle.remove()
-        state.handles.clear()
+        state.attachments.remove_all()
     for target in (model, inner_model(model)):
         if STATE_ATTR in vars(target):
             delattr(target, STATE_ATTR)
