@@ -309,6 +309,16 @@ def test_stop_strings_cut_the_text(http, saved):
     cut = http.post("/v1/chat/completions", json={**chat, "stop": stop}).json()
     assert cut["choices"][0]["message"]["content"] == text[: text.find(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
+    # streamed, the stop string is held back and cut the same way
+    streamed, finish = "", None
+    with http.stream("POST", "/v1/chat/completions",
+                     json={**chat, "stop": stop, "stream": True}) as reply:  # fmt: skip
+        for line in reply.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                streamed += choice["delta"].get("content") or ""
+                finish = choice["finish_reason"] or finish
+    assert (streamed, finish) == (text[: text.find(stop)], "stop")
     # the chain ended early: the stop string ended generation, not only the text
     assert cut["usage"]["completion_tokens"] <= answer["usage"]["completion_tokens"]
 
