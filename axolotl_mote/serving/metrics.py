@@ -11,6 +11,13 @@ from typing import Any
 
 class ServerMetrics:
     def __init__(self, queue_depth: Any = None) -> None:
+        from importlib.util import find_spec
+
+        if find_spec("prometheus_client") is None:
+            raise ImportError(
+                "axolotl-mote serve needs prometheus_client for /metrics: "
+                'pip install "axolotl-mote[serve]"'
+            )
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
