@@ -27,8 +27,12 @@ def prepare_raw_config(cfg: dict) -> None:
     - checks local JSONL datasets record by record (``mote.validate_files``).
 
     A ``mote:`` block that does not parse is left for validation, which reports it
-    with every other problem.
+    with every other problem. Library internals the plugin relies on that the
+    installed versions no longer provide are named in a warning (``compat.py``).
     """
+    from axolotl_mote.integration.compat import warn_broken
+
+    warn_broken()
     if cfg.get("mote") is None:
         cfg["mote"] = {}
     opts = cfg["mote"]
