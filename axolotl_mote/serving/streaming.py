@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import Request
 
 from axolotl_mote.serving.protocol import error_body
-from axolotl_mote.serving.server import (
+from axolotl_mote.serving.replies import (
     EXACT_MODEL,
     POLL,
     _error,
