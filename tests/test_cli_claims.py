@@ -148,3 +148,32 @@ def test_quickstart_next_steps_are_commands_that_parse(tmp_path):
             words = [*words[:2], str(tmp_path / "my_chains.jsonl")]
         command = main.get_command(ctx, words[1])
         command.make_context(words[1], words[2:])  # raises on an unknown option
+
+
+def test_export_serving_refuses_a_non_empty_folder_without_force(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    adapter = tmp_path / "adapter"
+    args = ["export", "--adapter", str(adapter), "--serving", "-o", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "--force" in res.output and str(out) in res.output
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_failed_training_in_the_quickstart_is_one_line(tmp_path, monkeypatch):
+    import subprocess
+
+    import axolotl_mote.quickstart as quickstart
+
+    def fail(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["axolotl", "train", "q.yml"])
+
+    monkeypatch.setattr(quickstart, "run", fail)
+    res = CliRunner().invoke(main, ["quickstart", "--tiny", "-o", str(tmp_path)])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "Error: `axolotl train q.yml` failed with exit status 1; its error is printed "
+        "above"
+    ]
