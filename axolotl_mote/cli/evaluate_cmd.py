@@ -83,9 +83,16 @@ def _models(base_model, adapters, include_base, loading):
 )
 @options.plan()
 @options.prompt_routing()
-@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    default=256,
+    show_default=True,
+    help="Token budget of each chain (markers included).",
+)
 @click.option("--max-stage-tokens", help="64, or per stage: analysis=64,guidance=32")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option(
+    "--batch-size", default=8, show_default=True, help="Prompts generated together."
+)
 @click.option("--limit", type=int, help="Only the first N prompts of each set.")
 @click.option("--temperature", type=float, help="Sample (default: greedy).")
 @click.option(
@@ -93,7 +100,12 @@ def _models(base_model, adapters, include_base, loading):
     type=float,
     help="HF repetition_penalty for every model, e.g. 1.2 (default: off).",
 )
-@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    help="Seed of sampling and of the random prompt expert.",
+)
 @options.model_loading
 def evaluate(
     prompt_sets,

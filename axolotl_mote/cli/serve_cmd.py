@@ -22,8 +22,13 @@ SHUTDOWN_GRACE = 5
     help="Trained MoTE adapter folder.",
 )
 @options.base_model("Base model (default: the adapter's).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: every interface; put --api-key on it).",
+)
+@click.option("--port", default=8000, show_default=True, type=int, help="TCP port.")
 @click.option(
     "--max-batch",
     default=8,
@@ -148,8 +153,17 @@ def serve(adapter, base_model, host, port, max_batch, batch_wait, max_model_len,
     show_default=True,
     help='adaptive, full, or stages, e.g. "analysis>answer" (quote it).',
 )
-@click.option("--max-new-tokens", default=256, show_default=True)
-@click.option("--max-stage-tokens", type=int, default=None)
+@click.option(
+    "--max-new-tokens",
+    default=256,
+    show_default=True,
+    help="Token budget of a whole chain (markers included).",
+)
+@click.option(
+    "--max-stage-tokens",
+    help="Cap on one stage's content: 64, or per stage: analysis=64,guidance=32 (as "
+    "generate and evaluate take it).",
+)
 @click.option(
     "--adapter-field",
     type=click.Choice(["model", "lora_path"]),
@@ -158,8 +172,15 @@ def serve(adapter, base_model, host, port, max_batch, batch_wait, max_model_len,
     help="How the server picks the adapter: vLLM and axolotl-mote serve use `model`, "
     "SGLang `lora_path`.",
 )
-@click.option("--timeout", default=60.0, show_default=True)
-@click.option("--retries", default=2, show_default=True)
+@click.option(
+    "--timeout", default=60.0, show_default=True, help="Seconds per HTTP request."
+)
+@click.option(
+    "--retries",
+    default=2,
+    show_default=True,
+    help="Retries of a failed HTTP request (connection errors, 5xx).",
+)
 def client(bundle, url, prompts, plan, max_new_tokens, max_stage_tokens, adapter_field,
            timeout, retries) -> None:  # fmt: skip
     """Generate MoTE chains stage by stage from a server with per-request adapters."""
@@ -170,6 +191,7 @@ def client(bundle, url, prompts, plan, max_new_tokens, max_stage_tokens, adapter
         url, timeout=timeout, max_retries=retries, adapter_field=adapter_field
     )
     stage_client = StageClient.from_bundle(bundle, backend)
+    limits = options.stage_limits(max_stage_tokens)
     parts = split_plan(plan)
     forced = (
         None
@@ -181,7 +203,7 @@ def client(bundle, url, prompts, plan, max_new_tokens, max_stage_tokens, adapter
         try:
             chain = stage_client.generate(
                 prompt, plan=forced, max_new_tokens=max_new_tokens,
-                max_stage_tokens=max_stage_tokens,
+                max_stage_tokens=limits,
             )  # fmt: skip
         except (ServingError, ValueError) as err:
             raise click.ClickException(str(err)) from None

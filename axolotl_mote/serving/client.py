@@ -176,11 +176,14 @@ class StageClient:
         prompt: str | list[dict[str, str]],
         plan: Sequence[str] | None = None,
         max_new_tokens: int = 256,
-        max_stage_tokens: int | None = None,
+        max_stage_tokens: int | dict[str, int] | None = None,
         answer_reserve: int | None = None,
         stage_reserve: int | None = None,
     ) -> ClientChain:
         """One chain; ``plan``: stage names/keys to force, None lets the model choose.
+
+        ``max_stage_tokens``: a cap for every stage, or per stage by name or record key
+        (``{"analysis": 64}``), as ``generate_chains`` takes it.
 
         The budget follows ``generate_chains``' rules (``generation/plan.py``): the
         answer keeps ``answer_reserve`` tokens (default ``min(32, max_new_tokens //
@@ -240,8 +243,9 @@ class StageClient:
                 1 if nxt == self.answer else reserve + 2 + len(later) * (per_stage + 2)
             )
             limit = max(0, remaining - need)
-            if max_stage_tokens:
-                limit = min(limit, max_stage_tokens)
+            cap = _stage_cap(max_stage_tokens, stage)
+            if cap is not None:
+                limit = min(limit, cap)
             content, reason = [], "length"
             if limit > 0:
                 content, reason = self.backend.complete(
@@ -308,3 +312,13 @@ class LocalBackend:
             stop_token_ids=stop_token_ids, logit_bias=logit_bias,
         )  # fmt: skip
         return out.token_ids, out.finish_reason
+
+
+def _stage_cap(limits: int | dict[str, int] | None, stage: dict) -> int | None:
+    """The content cap of ``stage``: one number for all, or its entry by name or key."""
+    if limits is None or isinstance(limits, int):
+        return limits or None
+    for name in (stage["name"], stage.get("key")):
+        if name in limits:
+            return int(limits[name])
+    return None

@@ -117,3 +117,22 @@ def test_a_stage_token_limit_cuts_the_text_and_closes_the_stage(client_parts):
     assert chain.token_ids == (
         [answer["start_id"]] + content["safe_answer"][:2] + [answer["end_id"]]
     )
+
+
+def test_per_stage_token_limits_by_name_or_key(client_parts):
+    """``max_stage_tokens`` per stage, as generate and evaluate take it: analysis
+    (by its record key) capped at 2, the answer (by name) at 3, guidance uncapped."""
+    tok, manifest, stages, content, scripts = client_parts
+    for stage, key in zip(manifest["stages"], ("analysis", "guidance", "answer")):
+        stage["key"] = key  # what the bundle manifest records
+    client = StageClient(ScriptedBackend(scripts, []), manifest, tok)
+    chain = client.generate(
+        "Hi", plan=["analysis", "guidance", "answer"], max_new_tokens=200,
+        max_stage_tokens={"analysis": 2, "safe_answer": 3},
+    )  # fmt: skip
+    a, g, ans = stages
+    assert chain.token_ids == (
+        [a["start_id"]] + content["question_analysis"][:2] + [a["end_id"]]
+        + [g["start_id"]] + content["answer_guidance"] + [g["end_id"]]
+        + [ans["start_id"]] + content["safe_answer"][:3] + [ans["end_id"]]
+    )  # fmt: skip
