@@ -15,7 +15,7 @@ get_lora_config_kwargs      rank blocks per expert (``model.py``)
 post_lora_load              attach routing to the PEFT LoRA layers (``model.py``)
 get_trainer_cls             routing around every step (``trainer.py``)
 post_trainer_create         FSDP2's final save keeps the marker rows (``fsdp.py``)
-get_collator_cls_and_kwargs step-id padding, packed or not (``data/collator.py``)
+get_collator_cls_and_kwargs step-id padding, packed or not (``integration/collator.py``)
 add_callbacks_post_trainer  self-describing checkpoints, stats (``callbacks.py``)
 post_train                  ``mote_config.json`` and model card (``saving.py``)
 ==========================  ===================================================
@@ -99,7 +99,7 @@ class MotePlugin(BasePlugin):
             install_final_save()
 
     def get_collator_cls_and_kwargs(self, cfg, is_eval: bool = False):
-        from axolotl_mote.data.collator import collator_for
+        from axolotl_mote.integration.collator import collator_for
 
         # exactly as Axolotl picks its batch-sampler collator for this split
         packed = cfg.eval_sample_packing if is_eval else cfg.sample_packing

@@ -238,7 +238,7 @@ def test_trainer_class_is_mote_trainer():
 def test_strategy_resolves_through_axolotl_loader(tiny_tokenizer):
     from axolotl.prompt_strategies import load
 
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
 
     cfg = DictDefault(mote={"template": "aligncot"}, sequence_len=128)
     strategy = load("axolotl_mote.aligncot", tiny_tokenizer, cfg, DictDefault(path="x"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_mote.data.strategy import ChainDatasetStrategy
+from axolotl_mote.integration.strategy import ChainDatasetStrategy
 from tests.helpers.chain_expect import (
     IGNORE,
     PROMPT,

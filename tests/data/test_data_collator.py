@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from axolotl_mote.data.collator import (
+from axolotl_mote.integration.collator import (
     MoteDataCollator,
     MotePackedDataCollator,
     collator_for,
@@ -203,7 +203,7 @@ def test_strategy_rows_survive_packing_and_padding(
     aligncot, tokenizer_for, fresh_tokenizer
 ):
     """Real strategy rows -> packed and unpacked batches -> the same rows back."""
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
 
     records = [
         {"id": "a", "prompt": "Capital of France?", "answer": "Paris."},

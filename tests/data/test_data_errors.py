@@ -230,7 +230,7 @@ DATASET_CASES = [
 
 @pytest.mark.parametrize("case", DATASET_CASES)
 def test_strategy_on_dataset_names_the_row(case, aligncot, tokenizer_for):
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
 
     record, expected = {c: (r, e) for c, r, e in BAD_RECORDS}[case]
     good = {
@@ -260,7 +260,7 @@ def test_strategy_on_dataset_names_the_row(case, aligncot, tokenizer_for):
 def test_dataset_columns_absent_in_a_row_are_not_unknown_keys(aligncot, tokenizer_for):
     """Arrow fills a column missing from a row with None; that is "absent", not
     unknown."""
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
 
     rows = [
         {"id": "a", "prompt": "Q1?", "answer": "A1.", "meta": {"source": "x"}},

@@ -13,7 +13,7 @@ import logging
 
 import pytest
 
-from axolotl_mote.data.strategy import ChainDatasetStrategy, load
+from axolotl_mote.integration.strategy import ChainDatasetStrategy, load
 from tests.helpers.chain_expect import IGNORE, PROMPT, expected_rows, stage_table
 
 LONG = {

@@ -139,7 +139,7 @@ RECORDS = [
 def test_strategy_stats_match_the_tokens(variant, template_variant, tokenizer_for):
     from datasets import Dataset
 
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
     from tests.helpers.chain_expect import conversation
 
     template = (

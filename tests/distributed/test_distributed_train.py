@@ -117,7 +117,7 @@ def _check_equal_trainable_tokens(path: Path, model_dir: Path) -> None:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
     from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
 

@@ -73,7 +73,7 @@ def _a_training_row(cfg, tokenizer_dir, template):
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
     from axolotl_mote.markers import add_marker_tokens
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

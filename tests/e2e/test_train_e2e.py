@@ -23,7 +23,7 @@ def _expected_rows(cfg, tokenizer_dir) -> dict[tuple[int, ...], list[int]]:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
-    from axolotl_mote.data.strategy import ChainDatasetStrategy
+    from axolotl_mote.integration.strategy import ChainDatasetStrategy
     from axolotl_mote.markers import add_marker_tokens
     from axolotl_mote.templates import load_template
 
