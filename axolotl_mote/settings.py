@@ -20,7 +20,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from axolotl_mote.args import MoteOptions, attention_of, step_skip_prob
+from axolotl_mote.args import (
+    MoteOptions,
+    attention_of,
+    step_skip_backend,
+    step_skip_prob,
+)
 from axolotl_mote.templates import PromptTemplate, load_template
 from axolotl_mote.tuner.config import MoteConfig
 
@@ -37,6 +42,10 @@ class MoteSettings:
     step_skip_note: str | None  # why the default turned step skipping off, if it did
     hideable: tuple[int, ...]  # step ids step skipping may hide
     attn_implementation: str
+    #: how step skipping runs: "off", "regions" (sdpa or flash), "dense" or "flex";
+    #: decided once by ``args.step_skip_backend`` (a model with sliding-window or
+    #: soft-capped attention turns "regions" into "dense" at load, under sdpa)
+    step_skip: str = "off"
 
     @property
     def stage_names(self) -> list[str]:
@@ -120,6 +129,8 @@ def _resolve(key: str) -> MoteSettings:
         template_data=template.model_dump(mode="json", exclude={"source"}),
     )
     p, note = step_skip_prob(options, data["attention"])
+    hideable = tuple(template.hideable_steps(options.skip_stages))
+    backend = step_skip_backend(data["attention"], options.step_skip_attention)
     return MoteSettings(
         options=options,
         template=template,
@@ -127,6 +138,7 @@ def _resolve(key: str) -> MoteSettings:
         seed=seed,
         step_skip_prob=p,
         step_skip_note=note,
-        hideable=tuple(template.hideable_steps(options.skip_stages)),
+        hideable=hideable,
         attn_implementation=data["attention"],
+        step_skip=backend if (p > 0 and hideable and backend) else "off",
     )

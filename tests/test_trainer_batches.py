@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from axolotl_mote.constants import PROMPT_STEP
@@ -56,3 +57,25 @@ def test_step_skipping_is_on_by_default_where_attention_allows_it():
 def test_settings_are_resolved_once_per_config():
     assert _settings() is _settings()
     assert _settings(seed=1) is not _settings(seed=2)
+
+
+@pytest.mark.parametrize(
+    "attn, kernel, p, expected",
+    [
+        ("sdpa", "regions", None, "regions"),
+        ("sdpa", "dense", None, "dense"),
+        ("eager", "regions", None, "dense"),
+        ("flex_attention", "regions", None, "flex"),
+        ("flash_attention_2", "regions", None, "regions"),
+        ("xformers", "regions", None, "off"),
+        ("sdpa", "regions", 0.0, "off"),
+    ],
+)
+def test_the_step_skipping_backend_is_decided_once_in_the_settings(
+    attn, kernel, p, expected
+):
+    mote = {"step_skip_attention": kernel}
+    if p is not None:
+        mote["step_skip_prob"] = p
+    settings = resolve_settings({"mote": mote, "attn_implementation": attn})
+    assert settings.step_skip == expected

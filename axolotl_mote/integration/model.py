@@ -206,7 +206,6 @@ def use_step_skip_regions(settings: Any, model: Any) -> bool:
     soft-capped attention keep sdpa's dense mask; under flash attention they cannot
     step-skip, which is an error (never a silent fallback to unmasked training).
     """
-    from axolotl_mote.args import step_skip_backend
     from axolotl_mote.attention import (
         StepSkipUnsupported,
         install_flash_regions,
@@ -216,8 +215,7 @@ def use_step_skip_regions(settings: Any, model: Any) -> bool:
     )
 
     attention = settings.attn_implementation
-    backend = step_skip_backend(attention, settings.options.step_skip_attention)
-    if settings.step_skip_prob <= 0 or backend != "regions":
+    if settings.step_skip != "regions":  # off, dense or flex: no attention to swap
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not supports_regions(base.config):
