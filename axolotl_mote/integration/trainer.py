@@ -148,12 +148,7 @@ class MoteTrainer(AxolotlTrainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """The whole run expects step-skipping plans when the model runs regions: a
         training forward outside a training step then raises, never runs unmasked."""
-        settings = self.mote
-        expected = (
-            settings.step_skip_prob > 0
-            and bool(settings.hideable)
-            and uses_regions(self.model)
-        )
+        expected = self.mote.step_skip == "regions" and uses_regions(self.model)
         with plans_expected(expected):
             return super().train(*args, **kwargs)
 
