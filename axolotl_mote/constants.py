@@ -37,3 +37,15 @@ EXPORT_INFO_NAME = "mote_export.json"
 
 #: Labels value ignored by the loss (matches transformers / axolotl).
 IGNORE_INDEX = -100
+
+#: The environment every offline run sets (tests, the quickstart, benchmarks, the test
+#: launcher): no hub, no telemetry (a missing AXOLOTL_DO_NOT_TRACK can hang at exit), no
+#: tokenizer threads. The one place it is written.
+OFFLINE_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}

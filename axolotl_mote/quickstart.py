@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from axolotl_mote.constants import OFFLINE_ENV
 from axolotl_mote.resources import resource
 
 DEMO_PROMPTS = [
@@ -38,14 +39,7 @@ SMOLLM2_DIR = Path(".cache") / "models" / "SmolLM2-135M-Instruct"
 
 def offline_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        AXOLOTL_DO_NOT_TRACK="1",
-        DO_NOT_TRACK="1",
-        WANDB_MODE="disabled",
-        TOKENIZERS_PARALLELISM="false",
-    )
+    env.update(OFFLINE_ENV)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env

@@ -35,17 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_key, _value)
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from axolotl_mote.constants import OFFLINE_ENV  # noqa: E402 - cheap: no torch
+
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 STAGES = ("analysis", "guidance", "answer")
 
 

@@ -93,13 +93,10 @@ SCORER_NOTES = {
 
 
 def quiet_environment(threads: int) -> None:
+    from axolotl_mote.constants import OFFLINE_ENV
+
     for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "DO_NOT_TRACK": "1",
-        "WANDB_MODE": "disabled",
-        "TOKENIZERS_PARALLELISM": "false",
+        **OFFLINE_ENV,
         "MPLBACKEND": "Agg",
     }.items():
         os.environ.setdefault(key, value)

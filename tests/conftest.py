@@ -8,14 +8,9 @@ from __future__ import annotations
 
 import os
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+from axolotl_mote.constants import OFFLINE_ENV  # noqa: E402 - no torch, no axolotl
+
+for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
 
 from pathlib import Path  # noqa: E402

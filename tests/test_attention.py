@@ -72,9 +72,8 @@ def test_region_attention_equals_dense_sdpa(seed, markers_visible):
 
 def test_a_model_trains_the_same_on_regions_and_on_the_dense_mask():
     """Loss and every gradient of a tiny Llama: mote_sdpa with a plan == sdpa + mask."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from axolotl_mote.attention import register
+    from tests.helpers.tiny import tiny_llama
 
     gen = torch.Generator().manual_seed(3)
     s, ids, pos = random_batch(gen, B=2, T=48)
@@ -84,12 +83,7 @@ def test_a_model_trains_the_same_on_regions_and_on_the_dense_mask():
     content, _ = _token_roles(s, seq, hidden, None)
     plan = plan_regions(s, seq, content)
     mask = build_step_skip_mask(s, seq, hidden, None)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(attn_implementation="sdpa").train()
     labels = ids.masked_fill(seq == 0, -100)
 
     def run(**kw):

@@ -76,17 +76,11 @@ def cpu_flash(monkeypatch):
 def test_a_flash_model_trains_on_the_regions_like_the_dense_mask(cpu_flash):
     """A tiny Llama whose attention is flash (stand-in kernel): with a plan, its loss
     and every gradient are the dense step mask's; without one, plain attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from tests.helpers.tiny import tiny_llama
     from tests.test_attention_threads import _batch
 
     ids, pos, seq, plan, mask = _batch(seed=5)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).train()
+    model = tiny_llama(attn_implementation="sdpa").train()
     labels = ids.masked_fill(seq == 0, -100)
 
     def run(**kw):

@@ -100,14 +100,9 @@ def test_checkpointed_region_attention_backward_on_another_thread(reentrant):
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.helpers.tiny import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return tiny_llama(attn_implementation="sdpa")
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])

@@ -52,13 +52,10 @@ QUICK = Experiment(
 def quiet_environment() -> None:
     """Offline, no telemetry, one CPU thread (reproducible, and far faster than two
     threads on a shared machine)."""
+    from axolotl_mote.constants import OFFLINE_ENV
+
     for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "DO_NOT_TRACK": "1",
-        "WANDB_MODE": "disabled",
-        "TOKENIZERS_PARALLELISM": "false",
+        **OFFLINE_ENV,
         "MPLBACKEND": "Agg",
     }.items():
         os.environ.setdefault(key, value)

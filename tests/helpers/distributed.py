@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from axolotl_mote.constants import OFFLINE_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "tests" / "distributed" / "launcher.py"
 REPORT_ENV = "MOTE_LAUNCHER_REPORT_DIR"  # read by launcher.py
@@ -36,12 +38,7 @@ REPORT_ENV = "MOTE_LAUNCHER_REPORT_DIR"  # read by launcher.py
 # Set for every run (offline, no telemetry: a missing AXOLOTL_DO_NOT_TRACK hangs at
 # exit).
 BASE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
+    **OFFLINE_ENV,
     "OMP_NUM_THREADS": "1",
     "DS_BUILD_OPS": "0",
 }

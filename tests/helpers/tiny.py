@@ -37,8 +37,10 @@ PACKED_POSITIONS = torch.tensor(
 )
 
 
-def tiny_llama(seed: int = 0):
-    """A random fp32 2-layer Llama (hidden 32, GQA) in eval mode."""
+def tiny_llama(seed: int = 0, attn_implementation: str = "eager"):
+    """A random fp32 2-layer Llama (hidden 32, GQA) in eval mode: the suite's one
+    in-memory tiny model (``axolotl_mote.tiny`` saves one to disk for ``axolotl
+    train``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -51,7 +53,7 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=False,
-        attn_implementation="eager",
+        attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config).float().eval()
 
