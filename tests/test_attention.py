@@ -73,7 +73,7 @@ def test_region_attention_equals_dense_sdpa(seed, markers_visible):
 def test_a_model_trains_the_same_on_regions_and_on_the_dense_mask():
     """Loss and every gradient of a tiny Llama: mote_sdpa with a plan == sdpa + mask."""
     from axolotl_mote.attention import register
-    from tests.helpers.tiny import tiny_llama
+    from tests.helpers.tiny import loss_and_grads, tiny_llama
 
     gen = torch.Generator().manual_seed(3)
     s, ids, pos = random_batch(gen, B=2, T=48)
@@ -87,10 +87,8 @@ def test_a_model_trains_the_same_on_regions_and_on_the_dense_mask():
     labels = ids.masked_fill(seq == 0, -100)
 
     def run(**kw):
-        model.zero_grad()
-        loss = model(input_ids=ids, position_ids=pos, labels=labels, **kw).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        batch = dict(input_ids=ids, position_ids=pos, labels=labels)
+        return loss_and_grads(model, **batch, **kw)
 
     ref_loss, ref_grads = run(attention_mask=mask)
     model.set_attn_implementation(register())

@@ -76,7 +76,7 @@ def cpu_flash(monkeypatch):
 def test_a_flash_model_trains_on_the_regions_like_the_dense_mask(cpu_flash):
     """A tiny Llama whose attention is flash (stand-in kernel): with a plan, its loss
     and every gradient are the dense step mask's; without one, plain attention."""
-    from tests.helpers.tiny import tiny_llama
+    from tests.helpers.tiny import loss_and_grads, tiny_llama
     from tests.test_attention_threads import _batch
 
     ids, pos, seq, plan, mask = _batch(seed=5)
@@ -84,10 +84,8 @@ def test_a_flash_model_trains_on_the_regions_like_the_dense_mask(cpu_flash):
     labels = ids.masked_fill(seq == 0, -100)
 
     def run(**kw):
-        model.zero_grad()
-        loss = model(input_ids=ids, position_ids=pos, labels=labels, **kw).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        batch = dict(input_ids=ids, position_ids=pos, labels=labels)
+        return loss_and_grads(model, **batch, **kw)
 
     ref_loss, ref_grads = run(attention_mask=mask)
     plain = model(input_ids=ids, position_ids=pos).logits.detach()

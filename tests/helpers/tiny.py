@@ -58,6 +58,15 @@ def tiny_llama(seed: int = 0, attn_implementation: str = "eager"):
     return LlamaForCausalLM(config).float().eval()
 
 
+def loss_and_grads(model, **inputs):
+    """One forward and backward from zeroed gradients: (loss, {name: gradient})."""
+    model.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    params = model.named_parameters()
+    return loss.detach(), {n: p.grad.clone() for n, p in params if p.grad is not None}
+
+
 def mote_config(**overrides) -> MoteConfig:
     kwargs = {"stage_names": list(STAGES), "expert_rank": 4}
     kwargs.update(overrides)
