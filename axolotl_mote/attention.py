@@ -425,10 +425,12 @@ def varlen_region_attention(
     q = query.transpose(1, 2).reshape(b * t, h, d)  # [B*T, H, D]
     k = key.transpose(1, 2).reshape(b * t, hkv, d)  # [B*T, Hkv, D]
     v = value.transpose(1, 2).reshape(b * t, hkv, dv)
+    # flash-attn 3's varlen kernel has no dropout_p: pass it only when it is used
+    extra = {"dropout_p": dropout} if dropout else {}
     o = varlen(
         q.index_select(0, layout.q_index), k.index_select(0, layout.k_index),
         v.index_select(0, layout.k_index), layout.cu_q, layout.cu_k, layout.max_q,
-        layout.max_k, dropout_p=dropout, softmax_scale=scaling, causal=True,
+        layout.max_k, softmax_scale=scaling, causal=True, **extra,
     )  # fmt: skip  # [Nq, H, Dv]
     if layout.pad_index.numel():  # a padding query sees only itself: its own value
         own = v.index_select(0, layout.pad_index)  # [Np, Hkv, Dv]

@@ -170,3 +170,20 @@ def test_axolotl_train_with_flash_attention_step_skips(
     assert checked, "flash attention never ran step-skipping regions"
     assert len(checked) % 2 == 0  # every layer of the tiny model, every step
     assert sum(checked) > 0  # p = 0.9: some region sees a gathered prefix
+
+
+def test_a_kernel_without_dropout_is_called_without_it():
+    """flash-attn 3's varlen kernel takes no ``dropout_p``: at dropout 0 (every Llama)
+    it must not be passed; the keyword arguments are the documented ones."""
+    plan, _ = _plan_and_mask(0, 0.6, False)
+    calls = []
+
+    def fa3_like(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+        calls.append(causal)
+        kw = dict(softmax_scale=softmax_scale, causal=causal)
+        return reference_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    q = torch.randn(3, 4, 40, 8)
+    kv = torch.randn(3, 2, 40, 8)
+    out = varlen_region_attention(q, kv, kv, plan, fa3_like, 0.3)
+    assert calls == [True] and out.shape == (3, 40, 4, 8)
