@@ -113,7 +113,7 @@ def main() -> None:
     from axolotl_mote.evaluation.scorers import StringMatchScorer, load_rubric
     from axolotl_mote.generation import generate_chains
     from axolotl_mote.loading import load_mote_model
-    from axolotl_mote.markers import marker_token_ids
+    from axolotl_mote.serving.bundle import stage_manifest
     from axolotl_mote.serving.client import LocalBackend, StageClient
     from axolotl_mote.tuner.config import MoteConfig
 
@@ -128,17 +128,7 @@ def main() -> None:
         base, args.adapter, dtype="float32", device="cpu"
     )
     template = MoteConfig.load(args.adapter).prompt_template()
-    ids = marker_token_ids(template, tokenizer)
-    manifest = {
-        "template_data": template.model_dump(mode="json", exclude={"source"}),
-        "answer_stage": template.answer_stage,
-        "prompt_adapter": "prompt",
-        "stages": [
-            {"name": s.name, "start_id": ids[s.start], "end_id": ids[s.end],
-             "skippable": s.skippable, "adapter": s.name}
-            for s in template.trained_stages
-        ],
-    }  # fmt: skip
+    manifest = stage_manifest(template, tokenizer)
     client = StageClient(LocalBackend(model), manifest, tokenizer)
     formatter = ChainFormatter(template, tokenizer)
     args.work_dir.mkdir(parents=True, exist_ok=True)

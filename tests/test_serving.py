@@ -120,22 +120,11 @@ def _clients(saved, url, **http):
 
 def _manifest(saved) -> dict:
     """What a bundle's manifest says about the adapter (without writing the bundle)."""
-    from axolotl_mote.markers import marker_token_ids
+    from axolotl_mote.serving.bundle import stage_manifest
     from axolotl_mote.tuner.config import MoteConfig
 
     adapter, _, tokenizer = saved
-    template = MoteConfig.load(adapter).prompt_template()
-    ids = marker_token_ids(template, tokenizer)
-    return {
-        "template_data": template.model_dump(mode="json", exclude={"source"}),
-        "answer_stage": template.answer_stage,
-        "prompt_adapter": "prompt",
-        "stages": [
-            {"name": s.name, "start_id": ids[s.start], "end_id": ids[s.end],
-             "skippable": s.skippable, "adapter": s.name}
-            for s in template.trained_stages
-        ],
-    }  # fmt: skip
+    return stage_manifest(MoteConfig.load(adapter).prompt_template(), tokenizer)
 
 
 def test_the_stage_switching_client_against_the_server(saved, server):

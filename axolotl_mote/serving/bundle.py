@@ -59,27 +59,11 @@ def write_serving_bundle(
     stage_rank = json.loads(
         (next(iter(stages.values())) / "adapter_config.json").read_text()
     )["r"]
-    ids = {m: tokenizer.convert_tokens_to_ids(m) for m in template.markers}
-    trained = [s for s in template.trained_stages]
+    trained = template.trained_stages
     manifest = {
         "format_version": 1,
         "template": template.name,
-        "template_data": template.model_dump(mode="json", exclude={"source"}),
-        "answer_stage": template.answer_stage,
-        "stages": [
-            {
-                "name": s.name,
-                "key": s.key,
-                "start": s.start,
-                "end": s.end,
-                "start_id": ids[s.start],
-                "end_id": ids[s.end],
-                "skippable": s.skippable,
-                "adapter": s.name,
-            }
-            for s in trained
-        ],
-        "prompt_adapter": PROMPT_ADAPTER,
+        **stage_manifest(template, tokenizer),
         "chat_template": template.chat_format.jinja or tokenizer.chat_template,
         "special_tokens": {
             k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token")
@@ -227,3 +211,28 @@ the stage's end marker, then continues. This approximates MoTE: the server recom
 the earlier stages' tokens with the current stage's adapter (docs/serving.md gives the
 measured fidelity). For the exact model use `axolotl-mote serve`.
 """
+
+
+def stage_manifest(template: Any, tokenizer: Any) -> dict[str, Any]:
+    """What the stage client reads of a bundle's manifest: the template, the answer
+    stage, the prompt adapter and each trained stage's markers and adapter. The bundle
+    writes it (with more); a client on an unexported adapter builds it the same way."""
+    ids = {m: tokenizer.convert_tokens_to_ids(m) for m in template.markers}
+    return {
+        "template_data": template.model_dump(mode="json", exclude={"source"}),
+        "answer_stage": template.answer_stage,
+        "prompt_adapter": PROMPT_ADAPTER,
+        "stages": [
+            {
+                "name": s.name,
+                "key": s.key,
+                "start": s.start,
+                "end": s.end,
+                "start_id": ids[s.start],
+                "end_id": ids[s.end],
+                "skippable": s.skippable,
+                "adapter": s.name,
+            }
+            for s in template.trained_stages
+        ],
+    }
