@@ -90,35 +90,32 @@ def config_dataset_locations(
     locations; one found in both places (two different files) gets a note saying
     which one training reads.
     """
+    from axolotl_mote.integration.config import mote_datasets
+
     problems: dict[Path, str] = {}
     notes: list[str] = []
     here = Path.cwd()
     config_dir = config_path.resolve().parent
-    for group in ("datasets", "test_datasets"):
-        for ds in cfg.get(group) or []:
-            if not isinstance(ds, dict):
-                continue
-            if not str(ds.get("type", "")).startswith("axolotl_mote."):
-                continue
-            raw = Path(str(ds.get("path", "")))
-            if raw.is_absolute() or config_dir == here.resolve():
-                continue
-            there = config_dir / raw
-            if not there.exists():
-                continue
-            if not raw.exists():
-                problems[raw] = (
-                    f"{raw}: dataset not found in the working directory ({here / raw}),"
-                    f" where `axolotl train` reads it; it is next to the config "
-                    f"({there}): run from {config_dir}, or give the path relative to "
-                    "the working directory (or absolute)"
-                )
-            elif raw.resolve() != there.resolve():
-                notes.append(
-                    f"note: {raw} is read from the working directory ({here / raw}), "
-                    f"as `axolotl train` reads it; the config's folder holds another "
-                    f"({there}), which is not used"
-                )
+    for ds in mote_datasets(cfg):
+        raw = Path(str(ds.get("path", "")))
+        if raw.is_absolute() or config_dir == here.resolve():
+            continue
+        there = config_dir / raw
+        if not there.exists():
+            continue
+        if not raw.exists():
+            problems[raw] = (
+                f"{raw}: dataset not found in the working directory ({here / raw}),"
+                f" where `axolotl train` reads it; it is next to the config "
+                f"({there}): run from {config_dir}, or give the path relative to "
+                "the working directory (or absolute)"
+            )
+        elif raw.resolve() != there.resolve():
+            notes.append(
+                f"note: {raw} is read from the working directory ({here / raw}), "
+                f"as `axolotl train` reads it; the config's folder holds another "
+                f"({there}), which is not used"
+            )
     return problems, notes
 
 

@@ -177,6 +177,16 @@ def _refuse_merging_routed_adapter(cfg: dict) -> None:
         )
 
 
+def mote_datasets(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dataset entries (train and test) of ``type: axolotl_mote.*``."""
+    return [
+        ds
+        for group in ("datasets", "test_datasets")
+        for ds in cfg.get(group) or []
+        if isinstance(ds, dict) and str(ds.get("type", "")).startswith("axolotl_mote.")
+    ]
+
+
 def dataset_files(cfg: dict[str, Any], root: Path | None = None) -> list[Path]:
     """Local ``.jsonl`` files of every dataset of ``type: axolotl_mote.*``.
 
@@ -185,19 +195,14 @@ def dataset_files(cfg: dict[str, Any], root: Path | None = None) -> list[Path]:
     path that exists nowhere is returned too, so the caller reports it.
     """
     out: list[Path] = []
-    for group in ("datasets", "test_datasets"):
-        for ds in cfg.get(group) or []:
-            if not isinstance(ds, dict):
-                continue
-            if not str(ds.get("type", "")).startswith("axolotl_mote."):
-                continue
-            path = Path(str(ds.get("path", "")))
-            if not path.exists() and root is not None and (root / path).exists():
-                path = root / path
-            if path.is_dir():
-                out += sorted(path.glob("*.jsonl"))
-            elif path.suffix == ".jsonl":
-                out.append(path)
+    for ds in mote_datasets(cfg):
+        path = Path(str(ds.get("path", "")))
+        if not path.exists() and root is not None and (root / path).exists():
+            path = root / path
+        if path.is_dir():
+            out += sorted(path.glob("*.jsonl"))
+        elif path.suffix == ".jsonl":
+            out.append(path)
     return out
 
 
