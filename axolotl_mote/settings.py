@@ -80,8 +80,9 @@ def resolve_settings(cfg: Any) -> MoteSettings:
     return _resolve(key)
 
 
-#: (id of the run's config, its settings): set by the plugin, one run at a time
-_HELD: tuple[int, MoteSettings] | None = None
+#: (the run's config, its settings): set by the plugin, one run at a time. The config
+#: itself is kept, not its id: a freed config's id can be reused by another object
+_HELD: tuple[Any, MoteSettings] | None = None
 
 
 def hold(cfg: Any) -> MoteSettings:
@@ -90,8 +91,8 @@ def hold(cfg: Any) -> MoteSettings:
     Another config object (a new run in the same process) replaces what was held.
     """
     global _HELD
-    if _HELD is None or _HELD[0] != id(cfg):
-        _HELD = (id(cfg), resolve_settings(cfg))
+    if _HELD is None or _HELD[0] is not cfg:
+        _HELD = (cfg, resolve_settings(cfg))
     return _HELD[1]
 
 
@@ -105,7 +106,7 @@ def settings_of(cfg: Any) -> MoteSettings:
     """The settings of ``cfg``: the held object when it is the run's config (no key
     rebuilt), else resolved from it (library use)."""
     held = _HELD
-    if held is not None and held[0] == id(cfg):
+    if held is not None and held[0] is cfg:
         return held[1]
     return resolve_settings(cfg)
 

@@ -79,3 +79,20 @@ def test_the_step_skipping_backend_is_decided_once_in_the_settings(
         mote["step_skip_prob"] = p
     settings = resolve_settings({"mote": mote, "attn_implementation": attn})
     assert settings.step_skip == expected
+
+
+def test_held_settings_belong_to_their_config_object_only():
+    """The plugin holds the run's settings; another config (equal or not) is resolved
+    from its own values, and release() forgets the held one."""
+    from axolotl_mote.settings import hold, release, settings_of
+
+    run = {"mote": {"alpha": 0.3}, "lora_r": 4}
+    other = {"mote": {"alpha": 0.7}, "lora_r": 4}
+    try:
+        held = hold(run)
+        assert settings_of(run) is held and held.config.alpha == 0.3
+        assert settings_of(other).config.alpha == 0.7
+        assert hold(run) is held  # resolved once
+    finally:
+        release()
+    assert settings_of(run).config.alpha == 0.3
