@@ -94,6 +94,44 @@ def build_tiny_model(
     )
 
 
+def tiny_llama_config(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int | None = None,
+    num_layers: int = 2,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = False,
+    **overrides: Any,
+):
+    """The one shape of every tiny Llama the project builds: 4 query heads over 2
+    key/value heads (so grouped-query attention is always exercised), an MLP twice as
+    wide as the model unless told otherwise. ``overrides`` go to ``LlamaConfig`` as
+    they are (token ids, ``attn_implementation``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        **overrides,
+    )
+
+
+def random_llama(vocab_size: int, *, seed: int = 0, **config: Any):
+    """A seeded random ``LlamaForCausalLM`` of :func:`tiny_llama_config`'s shape."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, **config))
+
+
 def save_random_llama(
     out_dir: str | Path,
     tokenizer: Any,
@@ -105,25 +143,19 @@ def save_random_llama(
     tie_word_embeddings: bool = False,
 ) -> Path:
     """Save a randomly initialised (seeded) small Llama sized to ``tokenizer`` + it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    model = random_llama(
+        len(tokenizer),
+        seed=seed,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_layers=num_layers,
         max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie_word_embeddings,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -48,3 +48,35 @@ def test_the_pattern_catches_a_wrong_key():
     line = "set mote.step_skip_kernel: dense for this model (see axolotl_mote.masks)"
     assert KEY.findall(line) == ["step_skip_kernel"]
     assert "step_skip_kernel" not in MoteOptions.model_fields
+
+
+#: ``tests/<path>.py`` and an optional ``::test_name``, as docs and docstrings cite them
+TEST_PATH = re.compile(r"(?<![\w/])(tests/[\w/]+\.py)(?:::(\w+))?")
+
+
+def test_every_cited_test_exists():
+    """A doc that sends a reader to ``tests/x.py::test_y`` must find it there: the test
+    tree mirrors the package and files move (tests/test_serving.py became
+    tests/serving/test_serving.py)."""
+    sources = _sources() + sorted((REPO / "benchmarks").rglob("*.py"))
+    sources += [f for f in sorted((REPO / "tests").rglob("*.py")) if f != Path(__file__)]
+    cited, missing = 0, []
+    for path in sources:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for file, name in TEST_PATH.findall(line):
+                cited += 1
+                target = REPO / file
+                where = f"{path.relative_to(REPO)}:{lineno}"
+                if not target.is_file():
+                    missing.append(f"{where}: {file} does not exist")
+                elif name and not re.search(rf"def {name}\b", target.read_text()):
+                    missing.append(f"{where}: {file} has no {name}")
+    assert cited > 10, "too few test paths found: the pattern is broken"
+    assert not missing, "\n".join(missing)
+
+
+def test_the_test_path_pattern_reads_a_citation():
+    line = "(`tests/evaluation/test_safety_bench.py::test_tiny_end_to_end_and_resume`)"
+    assert TEST_PATH.findall(line) == [
+        ("tests/evaluation/test_safety_bench.py", "test_tiny_end_to_end_and_resume")
+    ]

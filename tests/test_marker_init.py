@@ -16,19 +16,12 @@ from tests.helpers.train import base_config, run_train
 
 
 def _model_and_tokenizer(tiny_tokenizer, tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from axolotl_mote.tiny import random_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
+    model = random_llama(
+        len(tiny_tokenizer), hidden_size=32, num_layers=1, tie_word_embeddings=tied
     )
-    return LlamaForCausalLM(config), tiny_tokenizer
+    return model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("tied", [True, False])

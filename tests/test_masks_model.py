@@ -25,19 +25,9 @@ DENSE = ["sdpa", "eager"]
 
 
 def tiny_llama(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from axolotl_mote.tiny import random_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config).eval()
+    return random_llama(128, hidden_size=64, attn_implementation=attn).eval()
 
 
 @pytest.fixture(scope="module", params=DENSE)

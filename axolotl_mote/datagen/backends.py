@@ -9,7 +9,7 @@ in order. Two ship here:
 * :class:`OpenAIChatGenerator` — an OpenAI-compatible ``/chat/completions`` endpoint
   (vLLM, TGI, llama.cpp server…) through the ``openai`` package: concurrent requests,
   timeouts, retries with backoff, errors that name the endpoint. Tested against a real
-  HTTP server on 127.0.0.1 (``tests/test_datagen_endpoint.py``).
+  HTTP server on 127.0.0.1 (``tests/datagen/test_datagen_endpoint.py``).
 
 A generator may also have ``choose(prompts, options) -> list[int]``: constrained
 decoding over a closed set of replies (greedy over the options' tokens). The

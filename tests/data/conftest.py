@@ -14,38 +14,6 @@ import yaml
 
 
 @pytest.fixture(scope="session")
-def tokenizer_for():
-    """``tokenizer_for(template)``: a tiny tokenizer with the template's markers
-    (cached)."""
-    from axolotl_mote.markers import add_marker_tokens
-    from axolotl_mote.tiny import build_tiny_tokenizer
-
-    cache: dict[tuple[str, ...], object] = {}
-
-    def make(template):
-        key = tuple(template.markers)
-        if key not in cache:
-            tok = build_tiny_tokenizer()
-            add_marker_tokens(tok, template)
-            cache[key] = tok
-        return cache[key]
-
-    return make
-
-
-@pytest.fixture()
-def fresh_tokenizer(aligncot):
-    """A private tiny tokenizer with aligncot markers (tests may change
-    padding_side)."""
-    from axolotl_mote.markers import add_marker_tokens
-    from axolotl_mote.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    add_marker_tokens(tok, aligncot)
-    return tok
-
-
-@pytest.fixture(scope="session")
 def template_variant(tmp_path_factory):
     """``template_variant(base, **{key: {field: value}})``: a modified copy as a file.
 

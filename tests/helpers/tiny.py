@@ -12,6 +12,7 @@ import copy
 import torch
 
 from axolotl_mote.constants import PAD_STEP, PROMPT_STEP
+from axolotl_mote.tiny import random_llama
 from axolotl_mote.tuner.config import MoteConfig
 from axolotl_mote.tuner.reference import NaiveMoteLinear, split_blocks
 
@@ -38,24 +39,21 @@ PACKED_POSITIONS = torch.tensor(
 
 
 def tiny_llama(seed: int = 0, attn_implementation: str = "eager"):
-    """A random fp32 2-layer Llama (hidden 32, GQA) in eval mode: the suite's one
-    in-memory tiny model (``axolotl_mote.tiny`` saves one to disk for ``axolotl
-    train``)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attn_implementation=attn_implementation,
+    """A random fp32 2-layer Llama (hidden 32, GQA) in eval mode, built by the
+    package's one tiny builder (``axolotl_mote.tiny``, which also saves one to disk for
+    ``axolotl train``)."""
+    return (
+        random_llama(
+            VOCAB,
+            seed=seed,
+            hidden_size=32,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            attn_implementation=attn_implementation,
+        )
+        .float()
+        .eval()
     )
-    return LlamaForCausalLM(config).float().eval()
 
 
 def loss_and_grads(model, **inputs):

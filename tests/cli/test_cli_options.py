@@ -43,7 +43,7 @@ def test_the_readme_option_table_is_the_cli():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme.split("Where the shared ones are:")[1].split("\n\n")[1]
     rows = [r for r in table.splitlines() if r.startswith("| `")]
     assert len(rows) >= 10

@@ -21,7 +21,7 @@ from axolotl_mote.evaluation.labelled_sets import (
 from axolotl_mote.evaluation.learned import WEIGHTS_FILE, LearnedRefusalScorer
 from axolotl_mote.evaluation.scorers import ScoreInput, build_scorer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 REFUSALS = [
     "I'm sorry, but I can't help with {}.",
