@@ -59,7 +59,9 @@ def test_every_cited_test_exists():
     tree mirrors the package and files move (tests/test_serving.py became
     tests/serving/test_serving.py)."""
     sources = _sources() + sorted((REPO / "benchmarks").rglob("*.py"))
-    sources += [f for f in sorted((REPO / "tests").rglob("*.py")) if f != Path(__file__)]
+    sources += [
+        f for f in sorted((REPO / "tests").rglob("*.py")) if f != Path(__file__)
+    ]
     cited, missing = 0, []
     for path in sources:
         for lineno, line in enumerate(path.read_text().splitlines(), 1):

@@ -8,8 +8,8 @@ rate schedule, seed and LoRA targets (every linear layer, ``lora_alpha = 2 * lor
 * ``lora_r`` / ``lora_4r``: **no plugin.** Axolotl's own ``type: chat_template`` over
   the same chains written as one assistant message with the markers as text; labels
   on the whole assistant turn: the same token ids and labels the plugin produces
-  (checked by ``tests/evaluation/test_ablation.py``). Rank 4r equals MoTE's parameter count (3
-  step experts + the shared one, each rank r).
+  (checked by ``tests/evaluation/test_ablation.py``). Rank 4r equals MoTE's parameter
+  count (3 step experts + the shared one, each rank r).
 * ``mote``: the plugin with the paper's settings: alpha 0.5, shared expert, random
   prompt routing, step skipping with p = ``skip_prob``.
 * ``mote_noskip`` / ``mote_noshared`` / ``mote_noboth``: ``step_skip_prob: 0`` and/or

@@ -1,7 +1,7 @@
 """The stage-switching client against a scripted server that honours stop ids.
 
-The HTTP-vs-in-process test (tests/serving/test_serving.py) compares two clients with each
-other, and with a few tokens per stage on a random model no end marker is ever
+The HTTP-vs-in-process test (tests/serving/test_serving.py) compares two clients with
+each other, and with a few tokens per stage on a random model no end marker is ever
 generated. Here each adapter "writes" a fixed script: its stage's text, its end marker,
 then text it would go on with. The client must ask to stop at the stage's *end* marker:
 a stop at any other token lets the text after the end marker into the chain.
