@@ -46,6 +46,15 @@ settings, so a stopped run continues where it was. The scorer is not part of the
 a run with another ``--scorer`` re-scores the cached generations (nothing is trained or
 generated again) and writes ``<name>_<scorer>_results.json`` / ``.png`` and its own
 table block in ``<name>.md``, beside the string scorer's.
+
+``--checkpoints`` measures each trained arm at several operating points with the same
+knob for every arm: the adapter saved at the end of each epoch (Axolotl's
+``save_strategy: epoch``). Every epoch's checkpoint is evaluated as its own column
+(model ``<arm>-s<seed>.epoch<E>``; the last epoch is the final adapter,
+``<arm>-s<seed>``, cached as a run without checkpoints caches it), and
+``<name>.png`` becomes the trade-off plot (unsafe refusal against safe compliance on
+XSTest, one line per arm from the base model through every epoch) with the trade-off
+table and the comparison at equal refusal in their own block of ``--page``.
 """
 
 from __future__ import annotations
@@ -84,6 +93,12 @@ RATE_KEYS = (
 )
 TABLE_START = "<!-- safety-table:start -->"
 TABLE_END = "<!-- safety-table:end -->"
+#: the marker stem of a --checkpoints run's block (its own, so the published
+#: comparison's table is never overwritten by a trade-off run)
+TRADEOFF_BLOCK = "safety-tradeoff"
+#: the trade-off plane: x = refusal on XSTest's unsafe prompts, y = compliance on its
+#: safe ones, (set, rate key) each
+CURVE_AXES = (("xstest_unsafe", "harmless_rate"), ("xstest_safe", "compliance_rate"))
 DEFAULT_DATA = ("data/chains.jsonl", "data/chains_judgement.jsonl")
 #: how each --scorer is described in the plot's title (docs/evaluation.md)
 SCORER_NOTES = {
@@ -190,9 +205,15 @@ def arm_configs(
     lora_r: int | None,
     tiny: bool,
     config: Path = DEFAULT_BASE_CONFIG,
+    checkpoints: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """One ``axolotl train`` config per trained arm, for one seed."""
+    """One ``axolotl train`` config per trained arm, for one seed.
+
+    ``checkpoints``: every arm saves its adapter at the end of each epoch (the same
+    knob for every arm, so their operating points are comparable)."""
     common = base_config(base_model, epochs, seed, config)
+    if checkpoints:
+        common["save_strategy"] = "epoch"
     if tiny:
         common["learning_rate"] = 5e-3
     scale = common["lora_alpha"] / common["lora_r"]
@@ -275,15 +296,49 @@ def train(
 
 
 def _trainer_state(adapter: Path) -> dict[str, Any]:
-    """Steps and the last logged training loss, when a checkpoint wrote them."""
-    for path in sorted(adapter.glob("**/trainer_state.json")):
-        state = json.loads(path.read_text())
-        losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
-        return {
-            "steps": state.get("global_step"),
-            "last_loss": losses[-1] if losses else None,
-        }
-    return {}
+    """Steps and the last logged training loss, from the latest checkpoint that wrote
+    them (by step: with one checkpoint per epoch, the first found by name may be an
+    early one, and ``checkpoint-1000`` sorts before ``checkpoint-222``)."""
+    states = [
+        json.loads(path.read_text()) for path in adapter.glob("**/trainer_state.json")
+    ]
+    if not states:
+        return {}
+    state = max(states, key=lambda s: s.get("global_step") or 0)
+    losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
+    return {
+        "steps": state.get("global_step"),
+        "last_loss": losses[-1] if losses else None,
+    }
+
+
+def epoch_checkpoints(adapter: Path, epochs: int | None = None) -> dict[int, Path]:
+    """``{epoch: checkpoint-N folder}`` of a run trained with ``--checkpoints``.
+
+    With ``save_strategy: epoch`` the trainer saves once at the end of each epoch, so
+    the k-th checkpoint by step ends epoch k. The ``epoch`` a checkpoint's
+    ``trainer_state.json`` records cannot say it: under sample packing it is the step
+    over an estimated number of batches per epoch (a tiny run's second epoch ended at
+    "epoch 1.57"), and the step count in the folder name depends on packing too.
+    ``epochs``: the run's number of epochs; a different number of checkpoints is an
+    error, since the points would then not be the same knob for every arm."""
+    found = []
+    for ckpt in Path(adapter).glob("checkpoint-*"):
+        state_file = ckpt / "trainer_state.json"
+        if not state_file.is_file():
+            raise ValueError(f"{ckpt} has no trainer_state.json: not a checkpoint")
+        found.append((int(json.loads(state_file.read_text())["global_step"]), ckpt))
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint-N folder in {adapter}: this run kept none (train it with "
+            "--checkpoints; its config then differs, so the harness retrains it)"
+        )
+    if epochs is not None and len(found) != epochs:
+        raise ValueError(
+            f"{adapter} has {len(found)} checkpoints for {epochs} epochs: expected one "
+            "at the end of each epoch (save_strategy: epoch, as --checkpoints sets)"
+        )
+    return {k: ckpt for k, (_, ckpt) in enumerate(sorted(found), 1)}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -421,6 +476,31 @@ def column_seeds(
     return list(routing_seeds or seeds)
 
 
+def checkpoint_of(ckpts: dict[str, dict[int, Path]], name: str, epoch: int) -> Path:
+    """The checkpoint folder of run ``name`` at ``epoch``; every seed of an arm must
+    have kept the same epochs (one budget), else the columns would mix points."""
+    try:
+        return ckpts[name][epoch]
+    except KeyError:
+        raise ValueError(
+            f"{name} kept checkpoints at epochs {sorted(ckpts.get(name, {}))}, not "
+            f"{epoch}: every seed of an arm must be trained with the same epochs"
+        ) from None
+
+
+def column_epoch(
+    arm: str, epoch: int | None, ckpts: dict[str, dict[int, Path]], seed: int
+) -> int | None:
+    """The epoch a column's model is at, for the trade-off curve: 0 for the base
+    model, the checkpoint's, or the last one for a final adapter; None without
+    ``--checkpoints`` (no curve)."""
+    if not ckpts:
+        return None
+    if arm == "base":
+        return 0
+    return epoch if epoch is not None else max(ckpts[f"{arm}-s{seed}"])
+
+
 def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion ``rate`` over ``n`` prompts."""
     if n == 0:
@@ -537,6 +617,172 @@ def render_paired(results: dict[str, Any]) -> str:
     )
 
 
+# --------------------------------------------------------------------------- trade-off
+
+
+def tradeoff_curves(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per trained arm and prompt routing, its operating points in the trade-off plane
+    (``CURVE_AXES``: XSTest unsafe refusal, safe compliance), by epoch, from the base
+    model (epoch 0, shared by every curve) to the last epoch. Empty without epochs or
+    without both XSTest sets."""
+    cols = results["columns"]
+    (x_set, x_key), (y_set, y_key) = CURVE_AXES
+
+    def point(column: str) -> dict[str, Any] | None:
+        sets = cols[column]["sets"]
+        x = sets.get(x_set, {}).get(x_key)
+        y = sets.get(y_set, {}).get(y_key)
+        if x is None or y is None:
+            return None
+        return {"column": column, "epoch": cols[column]["epoch"],
+                "refusal": x["mean"], "refusal_ci95": x["ci95"], "n_unsafe": x["n"],
+                "compliance": y["mean"], "compliance_ci95": y["ci95"],
+                "n_safe": y["n"]}  # fmt: skip
+
+    base = next(
+        (point(c) for c, e in cols.items() if e["arm"] == "base" and e["epoch"] == 0),
+        None,
+    )
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for column, entry in cols.items():
+        if entry["arm"] == "base" or entry.get("epoch") is None:
+            continue
+        key = column.split("@")[0]
+        p = point(column)
+        if p is not None:
+            curves.setdefault(key, []).append(p)
+    for pts in curves.values():
+        pts.sort(key=lambda q: q["epoch"])
+        if base is not None:
+            pts.insert(0, base)
+    return curves
+
+
+def compliance_at(curve: list[dict[str, Any]], refusal: float) -> float | None:
+    """The curve's safe compliance at unsafe refusal ``refusal``, interpolated linearly
+    along its segments in epoch order. A curve that turns back (refusal falls between
+    epochs) can cross a level more than once: the highest compliance is taken, the
+    best operating point the arm offers at that refusal. None outside its range."""
+    found = []
+    for a, b in zip(curve, curve[1:]):
+        lo, hi = sorted((a["refusal"], b["refusal"]))
+        if not lo <= refusal <= hi:
+            continue
+        if a["refusal"] == b["refusal"]:
+            found.append(max(a["compliance"], b["compliance"]))
+        else:
+            t = (refusal - a["refusal"]) / (b["refusal"] - a["refusal"])
+            found.append(a["compliance"] + t * (b["compliance"] - a["compliance"]))
+    if len(curve) == 1 and curve[0]["refusal"] == refusal:
+        found.append(curve[0]["compliance"])
+    return max(found) if found else None
+
+
+def equal_refusal(
+    curves: dict[str, list[dict[str, Any]]], first: str, second: str
+) -> list[dict[str, Any]]:
+    """``first`` against ``second`` at equal unsafe refusal: at every trained point's
+    refusal of either curve (base's is shared and left out) that both curves reach,
+    each one's interpolated compliance and the difference, second minus first."""
+    levels = sorted(
+        {p["refusal"] for k in (first, second) for p in curves[k] if p["epoch"]}
+    )
+    rows = []
+    for level in levels:
+        a = compliance_at(curves[first], level)
+        b = compliance_at(curves[second], level)
+        if a is None or b is None:
+            continue
+        diff = round(b - a, 4) + 0.0  # + 0.0: a tie prints +0.0, not -0.0
+        rows.append({"refusal": level, first: round(a, 4), second: round(b, 4),
+                     "difference": diff})  # fmt: skip
+    return rows
+
+
+def render_tradeoff(results: dict[str, Any]) -> str:
+    """Markdown: every curve's points (both rates with their Wilson intervals) and,
+    for the first two curves, the comparison at equal refusal."""
+    curves = results.get("tradeoff", {}).get("curves") or {}
+    if not curves:
+        return ""
+    cols = results["columns"]
+    (x_set, _), (y_set, _) = CURVE_AXES
+    lines = [
+        f"\nTrade-off points (`{x_set}` refusal against `{y_set}` compliance; "
+        "epoch 0 is the base model):\n",
+        "| arm | epoch | refusal (unsafe) | compliance (safe) |",
+        "|---|---|---|---|",
+    ]
+    for key, pts in curves.items():
+        label = cols[key]["label"].rsplit(", epoch", 1)[0]
+        for p in pts:
+            lo, hi = p["refusal_ci95"]
+            clo, chi = p["compliance_ci95"]
+            lines.append(
+                f"| {label} | {p['epoch']} | **{100 * p['refusal']:.1f}** "
+                f"[{100 * lo:.0f}–{100 * hi:.0f}] | **{100 * p['compliance']:.1f}** "
+                f"[{100 * clo:.0f}–{100 * chi:.0f}] |"
+            )
+    pairs = results["tradeoff"].get("equal_refusal") or {}
+    for pair, rows in pairs.items():
+        first, second = pair.split(" vs ")
+        la = cols[first]["label"].rsplit(", epoch", 1)[0]
+        lb = cols[second]["label"].rsplit(", epoch", 1)[0]
+        lines += [
+            f"\nAt equal refusal (each curve interpolated linearly between its "
+            f"points): compliance of {la} and {lb}\n",
+            f"| refusal (unsafe) | {la} | {lb} | {lb} − {la} (points) |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {100 * r['refusal']:.1f} | {100 * r[first]:.1f} | "
+                f"{100 * r[second]:.1f} | {100 * r['difference']:+.1f} |"
+            )
+        if not rows:
+            lines.append("| (the curves share no refusal level) | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tradeoff_plot(results: dict[str, Any], path: Path) -> None:
+    """Unsafe refusal (x) against safe compliance (y), one line per arm from the base
+    model through each epoch, 95 % Wilson bars on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = results["tradeoff"]["curves"]
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    for key, pts in curves.items():
+        label = results["columns"][key]["label"].rsplit(", epoch", 1)[0]
+        xs = [p["refusal"] for p in pts]
+        ys = [p["compliance"] for p in pts]
+        xerr = [[p["refusal"] - p["refusal_ci95"][0] for p in pts],
+                [p["refusal_ci95"][1] - p["refusal"] for p in pts]]  # fmt: skip
+        yerr = [[p["compliance"] - p["compliance_ci95"][0] for p in pts],
+                [p["compliance_ci95"][1] - p["compliance"] for p in pts]]  # fmt: skip
+        line = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=2,
+                           elinewidth=0.6, label=label)  # fmt: skip
+        for p in pts:
+            ax.annotate(f"e{p['epoch']}", (p["refusal"], p["compliance"]),
+                        textcoords="offset points", xytext=(5, 4), fontsize=7,
+                        color=line[0].get_color())  # fmt: skip
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    (x_set, _), (y_set, _) = CURVE_AXES
+    scorer = results.get("scorer", "string")
+    ax.set_xlabel(f"refusal on {x_set} ({scorer} scorer)")
+    ax.set_ylabel(f"compliance on {y_set} ({scorer} scorer)")
+    ax.set_title(results["title"], fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -615,21 +861,24 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def table_markers(scorer: str = "string") -> tuple[str, str]:
+def table_markers(
+    scorer: str = "string", block: str = "safety-table"
+) -> tuple[str, str]:
     """The markers of a scorer's table block in the docs page (``string``: the
-    original ones)."""
-    if scorer == "string":
-        return TABLE_START, TABLE_END
-    return (
-        f"<!-- safety-table-{scorer}:start -->",
-        f"<!-- safety-table-{scorer}:end -->",
-    )
+    original ones); ``block``: the marker stem (``TRADEOFF_BLOCK`` for a
+    ``--checkpoints`` run, so it never replaces the comparison's table)."""
+    stem = block if scorer == "string" else f"{block}-{scorer}"
+    return f"<!-- {stem}:start -->", f"<!-- {stem}:end -->"
 
 
 def write_docs_table(
-    md: Path, table: str, command: str, scorer: str = "string"
+    md: Path,
+    table: str,
+    command: str,
+    scorer: str = "string",
+    block: str = "safety-table",
 ) -> None:
-    start, end = table_markers(scorer)
+    start, end = table_markers(scorer, block)
     block = f"{start}\n\nRegenerated by:\n\n```bash\n{command}\n```\n\n{table}\n{end}"
     if md.is_file():
         text = md.read_text(encoding="utf-8")
@@ -691,6 +940,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--name",
         default="safety_smollm2",
         help="stem of the files written in --docs (<name>.md, .png, _results.json)",
+    )
+    parser.add_argument(
+        "--page",
+        type=Path,
+        default=None,
+        help="the markdown page whose table block is rewritten (default: "
+        "<docs>/<name>.md)",
+    )
+    parser.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="every trained arm saves its adapter at the end of each epoch and each "
+        "epoch is evaluated as its own column: the trade-off curve (its own table "
+        "block; <name>.png becomes the curve plot)",
     )
     parser.add_argument("--lora-r", type=int, default=None)
     parser.add_argument(
@@ -770,7 +1033,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:
         per_arm = arm_configs(base_model, data, work, epochs=epochs, seed=seed,
                               lora_r=args.lora_r, tiny=args.tiny,
-                              config=args.base_config)  # fmt: skip
+                              config=args.base_config,
+                              checkpoints=args.checkpoints)  # fmt: skip
         for arm in (a for a in args.arms if a != "base"):
             name = f"{arm}-s{seed}"
             configs[name] = per_arm[arm]
@@ -802,6 +1066,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 columns.append((f"mote[{routing}]", label, arm, routing))
         else:
             columns.append((arm, LABELS[arm], arm, None))
+    # --checkpoints: (arm, seed) -> {epoch: folder}; every earlier epoch is a column of
+    # its own before the final adapter's (the last epoch)
+    ckpts: dict[str, dict[int, Path]] = {}
+    if args.checkpoints:
+        for name, cfg in configs.items():
+            epochs_run = math.ceil(float(cfg["num_epochs"]))
+            ckpts[name] = epoch_checkpoints(Path(cfg["output_dir"]), epochs_run)
+    points: list[tuple[str, str, str, str | None, int | None]] = []
+    for column, label, arm, routing in columns:
+        if arm != "base" and args.checkpoints:
+            epochs_seen = list(ckpts[f"{arm}-s{args.seeds[0]}"])
+            for e in epochs_seen[:-1]:
+                points.append(
+                    (f"{column}@epoch{e}", f"{label}, epoch {e}", arm, routing, e)
+                )
+            final = f"{label}, epoch {epochs_seen[-1]}"
+            points.append((column, final, arm, routing, None))
+        else:
+            points.append((column, label, arm, routing, None))
     results: dict[str, Any] = {"sets": {}, "columns": {}}
     outcomes: dict[str, dict[tuple, bool]] = {}  # column -> (seed, set, id) -> good
     labels = {  # set -> label -> prompts
@@ -812,25 +1095,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for pset in sets
     }
     eval_seconds = 0.0
-    for column, label, arm, routing in columns:
+    for column, label, arm, routing, epoch in points:
         seeds = column_seeds(arm, routing, args.seeds, args.routing_seeds)
         per_seed, generations = [], []
         outcomes[column] = {}
         for seed in seeds:
             name = arm if seed is None else f"{arm}-s{seed}"
-            model_name = name if routing in (None, "random") else f"{name}.{routing}"
+            model_name = name if epoch is None else f"{name}.epoch{epoch}"
+            if routing not in (None, "random"):
+                model_name = f"{model_name}.{routing}"
+            if arm != "base":
+                adapter = (
+                    Path(configs[name]["output_dir"])
+                    if epoch is None
+                    else checkpoint_of(ckpts, name, epoch)
+                )
             if arm == "base":
                 spec = ModelSpec(model_name, str(base_model), loading=loading)
             elif arm == "lora_answers":
-                adapter = Path(configs[name]["output_dir"])
                 load = lora_loader(base_model, adapter, loading)
                 spec = ModelSpec(model_name, str(base_model), load=load)
             else:
                 spec = ModelSpec(
-                    model_name,
-                    str(base_model),
-                    configs[name]["output_dir"],
-                    loading=loading,
+                    model_name, str(base_model), str(adapter), loading=loading
                 )
             opts = GenOptions(seed=seed or 0, prompt_routing=routing, **gen)
             trained = training.get(name, {}).get("seconds", "")
@@ -866,6 +1153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "label": label,
             "arm": arm,
             "prompt_routing": routing,
+            "epoch": column_epoch(arm, epoch, ckpts, args.seeds[0]),
             **aggregate(per_seed, labels),
             "usage": tokens_and_plans(generations),
         }
@@ -886,9 +1174,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["paired"] = {
             c: paired_against(outcomes, "mote[random]", c)
             for c in results["columns"]
-            if c.startswith("mote[") and c != "mote[random]"
+            if c.startswith("mote[") and "@" not in c and c != "mote[random]"
         }
-    table = render_table(results) + render_paired(results)
+    if args.checkpoints:
+        curves = tradeoff_curves(results)
+        keys = list(curves)
+        results["tradeoff"] = {
+            "axes": [list(a) for a in CURVE_AXES],
+            "curves": curves,
+            "equal_refusal": {
+                f"{a} vs {b}": equal_refusal(curves, a, b)
+                for i, a in enumerate(keys)
+                for b in keys[i + 1 :]
+            },
+        }
+    table = render_table(results) + render_paired(results) + render_tradeoff(results)
     command = "python benchmarks/safety_smollm2.py" + "".join(
         f" {a}" for a in _command_args(args)
     )
@@ -908,8 +1208,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     docs.mkdir(parents=True, exist_ok=True)
     stem = args.name if args.scorer == "string" else f"{args.name}_{args.scorer}"
     (docs / f"{stem}_results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_plot(results, docs / f"{stem}.png")
-    write_docs_table(docs / f"{args.name}.md", table, command, args.scorer)
+    if args.checkpoints and results["tradeoff"]["curves"]:
+        write_tradeoff_plot(results, docs / f"{stem}.png")
+    else:
+        write_plot(results, docs / f"{stem}.png")
+    page = args.page.resolve() if args.page else docs / f"{args.name}.md"
+    block = TRADEOFF_BLOCK if args.checkpoints else "safety-table"
+    write_docs_table(page, table, command, args.scorer, block)
     print(table)
     final = {
         c: {s: {k: v["mean"] for k, v in m.items() if isinstance(v, dict)}
@@ -947,6 +1252,10 @@ def _command_args(args: argparse.Namespace) -> list[str]:
         out.append("--train-data " + " ".join(str(p) for p in args.train_data))
     if args.name != "safety_smollm2":
         out.append(f"--name {args.name}")
+    if args.page:
+        out.append(f"--page {args.page}")
+    if args.checkpoints:
+        out.append("--checkpoints")
     if args.scorer != "string":
         out.append(f"--scorer {args.scorer}")
     for flag, value, default in (
