@@ -955,6 +955,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "epoch is evaluated as its own column: the trade-off curve (its own table "
         "block; <name>.png becomes the curve plot)",
     )
+    parser.add_argument(
+        "--at-epochs",
+        type=int,
+        nargs="*",
+        default=None,
+        help="with --checkpoints: the earlier epochs whose checkpoints are evaluated "
+        "(default: every one; none given: the final adapters only); the final "
+        "adapter, the last epoch, always is. Lets a run evaluate the points that "
+        "matter first",
+    )
     parser.add_argument("--lora-r", type=int, default=None)
     parser.add_argument(
         "--scorer",
@@ -996,6 +1006,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="e.g. cuda (default: CPU)")
     args = parser.parse_args(argv)
+    if args.at_epochs is not None and not args.checkpoints:
+        parser.error("--at-epochs picks checkpoints: it needs --checkpoints")
     if args.sets == ["xstest"] and args.xstest is None:
         parser.error("--sets xstest needs --xstest PATH (the XSTest prompts CSV)")
     return args
@@ -1077,7 +1089,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for column, label, arm, routing in columns:
         if arm != "base" and args.checkpoints:
             epochs_seen = list(ckpts[f"{arm}-s{args.seeds[0]}"])
-            for e in epochs_seen[:-1]:
+            unknown = set(args.at_epochs or ()) - set(epochs_seen)
+            if unknown:
+                raise ValueError(
+                    f"--at-epochs {sorted(unknown)}: {arm} was trained for epochs "
+                    f"{epochs_seen}"
+                )
+            earlier = [
+                e
+                for e in epochs_seen[:-1]
+                if args.at_epochs is None or e in args.at_epochs
+            ]
+            for e in earlier:
                 points.append(
                     (f"{column}@epoch{e}", f"{label}, epoch {e}", arm, routing, e)
                 )
@@ -1256,6 +1279,8 @@ def _command_args(args: argparse.Namespace) -> list[str]:
         out.append(f"--page {args.page}")
     if args.checkpoints:
         out.append("--checkpoints")
+    if args.at_epochs is not None:
+        out.append("--at-epochs" + "".join(f" {e}" for e in args.at_epochs))
     if args.scorer != "string":
         out.append(f"--scorer {args.scorer}")
     for flag, value, default in (

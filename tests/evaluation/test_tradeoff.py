@@ -205,3 +205,20 @@ def test_tiny_checkpoints_end_to_end(tmp_path):
     again = bench.main(argv)
     assert all(t["reused"] for t in again["training"].values())
     assert [p.stat().st_mtime_ns for p in cached] == stamps
+    # --at-epochs with none: the final adapters only (the points that matter first)
+    final = bench.main([*argv, "--at-epochs"])
+    assert list(final["results"]["columns"]) == ["base", "mote[random]"]
+    assert "--at-epochs" in final["command"]
+    with pytest.raises(ValueError, match=r"--at-epochs \[5\]: mote was trained"):
+        bench.main([*argv, "--at-epochs", "5"])
+
+
+def test_at_epochs_needs_checkpoints():
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--at-epochs", "1"])
+    args = bench.parse_args(["--checkpoints", "--at-epochs", "1", "2"])
+    assert args.at_epochs == [1, 2]
+    assert bench._command_args(args)[-2:] == ["--checkpoints", "--at-epochs 1 2"]
+    none = bench.parse_args(["--checkpoints", "--at-epochs"])
+    assert none.at_epochs == [] and "--at-epochs" in bench._command_args(none)
