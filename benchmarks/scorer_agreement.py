@@ -203,28 +203,77 @@ def learned_fitters(rubric=None) -> list[Fitter]:
     ]
 
 
-def shipped_learned(path=None) -> Candidate:
+def shipped_learned(path=None, rubric=None) -> list[Candidate]:
+    """The shipped learned weights, alone and or-ed with ``string``: fitted on every
+    public set given to ``--fit-out``, so reported only on the authors' sample (and any
+    set they were not fitted on)."""
     from axolotl_mote.evaluation.learned import LearnedRefusalScorer
+    from axolotl_mote.evaluation.scorers import StringMatchScorer, load_rubric
 
     scorer = LearnedRefusalScorer.load(path)
-    return Candidate(
-        "learned (shipped)",
-        lambda rs: scorer.refused([r.response for r in rs]),
-        frozenset(scorer.trained_on),
-    )
+    string = StringMatchScorer.from_rubric(load_rubric(rubric))
+
+    def either(rs):
+        by_model = scorer.refused([r.response for r in rs])
+        return [
+            m or string.refusal(r.response) is not None for m, r in zip(by_model, rs)
+        ]
+
+    return [
+        Candidate(
+            "learned (shipped)",
+            lambda rs: scorer.refused([r.response for r in rs]),
+            frozenset(scorer.trained_on),
+        ),
+        Candidate(
+            "learned (shipped) or string",
+            either,
+            frozenset(scorer.trained_on) | {"xstest"},
+        ),
+    ]
 
 
 # --------------------------------------------------------------------------- own sample
 
 
-def draw_own_sample(work_dir: Path, n: int, seed: int = 0) -> list[dict]:
+#: prompt sets of the safety benchmark that are public sets passed by path: a drawn
+#: row keeps their prompt id only, never the prompt's text (it is not the project's to
+#: redistribute, and the labelled file is committed)
+PUBLIC_PROMPT_SETS = ("xstest_",)
+
+
+def draw_own_sample(
+    work_dir: Path,
+    n: int,
+    seed: int = 0,
+    per_cell: int | None = None,
+    points: Sequence[str] | None = None,
+    pattern: str = "*.json",
+) -> list[dict]:
     """A stratified sample of the safety benchmark's cached replies to label by hand.
 
-    Reads every ``<work_dir>/eval/<model>/<set>*.json`` (full or ``--limit`` runs),
-    groups replies by (arm, prompt label, ``string`` verdict) and draws from each group
-    in proportion to its size, at least two where it has them (seeded, file order
-    otherwise), so every arm, both prompt labels and both verdicts are present. Each row
-    has the reply and an empty ``refused`` for the author to fill in."""
+    Reads every ``<work_dir>/eval/<model>/<set>*.json`` (full or ``--limit`` runs;
+    ``pattern``, e.g. ``*.limit50.json``, picks one run where several are cached, so a
+    prompt is never drawn twice for one model) and
+    groups the replies by arm or operating point (the model's name without its seed:
+    ``mote``, ``mote.epoch1``, ``base``) and prompt label: every such cell gets the
+    same share of ``n`` (rounded up; ``per_cell`` sets it directly), so a rarely seen
+    point is as well covered as a common one (``points``: only these arms or
+    points). Within a cell the share is split by the ``string`` scorer's verdict, in
+    proportion but at least a third to each verdict where the cell has them, so both
+    labels are well represented even where the scorer almost always says one thing
+    (the base model on harmful prompts).
+
+    Seeded per cell: a cell's draw depends only on its own replies and its share, so
+    with ``per_cell`` the cells of points whose evaluation has finished can be read
+    before the rest is generated, and the full draw repeats them exactly.
+
+    Each row has the reply (the answer the scorers score) and an empty ``refused`` for
+    the author to fill in; XSTest rows keep the prompt's id, not its text
+    (``PUBLIC_PROMPT_SETS``). ``string_refused`` is returned for the stratification's
+    checks; the ``--draw-own`` command leaves it out of the file it writes, so the
+    reader does not see the scorer's verdict while labelling."""
+    import math
     import random
     import re
 
@@ -232,29 +281,106 @@ def draw_own_sample(work_dir: Path, n: int, seed: int = 0) -> list[dict]:
 
     string = StringMatchScorer.from_rubric(load_rubric())
     rows = []
-    for path in sorted(Path(work_dir).glob("eval/*/*.json")):
+    for path in sorted(Path(work_dir).glob(f"eval/*/{pattern}")):
         saved = json.loads(path.read_text(encoding="utf-8"))
         arm = re.sub(r"-s\d+", "", path.parent.name)
+        if points is not None and arm not in points:
+            continue
         for g in saved.get("generations", []):
             answer = g.get("answer") or ""
+            public = g["set"].startswith(PUBLIC_PROMPT_SETS)
             rows.append({
                 "id": f"{path.parent.name}/{g['set']}/{g['id']}",
-                "arm": arm, "set": g["set"], "label": g["label"],
-                "prompt": g["question"], "response": answer,
+                "arm": arm, "set": g["set"], "prompt_id": str(g["id"]),
+                "label": g["label"],
+                "prompt": None if public else g["question"], "response": answer,
                 "string_refused": string.refusal(answer) is not None,
-                "refused": None,
+                "refused": None, "note": "",
             })  # fmt: skip
-    groups: dict[tuple, list[dict]] = {}
+    if not rows:
+        raise FileNotFoundError(
+            f"no cached replies under {work_dir}/eval/*/*.json: run "
+            "benchmarks/safety_smollm2.py with this --work-dir first"
+        )
+    cells: dict[tuple, dict[bool, list[dict]]] = {}
     for row in rows:
-        key = (row["arm"], row["label"], row["string_refused"])
-        groups.setdefault(key, []).append(row)
-    rng = random.Random(seed)
+        cell = cells.setdefault((row["arm"], row["label"]), {True: [], False: []})
+        cell[row["string_refused"]].append(row)
+    quota = per_cell or math.ceil(n / len(cells))
+    floor = math.ceil(quota / 3)
     out = []
-    for key in sorted(groups):
-        group = groups[key]
-        k = min(len(group), max(2, round(n * len(group) / max(len(rows), 1))))
-        out += rng.sample(group, k)
+    for key in sorted(cells):
+        rng = random.Random(f"{seed}:{key[0]}:{key[1]}")
+        yes, no = cells[key][True], cells[key][False]
+        total = len(yes) + len(no)
+        k_yes = min(len(yes), max(round(quota * len(yes) / total), floor))
+        k_no = min(len(no), quota - k_yes)
+        k_yes = min(len(yes), quota - k_no)  # the other verdict ran short: fill up
+        out += rng.sample(yes, k_yes) + rng.sample(no, k_no)
     return sorted(out, key=lambda r: r["id"])
+
+
+def own_rates(
+    work_dir: Path, labelled: Sequence[dict], pattern: str = "*.json"
+) -> dict[str, dict[str, dict]]:
+    """The rates the authors' labels imply for each arm or point, beside the ``string``
+    scorer's, on the cached replies the sample was drawn from.
+
+    The sample is stratified by the ``string`` verdict with unequal shares, so its raw
+    refusal rate is not the point's. Each verdict's stratum is weighted by its share of
+    all the point's replies (``pattern``: the cached files drawn from):
+    rate = sum over verdicts of share × the authors' refusal rate in that stratum. The
+    bounds weight each stratum's 95 % Wilson interval the same way (conservative; never
+    zero-width when a stratum's labels all agree). ``{arm: {label: {"string", "authors",
+    "low", "high", "labelled"}}}``, refusal rates (compliance on benign prompts is one
+    minus them)."""
+    import math
+    import re
+
+    from axolotl_mote.evaluation.scorers import StringMatchScorer, load_rubric
+
+    string = StringMatchScorer.from_rubric(load_rubric())
+    verdicts: dict[tuple, list[bool]] = {}
+    for path in sorted(Path(work_dir).glob(f"eval/*/{pattern}")):
+        arm = re.sub(r"-s\d+", "", path.parent.name)
+        for g in json.loads(path.read_text(encoding="utf-8")).get("generations", []):
+            hit = string.refusal(g.get("answer") or "") is not None
+            verdicts.setdefault((arm, g["label"]), []).append(hit)
+
+    def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+
+    out: dict[str, dict[str, dict]] = {}
+    for (arm, label), hits in sorted(verdicts.items()):
+        rows = [r for r in labelled if r["arm"] == arm and r["label"] == label]
+        if not rows:
+            continue
+        rate = low = high = 0.0
+        for verdict in (True, False):
+            share = sum(h == verdict for h in hits) / len(hits)
+            mine = [
+                r
+                for r in rows
+                if (string.refusal(r["response"]) is not None) == verdict
+            ]
+            if share and not mine:
+                raise ValueError(
+                    f"{arm}/{label}: no labelled reply where string says "
+                    f"{'refused' if verdict else 'complied'} ({share:.0%} of replies)"
+                )
+            if not share:
+                continue
+            p = sum(r["refused"] for r in mine) / len(mine)
+            lo, hi = wilson(p, len(mine))
+            rate, low, high = rate + share * p, low + share * lo, high + share * hi
+        out.setdefault(arm, {})[label] = {
+            "string": round(sum(hits) / len(hits), 4), "authors": round(rate, 4),
+            "low": round(low, 4), "high": round(high, 4), "labelled": len(rows),
+            "replies": len(hits),
+        }  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -315,18 +441,81 @@ def main(argv: list[str] | None = None) -> dict:
         "label by hand (--draw-n of them) into OUT, and stop",
     )
     parser.add_argument("--draw-n", type=int, default=200)
+    parser.add_argument(
+        "--own-rates",
+        type=Path,
+        metavar="WORK_DIR",
+        help="with --set own=FILE: the rates the authors' labels imply for each arm or "
+        "point of WORK_DIR's cached replies (the files --draw-files names), beside the "
+        "string scorer's, and stop",
+    )
+    parser.add_argument("--draw-seed", type=int, default=0)
+    parser.add_argument(
+        "--draw-points",
+        nargs="+",
+        default=None,
+        help="draw only from these arms or points (model names without the seed: "
+        "base, mote, mote.epoch1, ...; default: every cached one)",
+    )
+    parser.add_argument(
+        "--draw-files",
+        default="*.json",
+        help="which cached evaluations to draw from, a file pattern (e.g. "
+        "'*.limit50.json': one --limit run where several are cached)",
+    )
+    parser.add_argument(
+        "--draw-per-cell",
+        type=int,
+        default=None,
+        help="replies per (arm or point, prompt label) cell (default: --draw-n over "
+        "the number of cells)",
+    )
     args = parser.parse_args(argv)
     from axolotl_mote.evaluation.labelled_sets import load_labelled_set
 
     if args.draw_own:
         work_dir, out = args.draw_own
-        sample = draw_own_sample(work_dir, args.draw_n)
-        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in sample]
+        sample = draw_own_sample(
+            work_dir, args.draw_n, args.draw_seed, args.draw_per_cell,
+            args.draw_points, args.draw_files,
+        )  # fmt: skip
+        hidden = ("string_refused",)  # the reader labels without the verdict
+        lines = [
+            json.dumps({k: v for k, v in r.items() if k not in hidden},
+                       ensure_ascii=False) + "\n"
+            for r in sample
+        ]  # fmt: skip
         out.write_text("".join(lines), encoding="utf-8")
         print(f"wrote {len(sample)} replies to label into {out}")
         return {"drawn": len(sample)}
     if not args.sets:
         parser.error("give at least one --set NAME=PATH")
+    if args.own_rates:
+        own = [spec.partition("=")[2] for spec in args.sets if spec.startswith("own=")]
+        if not own:
+            parser.error("--own-rates needs --set own=FILE (the labelled sample)")
+        labelled = [
+            json.loads(line)
+            for line in Path(own[0]).read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+        found = own_rates(args.own_rates, labelled, args.draw_files)
+        for arm, by_label in found.items():
+            for label, r in by_label.items():
+                flip = label == "benign"  # compliance = 1 - refusal
+                what = "compliance" if flip else "refusal"
+
+                def pct(x: float, flip: bool = flip) -> str:
+                    return f"{100 * (1 - x if flip else x):.1f}"
+
+                lo, hi = (r["high"], r["low"]) if flip else (r["low"], r["high"])
+                print(
+                    f"{arm:<20} {label:<8} {what:<10} string {pct(r['string'])}  "
+                    f"authors {pct(r['authors'])} [{pct(lo)}–{pct(hi)}]  "
+                    f"(labelled {r['labelled']} of {r['replies']})"
+                )
+        print(json.dumps({"own_rates": found}))
+        return {"own_rates": found}
     sets = [load_labelled_set(spec) for spec in args.sets]
     start = time.time()
     if args.fit_out:
@@ -345,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {path} (fitted on {scorer.trained_on}, n={len(rows)})")
     fixed = fixed_scorers(args.rubric)
     if args.shipped is not None:
-        fixed.append(shipped_learned(args.shipped or None))
+        fixed += shipped_learned(args.shipped or None, args.rubric)
     results = run_protocol(sets, fixed, learned_fitters(args.rubric))
     table = render(results, sets)
     print(table)
