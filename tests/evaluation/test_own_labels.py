@@ -95,13 +95,9 @@ def test_the_committed_labels_parse_and_cover_every_point():
     assert len(labelled.rows) == len(rows) >= 200
     assert len({r["id"] for r in rows}) == len(rows)
     points = {r["arm"] for r in rows}
-    assert {
-        "base",
-        "mote",
-        "lora_chains",
-        "mote.epoch1",
-        "lora_chains.epoch1",
-    } <= points
+    # the base model, both arms' final adapters and at least one earlier epoch
+    assert {"base", "mote", "lora_chains"} <= points
+    assert any(".epoch" in p for p in points)
     for point in points:
         for label in ("harmful", "benign"):
             mine = [r for r in rows if r["arm"] == point and r["label"] == label]
