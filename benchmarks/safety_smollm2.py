@@ -774,7 +774,9 @@ def write_tradeoff_plot(results: dict[str, Any], path: Path) -> None:
     scorer = results.get("scorer", "string")
     ax.set_xlabel(f"refusal on {x_set} ({scorer} scorer)")
     ax.set_ylabel(f"compliance on {y_set} ({scorer} scorer)")
-    ax.set_title(results["title"], fontsize=7)
+    import textwrap
+
+    ax.set_title(textwrap.fill(results["title"], 80), fontsize=7)  # fits the width
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
