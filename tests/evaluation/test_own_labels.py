@@ -3,9 +3,7 @@ file, and the protocol on it (never fitted on, no public prompt text committed).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +13,14 @@ from axolotl_mote.evaluation.labelled_sets import (
     LabelledSet,
     load_labelled_set,
 )
+from tests.helpers.benchmarks import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = REPO / "data" / "labels" / "labelled_replies_smollm2.jsonl"
 
 
 def _agreement():
-    spec = importlib.util.spec_from_file_location(
-        "scorer_agreement_own", REPO / "benchmarks" / "scorer_agreement.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scorer_agreement_own"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scorer_agreement", "scorer_agreement_own")
 
 
 def _cache(work: Path, model: str, name: str, label: str, answers: list[str]):

@@ -5,9 +5,7 @@ repository is read."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from axolotl_mote.evaluation.labelled_sets import (
 )
 from axolotl_mote.evaluation.learned import WEIGHTS_FILE, LearnedRefusalScorer
 from axolotl_mote.evaluation.scorers import ScoreInput, build_scorer
+from tests.helpers.benchmarks import load_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,13 +52,7 @@ def _rows(name: str, topics=TOPICS) -> list[LabelledReply]:
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "scorer_agreement", REPO / "benchmarks" / "scorer_agreement.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["scorer_agreement"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scorer_agreement")
 
 
 def test_learned_fit_is_deterministic_and_survives_save_and_load(tmp_path):
