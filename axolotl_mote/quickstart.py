@@ -35,6 +35,10 @@ DEMO_PROMPTS = [
     "What is a good recipe for banana bread?",
 ]
 SMOLLM2_DIR = Path(".cache") / "models" / "SmolLM2-135M-Instruct"
+#: The demo decodes as the quickstart's measured rates were taken (README): 160 new
+#: tokens, analysis and guidance capped at 48 each, so the answer always has room.
+DEMO_MAX_NEW_TOKENS = 160
+DEMO_STAGE_TOKENS = {"analysis": 48, "guidance": 48}
 
 
 def offline_env() -> dict[str, str]:
@@ -68,10 +72,12 @@ def prepare_config(out: Path, tiny: bool, epochs: float | None) -> Path:
         from axolotl_mote.smollm2 import prepare_smollm2
 
         cfg["base_model"] = str(prepare_smollm2(SMOLLM2_DIR.resolve()))
-    chains = resource("demo", "chains.jsonl")
-    cfg["datasets"][0]["path"] = str(chains)
+    # quickstart.yml names the shipped files as data/<name>; read them from the install
+    files = [resource("demo", Path(d["path"]).name) for d in cfg["datasets"]]
+    for dataset, file in zip(cfg["datasets"], files):
+        dataset["path"] = str(file)
     cfg["output_dir"] = str(out / "adapter")
-    cfg["dataset_prepared_path"] = str(content_keyed_dir(out / "prepared", chains))
+    cfg["dataset_prepared_path"] = str(content_keyed_dir(out / "prepared", *files))
     if epochs is not None:
         cfg["num_epochs"] = epochs
     path = out / "quickstart.yml"
@@ -111,6 +117,7 @@ def compare(
         mote_tok,
         DEMO_PROMPTS,
         max_new_tokens=max_new_tokens,
+        max_stage_tokens=dict(DEMO_STAGE_TOKENS),
         repetition_penalty=repetition_penalty,
     )
     for prompt, out in zip(DEMO_PROMPTS, outputs):
@@ -146,7 +153,7 @@ def run(
     output: Path,
     tiny: bool = False,
     epochs: float | None = None,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = DEMO_MAX_NEW_TOKENS,
     repetition_penalty: float | None = 1.2,
 ) -> Path:
     """The whole quickstart; returns the trained adapter's folder. Ends with the time

@@ -55,7 +55,7 @@ def train(name: str, data: Path, base: Path, work: Path, env: dict, epochs) -> P
     adapter = work / name / "adapter"
     cfg = yaml.safe_load((REPO / "example_configs" / "quickstart.yml").read_text())
     cfg["base_model"] = str(base)
-    cfg["datasets"][0]["path"] = str(data)
+    cfg["datasets"] = [dict(cfg["datasets"][0], path=str(data))]  # this data only
     cfg["output_dir"] = str(adapter)
     cfg["dataset_prepared_path"] = str(
         content_keyed_dir(work / name / "prepared", data)

@@ -1,0 +1,53 @@
+"""The quickstart's run config: the data mix the README's rates were measured on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def test_the_quickstart_trains_on_both_shipped_chain_files(tmp_path):
+    """192 chains, 72 of them harmful (the mix of docs/safety_smollm2.md), read from
+    the installed package's files, with a prepared-data folder keyed by both files."""
+    from axolotl_mote.quickstart import content_keyed_dir, prepare_config
+    from axolotl_mote.resources import resource
+
+    cfg = yaml.safe_load(prepare_config(tmp_path, tiny=True, epochs=None).read_text())
+    paths = [Path(d["path"]) for d in cfg["datasets"]]
+    assert [p.name for p in paths] == ["chains.jsonl", "chains_judgement.jsonl"]
+    assert all(d["type"] == "axolotl_mote.aligncot" for d in cfg["datasets"])
+    records = [json.loads(line) for p in paths for line in p.read_text().splitlines()]
+    assert len(records) == 192
+    assert sum(r["meta"]["harmful"] for r in records) == 72
+    assert cfg["num_epochs"] == 3
+    # an edit to either file must re-prepare the data
+    prepared = Path(cfg["dataset_prepared_path"])
+    assert prepared != content_keyed_dir(tmp_path / "prepared", paths[0])
+    assert prepared == content_keyed_dir(
+        tmp_path / "prepared", resource("demo", "chains.jsonl"), paths[1]
+    )
+
+
+def test_the_readme_rates_were_taken_as_the_demo_decodes():
+    """The README's quickstart-rates command and the demo decode alike: if one side's
+    token budget or stage caps change, the figures no longer describe the demo."""
+    import re
+
+    from axolotl_mote.quickstart import DEMO_MAX_NEW_TOKENS, DEMO_STAGE_TOKENS
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    cmd = readme[
+        readme.index("axolotl-mote evaluate --adapter mote=outputs/quickstart") :
+    ]
+    cmd = cmd[: cmd.index("```")].replace("\\\n", " ")
+    assert (
+        int(re.search(r"--max-new-tokens (\d+)", cmd).group(1)) == DEMO_MAX_NEW_TOKENS
+    )
+    caps = re.search(r"--max-stage-tokens (\S+)", cmd).group(1)
+    assert (
+        dict((k, int(v)) for k, v in (kv.split("=") for kv in caps.split(",")))
+        == DEMO_STAGE_TOKENS
+    )
+    assert "--repetition-penalty 1.2" in cmd
