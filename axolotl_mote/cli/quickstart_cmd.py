@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from axolotl_mote.cli import options
+from axolotl_mote.quickstart import DEMO_MAX_NEW_TOKENS, DEMO_STAGE_TOKENS
 
 
 @click.command()
@@ -26,9 +27,11 @@ from axolotl_mote.cli import options
 @click.option("--epochs", type=float, help="Override num_epochs (default: 3).")
 @click.option(
     "--max-new-tokens",
-    default=160,
+    default=DEMO_MAX_NEW_TOKENS,
     show_default=True,
-    help="Token budget of each demo chain (analysis and guidance capped at 48 each).",
+    help="Token budget of each demo chain (stage caps: "
+    + ", ".join(f"{k} {v}" for k, v in DEMO_STAGE_TOKENS.items())
+    + ").",
 )
 @click.option(
     "--repetition-penalty",
