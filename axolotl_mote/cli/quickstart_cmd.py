@@ -8,7 +8,11 @@ from pathlib import Path
 import click
 
 from axolotl_mote.cli import options
-from axolotl_mote.quickstart import DEMO_MAX_NEW_TOKENS, DEMO_STAGE_TOKENS
+from axolotl_mote.quickstart import (
+    DEMO_MAX_NEW_TOKENS,
+    DEMO_REPETITION_PENALTY,
+    DEMO_STAGE_TOKENS,
+)
 
 
 @click.command()
@@ -36,7 +40,7 @@ from axolotl_mote.quickstart import DEMO_MAX_NEW_TOKENS, DEMO_STAGE_TOKENS
 @click.option(
     "--repetition-penalty",
     type=float,
-    default=1.2,
+    default=DEMO_REPETITION_PENALTY,
     show_default=True,
     help="For base and MoTE alike; 1.0 turns it off.",
 )

@@ -49,7 +49,11 @@ def test_the_readme_rates_were_taken_as_the_demo_decodes():
     token budget or stage caps change, the figures no longer describe the demo."""
     import re
 
-    from axolotl_mote.quickstart import DEMO_MAX_NEW_TOKENS, DEMO_STAGE_TOKENS
+    from axolotl_mote.quickstart import (
+        DEMO_MAX_NEW_TOKENS,
+        DEMO_REPETITION_PENALTY,
+        DEMO_STAGE_TOKENS,
+    )
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     cmd = readme[
@@ -64,4 +68,5 @@ def test_the_readme_rates_were_taken_as_the_demo_decodes():
         dict((k, int(v)) for k, v in (kv.split("=") for kv in caps.split(",")))
         == DEMO_STAGE_TOKENS
     )
-    assert "--repetition-penalty 1.2" in cmd
+    penalty = float(re.search(r"--repetition-penalty (\S+)", cmd).group(1))
+    assert penalty == DEMO_REPETITION_PENALTY
