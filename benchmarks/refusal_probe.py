@@ -25,6 +25,7 @@ from axolotl_mote.evaluation.labelled_sets import (
     load_rbr,
     load_xstest,
 )
+from benchmarks.scorer_agreement import rates
 
 D = Path(os.environ.get("PROBE_DATA", "/work/scorer-data"))
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +136,23 @@ def extract(limit=None):
     print(f"done {len(data)} in {time.time() - t0:.0f}s")
 
 
+PUBLIC = ("xstest", "msts", "rbr")
+
+
+def leave_one_set_out(sets, y, fit_predict, label: str) -> None:
+    """Fit on the public sets but one, report on that one (and on the authors'
+    sample, never fitted on): ``fit_predict(train_mask, test_mask) -> predictions``.
+    The figures come from the protocol's own ``rates``, as in scorer_agreement."""
+    for held in PUBLIC + ("own",):
+        train = np.isin(sets, [s for s in PUBLIC if s != held])
+        test = sets == held
+        r = rates([bool(v) for v in fit_predict(train, test)], list(y[test]))
+        print(
+            f"{label} held={held:7s} n={r['n']:5d} agree={r['agreement']:.3f} "
+            f"R={r['recall']:.3f} P={r['precision']:.3f}"
+        )
+
+
 def fit(limit=None):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -146,35 +164,22 @@ def fit(limit=None):
     data = select(rows(), limit)
     assert [d[0] for d in data] == list(meta[:, 0]) and [d[4] for d in data] == list(y)
     texts = np.array([d[3] for d in data], dtype=object)
-    for held in ["xstest", "msts", "rbr", "own"]:
-        train = np.isin(meta[:, 0], [s for s in ["xstest", "msts", "rbr"] if s != held])
-        test = meta[:, 0] == held
-        sc = LearnedRefusalScorer.fit(list(texts[train]), list(y[train]))
-        p = np.array(sc.refused(list(texts[test])))
-        t = y[test]
-        print(
-            f"ngram held={held:7s} n={test.sum():5d} agree={(p == t).mean():.3f} "
-            f"R={(p & t).sum() / max(t.sum(), 1):.3f} "
-            f"P={(p & t).sum() / max(p.sum(), 1):.3f}"
-        )
     sets = meta[:, 0]
-    public = ["xstest", "msts", "rbr"]
+
+    def ngram(train, test):
+        scorer = LearnedRefusalScorer.fit(list(texts[train]), list(y[train]))
+        return scorer.refused(list(texts[test]))
+
+    leave_one_set_out(sets, y, ngram, "ngram")
     for C in (0.01, 0.1):
-        for held in public + ["own"]:
-            train = np.isin(sets, [s for s in public if s != held])
-            test = sets == held
+
+        def probe(train, test, C=C):
             sc = StandardScaler().fit(X[train])
             clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced")
             clf.fit(sc.transform(X[train]), y[train])
-            p = clf.predict(sc.transform(X[test]))
-            t = y[test]
-            acc = (p == t).mean()
-            rec = (p & t).sum() / max(t.sum(), 1)
-            prec = (p & t).sum() / max(p.sum(), 1)
-            print(
-                f"C={C} held={held:7s} n={test.sum():5d} agree={acc:.3f} "
-                f"R={rec:.3f} P={prec:.3f}"
-            )
+            return clf.predict(sc.transform(X[test]))
+
+        leave_one_set_out(sets, y, probe, f"C={C}")
 
 
 if __name__ == "__main__":
