@@ -237,19 +237,9 @@ def test_prompt_sets(tmp_path):
 
 @pytest.fixture(scope="module")
 def mote(tiny_model_dir):
-    from transformers import AutoTokenizer
+    from tests.helpers.tiny import aligncot_mote
 
-    from axolotl_mote.markers import add_marker_tokens
-    from axolotl_mote.templates import load_template
-    from tests.helpers.tiny import build_mote
-
-    template = load_template("aligncot")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    add_marker_tokens(tokenizer, template)
-    model, config = build_mote(
-        tiny_model_dir, tokenizer, template, prompt_routing="random"
-    )
-    return model, tokenizer, template, config
+    return aligncot_mote(tiny_model_dir, prompt_routing="random")
 
 
 def test_evaluate_end_to_end_report(mote, tiny_model_dir, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.tiny import build_mote
+from tests.helpers.tiny import aligncot_mote, build_mote
 
 PROMPTS = [
     "How do I bake bread at home?",
@@ -21,16 +21,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def mote(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    from axolotl_mote.markers import add_marker_tokens
-    from axolotl_mote.templates import load_template
-
-    template = load_template("aligncot")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    add_marker_tokens(tokenizer, template)
-    model, config = build_mote(
-        tiny_model_dir, tokenizer, template, prompt_routing="random"
+    model, tokenizer, template, _ = aligncot_mote(
+        tiny_model_dir, prompt_routing="random"
     )
     return model, tokenizer, template
 

@@ -277,6 +277,37 @@ def build_mote(
     return model, config
 
 
+def aligncot_mote(model_dir, **kwargs):
+    """:func:`build_mote` with the aligncot template and the saved tokenizer of
+    ``model_dir`` (markers added): ``(model, tokenizer, template, config)``. The
+    setup most generation, evaluation and serving tests start from."""
+    from transformers import AutoTokenizer
+
+    from axolotl_mote.markers import add_marker_tokens
+    from axolotl_mote.templates import load_template
+
+    template = load_template("aligncot")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    add_marker_tokens(tokenizer, template)
+    model, config = build_mote(model_dir, tokenizer, template, **kwargs)
+    return model, tokenizer, template, config
+
+
+def saved_aligncot_mote(model_dir, adapter, **kwargs):
+    """:func:`aligncot_mote` saved to ``adapter`` as the plugin saves it (weights,
+    tokenizer, MoTE config) and loaded back through ``load_mote_model``, the path
+    users take: ``(adapter, model, tokenizer)``."""
+    from axolotl_mote.loading import load_mote_model
+
+    model, tokenizer, _, config = aligncot_mote(model_dir, **kwargs)
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    config.save(adapter)
+    model, tokenizer = load_mote_model(model_dir, adapter, dtype="float32",
+                                       device="cpu")  # fmt: skip
+    return adapter, model, tokenizer
+
+
 #: Tiny configs of the architectures the plugin is tested on (through axolotl train).
 #: Each brings its own layout: q/k/v bias (Qwen2), q/k norms (Qwen3), tied and
 #: soft-capped logits (Gemma2), fused qkv_proj/gate_up_proj (Phi-3), fused

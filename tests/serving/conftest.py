@@ -11,37 +11,19 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.helpers.tiny import build_mote
+from tests.helpers.tiny import saved_aligncot_mote
 
 
 @pytest.fixture(scope="package")
 def saved(tiny_model_dir, tmp_path_factory):
     """(adapter dir, model, tokenizer): a tiny MoTE adapter. Marker rows are left as
     initialised, so stages hold some text before the model closes them."""
-    from transformers import AutoTokenizer
-
-    from axolotl_mote.loading import load_mote_model
-    from axolotl_mote.markers import add_marker_tokens
-    from axolotl_mote.templates import load_template
-
-    template = load_template("aligncot")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    add_marker_tokens(tokenizer, template)
-    model, config = build_mote(
+    return saved_aligncot_mote(
         tiny_model_dir,
-        tokenizer,
-        template,
+        tmp_path_factory.mktemp("serving") / "adapter",
         prompt_routing="random",
         train_markers=False,
     )
-    adapter = tmp_path_factory.mktemp("serving") / "adapter"
-    model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    config.save(adapter)
-    model, tokenizer = load_mote_model(
-        tiny_model_dir, adapter, dtype="float32", device="cpu"
-    )
-    return adapter, model, tokenizer
 
 
 @contextmanager

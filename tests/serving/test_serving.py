@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.helpers.tiny import build_mote
+from tests.helpers.tiny import saved_aligncot_mote
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 pytest.importorskip("openai")
@@ -28,25 +28,12 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def saved(tiny_model_dir, tmp_path_factory):
     """(adapter dir, model, tokenizer): a tiny MoTE adapter with trained marker rows."""
-    from transformers import AutoTokenizer
-
-    from axolotl_mote.loading import load_mote_model
-    from axolotl_mote.markers import add_marker_tokens
-    from axolotl_mote.templates import load_template
-
-    template = load_template("aligncot")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    add_marker_tokens(tokenizer, template)
-    model, config = build_mote(
-        tiny_model_dir, tokenizer, template, prompt_routing="random", train_markers=True
+    return saved_aligncot_mote(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("serving") / "adapter",
+        prompt_routing="random",
+        train_markers=True,
     )
-    adapter = tmp_path_factory.mktemp("serving") / "adapter"
-    model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    config.save(adapter)
-    model, tokenizer = load_mote_model(tiny_model_dir, adapter, dtype="float32",
-                                       device="cpu")  # fmt: skip
-    return adapter, model, tokenizer
 
 
 @pytest.fixture(scope="module")
