@@ -620,13 +620,26 @@ def render_paired(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- trade-off
 
 
-def tradeoff_curves(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def tradeoff_curves(
+    results: dict[str, Any], seed: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Per trained arm and prompt routing, its operating points in the trade-off plane
     (``CURVE_AXES``: XSTest unsafe refusal, safe compliance), by epoch, from the base
     model (epoch 0, shared by every curve) to the last epoch. Empty without epochs or
-    without both XSTest sets."""
+    without both XSTest sets.
+
+    ``seed``: the index of one training seed; every trained point is then that seed's
+    value rather than the mean over seeds (the base model, evaluated once, keeps its
+    one value). A mean of two curves can sit above both where their epochs land at
+    different refusals, so a comparison that holds is one that holds in each seed."""
     cols = results["columns"]
     (x_set, x_key), (y_set, y_key) = CURVE_AXES
+
+    def value(rate: dict[str, Any]) -> float:
+        values = rate["seeds"]
+        if seed is None:
+            return rate["mean"]
+        return values[seed] if len(values) > 1 else values[0]
 
     def point(column: str) -> dict[str, Any] | None:
         sets = cols[column]["sets"]
@@ -635,8 +648,8 @@ def tradeoff_curves(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         if x is None or y is None:
             return None
         return {"column": column, "epoch": cols[column]["epoch"],
-                "refusal": x["mean"], "refusal_ci95": x["ci95"], "n_unsafe": x["n"],
-                "compliance": y["mean"], "compliance_ci95": y["ci95"],
+                "refusal": value(x), "refusal_ci95": x["ci95"], "n_unsafe": x["n"],
+                "compliance": value(y), "compliance_ci95": y["ci95"],
                 "n_safe": y["n"]}  # fmt: skip
 
     base = next(
@@ -699,6 +712,29 @@ def equal_refusal(
     return rows
 
 
+def tradeoff(results: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The curves (mean over seeds) and every pair of them compared at equal refusal;
+    with several seeds, the same comparison on each seed's own curves too
+    (``per_seed``), since a gap in the means can come from one seed alone."""
+    curves = tradeoff_curves(results)
+    keys = list(curves)
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    out: dict[str, Any] = {
+        "axes": [list(a) for a in CURVE_AXES],
+        "curves": curves,
+        "equal_refusal": {f"{a} vs {b}": equal_refusal(curves, a, b) for a, b in pairs},
+    }
+    if len(seeds) > 1:
+        out["per_seed"] = {
+            str(seed): {
+                f"{a} vs {b}": equal_refusal(tradeoff_curves(results, i), a, b)
+                for a, b in pairs
+            }
+            for i, seed in enumerate(seeds)
+        }
+    return out
+
+
 def render_tradeoff(results: dict[str, Any]) -> str:
     """Markdown: every curve's points (both rates with their Wilson intervals) and,
     for the first two curves, the comparison at equal refusal."""
@@ -741,6 +777,25 @@ def render_tradeoff(results: dict[str, Any]) -> str:
             )
         if not rows:
             lines.append("| (the curves share no refusal level) | | | |")
+    per_seed = results["tradeoff"].get("per_seed") or {}
+    for pair in pairs if per_seed else ():
+        first, second = pair.split(" vs ")
+        la = cols[first]["label"].rsplit(", epoch", 1)[0]
+        lb = cols[second]["label"].rsplit(", epoch", 1)[0]
+        lines += [
+            f"\nThe same, each training seed on its own curve (its own points; the "
+            f"base model is shared): {la} and {lb}\n",
+            f"| seed | refusal (unsafe) | {la} | {lb} | {lb} − {la} (points) |",
+            "|---|---|---|---|---|",
+        ]
+        for seed, by_pair in per_seed.items():
+            for r in by_pair.get(pair) or ():
+                lines.append(
+                    f"| {seed} | {100 * r['refusal']:.1f} | {100 * r[first]:.1f} | "
+                    f"{100 * r[second]:.1f} | {100 * r['difference']:+.1f} |"
+                )
+            if not by_pair.get(pair):
+                lines.append(f"| {seed} | (the curves share no refusal level) | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -1202,17 +1257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if c.startswith("mote[") and "@" not in c and c != "mote[random]"
         }
     if args.checkpoints:
-        curves = tradeoff_curves(results)
-        keys = list(curves)
-        results["tradeoff"] = {
-            "axes": [list(a) for a in CURVE_AXES],
-            "curves": curves,
-            "equal_refusal": {
-                f"{a} vs {b}": equal_refusal(curves, a, b)
-                for i, a in enumerate(keys)
-                for b in keys[i + 1 :]
-            },
-        }
+        results["tradeoff"] = tradeoff(results, args.seeds)
     table = render_table(results) + render_paired(results) + render_tradeoff(results)
     command = "python benchmarks/safety_smollm2.py" + "".join(
         f" {a}" for a in _command_args(args)

@@ -143,6 +143,56 @@ def test_curves_start_at_the_base_model_and_follow_the_epochs():
     assert bench.tradeoff_curves(results) == {}
 
 
+def test_with_two_seeds_each_seed_is_compared_on_its_own_curve():
+    """Per seed, each trained point is that seed's value (the base model's single
+    value is shared); the expected figures are interpolated by hand below."""
+    bench = _bench()
+
+    def rate(values):
+        mean = sum(values) / len(values)
+        return {"mean": mean, "n": 100, "ci95": [0.0, 1.0], "seeds": values}
+
+    def col(label, arm, epoch, refusals, compliances):
+        sets = {"xstest_unsafe": {"harmless_rate": rate(refusals)},
+                "xstest_safe": {"compliance_rate": rate(compliances)}}  # fmt: skip
+        return {"label": label, "arm": arm, "epoch": epoch, "sets": sets}
+
+    results = {
+        "columns": {
+            "base": col("base", "base", 0, [0.1], [0.9]),
+            "lora_chains@epoch1": col(
+                "LoRA (chains), epoch 1", "lora_chains", 1, [0.3, 0.4], [0.7, 0.6]
+            ),
+            "lora_chains": col(
+                "LoRA (chains), epoch 2", "lora_chains", 2, [0.7, 0.6], [0.5, 0.5]
+            ),
+            "mote[random]@epoch1": col(
+                "MoTE, epoch 1", "mote", 1, [0.4, 0.2], [0.8, 0.8]
+            ),
+            "mote[random]": col("MoTE, epoch 2", "mote", 2, [0.6, 0.8], [0.6, 0.4]),
+        }
+    }
+    results["tradeoff"] = bench.tradeoff(results, [42, 43])
+    per_seed = results["tradeoff"]["per_seed"]
+    assert list(per_seed) == ["42", "43"]
+    pair = "lora_chains vs mote[random]"
+    # seed 42: MoTE (.1,.9) (.4,.8) (.6,.6); LoRA (.1,.9) (.3,.7) (.7,.5)
+    # at 0.3 MoTE is 2/3 of the way from .9 to .8; at 0.7 MoTE has no point
+    got = {r["refusal"]: r["difference"] for r in per_seed["42"][pair]}
+    assert got == pytest.approx({0.3: 0.8333 - 0.7, 0.4: 0.15, 0.6: 0.05}, abs=1e-4)
+    # seed 43: MoTE (.1,.9) (.2,.8) (.8,.4); LoRA (.1,.9) (.4,.6) (.6,.5)
+    got = {r["refusal"]: r["difference"] for r in per_seed["43"][pair]}
+    assert got == pytest.approx({0.2: 0.0, 0.4: 0.0667, 0.6: 0.0333}, abs=1e-4)
+    # the mean curves are made of the means: MoTE's epoch 1 at (0.3, 0.8)
+    mote = results["tradeoff"]["curves"]["mote[random]"]
+    assert (mote[1]["refusal"], mote[1]["compliance"]) == pytest.approx((0.3, 0.8))
+    text = bench.render_tradeoff(results)
+    assert "| 42 | 40.0 | 65.0 | 80.0 | +15.0 |" in text
+    assert "| 43 | 20.0 | 80.0 | 80.0 | +0.0 |" in text
+    # one seed: no per-seed block
+    assert "per_seed" not in bench.tradeoff(results, [42])
+
+
 def _xstest(path: Path, n: int = 2) -> Path:
     return write_xstest(path, n)
 
