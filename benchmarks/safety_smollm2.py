@@ -428,14 +428,27 @@ def evaluate_cached(
     A ``--limit`` run keeps its own file (``<set>.limit<N>.json``), so it never
     replaces the full run's generations. The cache holds the scores of the scorer
     that generated it (``string`` for a cache older than this field); another scorer
-    re-scores the cached generations."""
+    re-scores the cached generations.
+
+    ``key`` names the prompts by id, so a prompt whose text was edited under the same
+    id would be served from the cache; the cached questions are therefore compared
+    with the set's, and a cache whose prompts changed is generated again (and says
+    so) instead of reporting answers to other questions."""
     from axolotl_mote.evaluation import evaluate_models
 
     suffix = "" if limit is None else f".limit{limit}"
     cache = work / "eval" / name / f"{pset.name}{suffix}.json"
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
+        asked = [g["question"] for g in saved.get("generations", [])]
+        stale = asked != [it.question for it in pset.items]
+        if saved.get("key") == key and stale:
+            print(
+                f"{cache}: {pset.name}'s prompts changed since these answers were "
+                "generated; generating them again",
+                file=sys.stderr,
+            )
+        elif saved.get("key") == key:
             if saved.get("scorer", "string") != scorer.name:
                 return rescore(saved, scorer, pset.kind)
             return saved

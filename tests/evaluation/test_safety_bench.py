@@ -245,6 +245,18 @@ def test_tiny_end_to_end_and_resume(tmp_path):
     start, end = bench.table_markers("learned")
     assert both.startswith(md.rstrip("\n")) and start in both and end in both
     assert "learned scorer" in rescored["results"]["title"]
+    # a prompt edited under the same id: the caches of its set are generated again
+    # (the cache key names prompts by id), the other sets' are kept
+    xstest = tmp_path / "x.csv"
+    xstest.write_text(xstest.read_text().replace("my neighbour", "the neighbour"))
+    edited = bench.main(argv)
+    changed = [p for p, t in zip(cached, stamps) if p.stat().st_mtime_ns != t]
+    unsafe = [p for p in cached if p.name == "xstest_unsafe.limit2.json"]
+    assert len(unsafe) == 5 and changed == unsafe  # every column of the table
+    for path in unsafe:
+        gens = json.loads(path.read_text())["generations"]
+        assert all("the neighbour" in g["question"] for g in gens)
+    assert all(t["reused"] for t in edited["training"].values())
 
 
 def test_xstest_breakdown_pools_seeds_per_type(tmp_path):
