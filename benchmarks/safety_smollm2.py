@@ -749,8 +749,9 @@ def tradeoff(results: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
 
 
 def render_tradeoff(results: dict[str, Any]) -> str:
-    """Markdown: every curve's points (both rates with their Wilson intervals) and,
-    for the first two curves, the comparison at equal refusal."""
+    """Markdown: every curve's points (both rates with their Wilson intervals), every
+    pair of curves compared at equal refusal, and with several seeds the same
+    comparison per seed."""
     curves = results.get("tradeoff", {}).get("curves") or {}
     if not curves:
         return ""
@@ -814,14 +815,17 @@ def render_tradeoff(results: dict[str, Any]) -> str:
 
 def write_tradeoff_plot(results: dict[str, Any], path: Path) -> None:
     """Unsafe refusal (x) against safe compliance (y), one line per arm from the base
-    model through each epoch, 95 % Wilson bars on both axes."""
+    model through each epoch, 95 % Wilson bars on both axes; with several seeds, each
+    seed's own curve dotted in the arm's colour (the spread the mean hides)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves = results["tradeoff"]["curves"]
+    n_seeds = len(results["tradeoff"].get("per_seed") or {})
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    colours = {}
     for key, pts in curves.items():
         label = results["columns"][key]["label"].rsplit(", epoch", 1)[0]
         xs = [p["refusal"] for p in pts]
@@ -832,10 +836,19 @@ def write_tradeoff_plot(results: dict[str, Any], path: Path) -> None:
                 [p["compliance_ci95"][1] - p["compliance"] for p in pts]]  # fmt: skip
         line = ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=2,
                            elinewidth=0.6, label=label)  # fmt: skip
+        colours[key] = line[0].get_color()
         for p in pts:
             ax.annotate(f"e{p['epoch']}", (p["refusal"], p["compliance"]),
                         textcoords="offset points", xytext=(5, 4), fontsize=7,
                         color=line[0].get_color())  # fmt: skip
+    for i in range(n_seeds if n_seeds > 1 else 0):
+        for key, pts in tradeoff_curves(results, i).items():
+            ax.plot([p["refusal"] for p in pts], [p["compliance"] for p in pts],
+                    linestyle=":", marker=".", linewidth=0.8, alpha=0.6,
+                    color=colours[key])  # fmt: skip
+    if n_seeds > 1:
+        ax.plot([], [], linestyle=":", marker=".", color="grey",
+                label="each seed (dotted)")  # fmt: skip
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     (x_set, _), (y_set, _) = CURVE_AXES

@@ -143,7 +143,7 @@ def test_curves_start_at_the_base_model_and_follow_the_epochs():
     assert bench.tradeoff_curves(results) == {}
 
 
-def test_with_two_seeds_each_seed_is_compared_on_its_own_curve():
+def test_with_two_seeds_each_seed_is_compared_on_its_own_curve(tmp_path):
     """Per seed, each trained point is that seed's value (the base model's single
     value is shared); the expected figures are interpolated by hand below."""
     bench = _bench()
@@ -189,6 +189,9 @@ def test_with_two_seeds_each_seed_is_compared_on_its_own_curve():
     text = bench.render_tradeoff(results)
     assert "| 42 | 40.0 | 65.0 | 80.0 | +15.0 |" in text
     assert "| 43 | 20.0 | 80.0 | 80.0 | +0.0 |" in text
+    results["title"] = "two seeds"
+    bench.write_tradeoff_plot(results, tmp_path / "curves.png")  # each seed dotted
+    assert (tmp_path / "curves.png").stat().st_size > 0
     # one seed: no per-seed block
     assert "per_seed" not in bench.tradeoff(results, [42])
 
