@@ -774,42 +774,38 @@ def render_tradeoff(results: dict[str, Any]) -> str:
                 f"[{100 * clo:.0f}–{100 * chi:.0f}] |"
             )
     pairs = results["tradeoff"].get("equal_refusal") or {}
-    for pair, rows in pairs.items():
-        first, second = pair.split(" vs ")
-        la = cols[first]["label"].rsplit(", epoch", 1)[0]
-        lb = cols[second]["label"].rsplit(", epoch", 1)[0]
-        lines += [
-            f"\nAt equal refusal (each curve interpolated linearly between its "
-            f"points): compliance of {la} and {lb}\n",
-            f"| refusal (unsafe) | {la} | {lb} | {lb} − {la} (points) |",
-            "|---|---|---|---|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {100 * r['refusal']:.1f} | {100 * r[first]:.1f} | "
-                f"{100 * r[second]:.1f} | {100 * r['difference']:+.1f} |"
-            )
-        if not rows:
-            lines.append("| (the curves share no refusal level) | | | |")
     per_seed = results["tradeoff"].get("per_seed") or {}
-    for pair in pairs if per_seed else ():
+
+    def compared(pair: str, by: dict[str, list[dict[str, Any]]], heading: str):
+        """One equal-refusal table: a row per level of each group in ``by`` (the
+        mean curves: one unnamed group; per seed: a group per seed, named)."""
         first, second = pair.split(" vs ")
-        la = cols[first]["label"].rsplit(", epoch", 1)[0]
-        lb = cols[second]["label"].rsplit(", epoch", 1)[0]
-        lines += [
-            f"\nThe same, each training seed on its own curve (its own points; the "
-            f"base model is shared): {la} and {lb}\n",
-            f"| seed | refusal (unsafe) | {la} | {lb} | {lb} − {la} (points) |",
-            "|---|---|---|---|---|",
-        ]
-        for seed, by_pair in per_seed.items():
-            for r in by_pair.get(pair) or ():
-                lines.append(
-                    f"| {seed} | {100 * r['refusal']:.1f} | {100 * r[first]:.1f} | "
+        la, lb = (cols[k]["label"].rsplit(", epoch", 1)[0] for k in (first, second))
+        lead = "" if "" in by else "| seed "
+        out = [f"\n{heading}: compliance of {la} and {lb}\n",
+               f"{lead}| refusal (unsafe) | {la} | {lb} | {lb} − {la} (points) |",
+               "|---" * (5 if lead else 4) + "|"]  # fmt: skip
+        for group, rows in by.items():
+            cell = f"| {group} " if lead else ""
+            for r in rows:
+                out.append(
+                    f"{cell}| {100 * r['refusal']:.1f} | {100 * r[first]:.1f} | "
                     f"{100 * r[second]:.1f} | {100 * r['difference']:+.1f} |"
                 )
-            if not by_pair.get(pair):
-                lines.append(f"| {seed} | (the curves share no refusal level) | | | |")
+            if not rows:
+                out.append(f"{cell}| (the curves share no refusal level) | | | |")
+        return out
+
+    for pair, rows in pairs.items():
+        lines += compared(pair, {"": rows}, "At equal refusal (each curve "
+                          "interpolated linearly between its points)")  # fmt: skip
+    for pair in pairs if per_seed else ():
+        lines += compared(
+            pair,
+            {seed: by_pair.get(pair) or [] for seed, by_pair in per_seed.items()},
+            "The same, each training seed on its own curve (its own points; the "
+            "base model is shared)",
+        )
     return "\n".join(lines) + "\n"
 
 
