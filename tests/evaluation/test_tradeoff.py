@@ -96,13 +96,18 @@ def _entry(mean: float, n: int = 100) -> dict:
     return {"mean": mean, "n": n, "ci95": [mean - 0.1, mean + 0.1], "seeds": [mean]}
 
 
+def _column(label: str, arm: str, epoch: int, refusal: dict, compliance: dict) -> dict:
+    """A results column with its XSTest unsafe refusal and safe compliance rates."""
+    sets = {"xstest_unsafe": {"harmless_rate": refusal},
+            "xstest_safe": {"compliance_rate": compliance}}  # fmt: skip
+    return {"label": label, "arm": arm, "epoch": epoch, "sets": sets}
+
+
 def test_curves_start_at_the_base_model_and_follow_the_epochs():
     bench = _bench()
 
     def col(label, arm, epoch, refusal, compliance):
-        sets = {"xstest_unsafe": {"harmless_rate": _entry(refusal)},
-                "xstest_safe": {"compliance_rate": _entry(compliance)}}  # fmt: skip
-        return {"label": label, "arm": arm, "epoch": epoch, "sets": sets}
+        return _column(label, arm, epoch, _entry(refusal), _entry(compliance))
 
     results = {
         "columns": {
@@ -153,9 +158,7 @@ def test_with_two_seeds_each_seed_is_compared_on_its_own_curve(tmp_path):
         return {"mean": mean, "n": 100, "ci95": [0.0, 1.0], "seeds": values}
 
     def col(label, arm, epoch, refusals, compliances):
-        sets = {"xstest_unsafe": {"harmless_rate": rate(refusals)},
-                "xstest_safe": {"compliance_rate": rate(compliances)}}  # fmt: skip
-        return {"label": label, "arm": arm, "epoch": epoch, "sets": sets}
+        return _column(label, arm, epoch, rate(refusals), rate(compliances))
 
     results = {
         "columns": {
